@@ -1,0 +1,257 @@
+"""Lazy, validated access to a Hugging Face safetensors checkpoint directory.
+
+``Checkpoint.open(path)`` reads only ``config.json`` and the safetensors headers; tensor data
+is read one tensor at a time, memory-mapped, when asked for. ``read`` always returns float32:
+bf16/fp16 are widened and DeepSeek-V3 style FP8 (e4m3 weights with a ``weight_scale_inv``
+grid of ``block x block`` tiles) is dequantized. The scale grids are storage details and
+never appear in ``names()``.
+
+Pickle-based checkpoints (``pytorch_model.bin``, ``*.pt``...) are refused, never loaded:
+unpickling runs arbitrary code.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from edgemtp.config import check_supported, load_config, num_mtp_layers
+from edgemtp.errors import UserError
+from edgemtp.layout import expected_weights, mtp_prefix
+
+# safetensors dtype tag -> numpy dtype (ml_dtypes supplies bf16 and fp8)
+NUMPY_DTYPES = {
+    "F32": np.dtype(np.float32),
+    "F16": np.dtype(np.float16),
+    "BF16": np.dtype(ml_dtypes.bfloat16),
+    "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
+    "F64": np.dtype(np.float64),
+    "I64": np.dtype(np.int64),
+    "I32": np.dtype(np.int32),
+    "U32": np.dtype(np.uint32),  # MLX packs quantized weights into uint32
+    "U8": np.dtype(np.uint8),
+}
+
+PICKLE_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.pkl")
+SCALE_SUFFIX = "_scale_inv"
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor's bytes live: the file and the absolute byte offset of its data."""
+
+    file: Path
+    dtype: str  # safetensors tag, e.g. "BF16"
+    shape: tuple[int, ...]
+    offset: int
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * NUMPY_DTYPES[self.dtype].itemsize
+
+
+class Checkpoint:
+    """A model directory: its config plus lazily readable weights."""
+
+    def __init__(self, path: Path, config: dict, entries: dict[str, TensorEntry]):
+        self.path = path
+        self.config = config
+        self._entries = entries
+
+    @classmethod
+    def open(cls, path: str | Path, validate: bool = True) -> Checkpoint:
+        """Open a checkpoint directory; by default also check it against its config."""
+        path = Path(path)
+        if not path.is_dir():
+            raise UserError(f"{path} is not a directory; pass a Hugging Face model directory "
+                            f"(config.json + *.safetensors)")
+        config = load_config(path)
+        check_supported(config, path / "config.json")
+        files = _safetensors_files(path)
+        entries: dict[str, TensorEntry] = {}
+        for file in files:
+            entries.update(_read_header(file))
+        checkpoint = cls(path, config, entries)
+        if validate:
+            checkpoint.validate()
+        return checkpoint
+
+    # --- names and shapes (no tensor data is read) ---------------------------
+
+    def names(self) -> list[str]:
+        """Weight names in file order, FP8 scale grids hidden."""
+        return [name for name in self._entries if not name.endswith(SCALE_SUFFIX)]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._entries and not name.endswith(SCALE_SUFFIX)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._entry(name).shape
+
+    def dtype(self, name: str) -> str:
+        """The stored safetensors dtype tag (``"BF16"``, ``"F8_E4M3"``...)."""
+        return self._entry(name).dtype
+
+    def nbytes(self, name: str) -> int:
+        """Bytes the tensor occupies on disk, including its FP8 scale grid if any."""
+        scale = self._entries.get(name + SCALE_SUFFIX)
+        return self._entry(name).nbytes + (scale.nbytes if scale else 0)
+
+    @property
+    def total_bytes(self) -> int:
+        """Bytes of every stored tensor (weights, scale grids, quantization parameters)."""
+        return sum(entry.nbytes for entry in self._entries.values())
+
+    @property
+    def num_mtp_layers(self) -> int:
+        return num_mtp_layers(self.config)
+
+    def mtp_names(self, index: int) -> list[str]:
+        """Names of MTP layer ``index`` (0-based), i.e. under ``model.layers.{N+index}.``."""
+        prefix = mtp_prefix(self.config, index)
+        return [name for name in self.names() if name.startswith(prefix)]
+
+    def trunk_names(self) -> list[str]:
+        mtp = {name for index in range(self.num_mtp_layers) for name in self.mtp_names(index)}
+        return [name for name in self.names() if name not in mtp]
+
+    @property
+    def is_fp8(self) -> bool:
+        return any(name.endswith(SCALE_SUFFIX) for name in self._entries)
+
+    @property
+    def fp8_block(self) -> tuple[int, int] | None:
+        """(rows, cols) of one FP8 scale tile, from ``quantization_config.weight_block_size``."""
+        if not self.is_fp8:
+            return None
+        block = (self.config.get("quantization_config") or {}).get("weight_block_size")
+        if not block or len(block) != 2:
+            raise UserError(f"{self.path / 'config.json'}: FP8 weights need quantization_config.weight_block_size "
+                            f"(e.g. [128, 128]); add it to config.json")
+        return int(block[0]), int(block[1])
+
+    # --- tensor data ------------------------------------------------------------
+
+    def read_raw(self, name: str) -> np.ndarray:
+        """The tensor as stored (bf16, float8...), copied out of the memory map."""
+        entry = self._entry(name)
+        mapped = np.memmap(entry.file, dtype=NUMPY_DTYPES[entry.dtype], mode="r",
+                           offset=entry.offset, shape=entry.shape)
+        return np.array(mapped)
+
+    def read(self, name: str) -> np.ndarray:
+        """The tensor as float32; FP8 block-scaled weights come back dequantized."""
+        values = self.read_raw(name).astype(np.float32)
+        if name + SCALE_SUFFIX in self._entries:
+            values = dequantize_fp8_blocks(values, self.read_raw(name + SCALE_SUFFIX), self.fp8_block)
+        return values
+
+    # --- validation -------------------------------------------------------------
+
+    def validate(self) -> None:
+        """Check every weight the config implies (trunk and MTP) is present with the right shape."""
+        try:
+            expected = expected_weights(self.config)
+        except KeyError as exc:
+            raise UserError(f"{self.path / 'config.json'} lacks key {exc.args[0]!r} needed for "
+                            f"{self.config['model_type']}; add it or re-download config.json") from None
+        missing = [name for name in expected if name not in self]
+        if missing:
+            if self._is_mtp(missing[0]):
+                hint = (f"set num_nextn_predict_layers to {self._complete_mtp_layers()} in config.json or use a "
+                        f"checkpoint that includes the MTP weights")
+            else:
+                hint = "re-download or re-convert the checkpoint"
+            raise UserError(f"{self.path}: weight {missing[0]} is missing ({len(missing)} missing in all); {hint}")
+        for name, shape in expected.items():
+            if self.shape(name) != shape:
+                raise UserError(f"{self.path}: weight {name} has shape {list(self.shape(name))} but config.json "
+                                f"implies {list(shape)}; the weights and config.json do not belong together")
+            scale = self._entries.get(name + SCALE_SUFFIX)
+            if scale is not None:
+                rows, cols = self.fp8_block
+                grid = (math.ceil(shape[0] / rows), math.ceil(shape[1] / cols))
+                if scale.shape != grid:
+                    raise UserError(f"{self.path}: {name}{SCALE_SUFFIX} has shape {list(scale.shape)} but a "
+                                    f"{rows}x{cols} block grid needs {list(grid)}; fix weight_block_size in config.json")
+
+    def _is_mtp(self, name: str) -> bool:
+        return any(name.startswith(mtp_prefix(self.config, i)) for i in range(self.num_mtp_layers))
+
+    def _complete_mtp_layers(self) -> int:
+        """How many leading MTP layers have all their weights (for the error hint)."""
+        expected = expected_weights(self.config)
+        complete = 0
+        for index in range(self.num_mtp_layers):
+            prefix = mtp_prefix(self.config, index)
+            if not all(name in self for name in expected if name.startswith(prefix)):
+                break
+            complete += 1
+        return complete
+
+    def _entry(self, name: str) -> TensorEntry:
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise KeyError(f"{name} is not a weight of {self.path}") from None
+
+
+def dequantize_fp8_blocks(values: np.ndarray, scale_inv: np.ndarray, block: tuple[int, int]) -> np.ndarray:
+    """``values * scale_inv`` with each scale covering one ``block`` tile (edge tiles partial)."""
+    rows, cols = values.shape
+    scale = np.repeat(np.repeat(scale_inv.astype(np.float32), block[0], axis=0), block[1], axis=1)
+    return values * scale[:rows, :cols]
+
+
+def _safetensors_files(path: Path) -> list[Path]:
+    """The weight files of a directory: the index's shards, or every ``*.safetensors``."""
+    index_path = path / "model.safetensors.index.json"
+    if index_path.is_file():
+        try:
+            weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise UserError(f"{index_path} is not a valid safetensors index (no weight_map); "
+                            f"re-download it or delete it to read *.safetensors directly") from None
+        files = [path / name for name in dict.fromkeys(weight_map.values())]
+        for file in files:
+            if not file.is_file():
+                raise UserError(f"{file.name} is listed in {index_path.name} but missing; download the missing shard")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if files:
+        return files
+    pickles = sorted({p.name for pattern in PICKLE_PATTERNS for p in path.glob(pattern)})
+    if pickles:
+        raise UserError(f"{path} holds only pickle weights ({', '.join(pickles)}); edgemtp refuses to unpickle "
+                        f"(it can run arbitrary code): convert them to safetensors first")
+    raise UserError(f"{path} has no *.safetensors weights; pass a Hugging Face model directory")
+
+
+def _read_header(file: Path) -> dict[str, TensorEntry]:
+    """Tensor locations from a safetensors header; the file is checked by ``safe_open`` first."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(file, framework="numpy"):
+            pass  # safe_open checks the header and that the data covers the whole file
+        with open(file, "rb") as f:
+            (header_size,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(header_size))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise UserError(f"{file} is truncated or corrupt ({exc}); re-download or re-convert it") from None
+    data_start = 8 + header_size
+    entries = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if info["dtype"] not in NUMPY_DTYPES:
+            raise UserError(f"{file}: tensor {name} has unsupported dtype {info['dtype']}; "
+                            f"convert the checkpoint to bf16, fp16, fp32 or block FP8")
+        entries[name] = TensorEntry(file, info["dtype"], tuple(info["shape"]), data_start + info["data_offsets"][0])
+    return entries

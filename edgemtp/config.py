@@ -1,0 +1,93 @@
+"""Reading (and writing) Hugging Face ``config.json`` files.
+
+Two generations of RoPE keys exist in the wild:
+
+* the classic form, ``rope_theta`` at the top level plus an optional ``rope_scaling``
+  dict (``{"type": "yarn", "factor": ...}``), read by mlx-lm and older transformers;
+* the transformers-5 form, one ``rope_parameters`` dict holding ``rope_type``,
+  ``rope_theta`` and the scaling keys together.
+
+We read either, and whenever we write a config we write both so every consumer is happy.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from edgemtp.errors import UserError
+
+SUPPORTED_MODEL_TYPES = ("deepseek_v3", "llama")
+
+# transformers' default when a config names no RoPE base at all.
+DEFAULT_ROPE_THETA = 10000.0
+
+
+def load_config(path: str | Path) -> dict:
+    """Return the parsed ``config.json`` of a model directory (or of the file itself)."""
+    path = Path(path)
+    config_path = path / "config.json" if path.is_dir() else path
+    if not path.exists():
+        raise UserError(f"{path} does not exist; pass the path of a model directory containing config.json")
+    if not config_path.is_file():
+        raise UserError(f"{path} has no config.json; pass a Hugging Face model directory (config.json + *.safetensors)")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UserError(f"{config_path} is not valid JSON ({exc}); fix or re-download the file") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{config_path} must hold a JSON object; fix or re-download the file")
+    return config
+
+
+def check_supported(config: dict, where: str | Path = "config.json") -> str:
+    """Return the config's ``model_type``, or raise if edgemtp cannot run it."""
+    model_type = config.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise UserError(
+            f"{where}: unsupported model_type {model_type!r}; edgemtp supports {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    return model_type
+
+
+def num_mtp_layers(config: dict) -> int:
+    """Number of multi-token-prediction layers stored after the trunk layers (DeepSeek's key)."""
+    return int(config.get("num_nextn_predict_layers") or 0)
+
+
+def rope_theta(config: dict) -> float:
+    """The RoPE base frequency, from ``rope_parameters`` or the classic top-level key."""
+    params = config.get("rope_parameters") or {}
+    if "rope_theta" in params:
+        return float(params["rope_theta"])
+    return float(config.get("rope_theta", DEFAULT_ROPE_THETA))
+
+
+def rope_scaling(config: dict) -> dict | None:
+    """The RoPE scaling parameters in the classic form, or None for plain RoPE.
+
+    The result carries both ``type`` and ``rope_type`` (readers disagree on the name)
+    and never ``rope_theta``. Like transformers, a classic ``rope_scaling`` wins over
+    ``rope_parameters`` when both are present.
+    """
+    params = config.get("rope_scaling") or config.get("rope_parameters") or {}
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind == "default":
+        return None
+    scaling = {key: value for key, value in params.items() if key != "rope_theta"}
+    scaling["type"] = scaling["rope_type"] = kind
+    return scaling
+
+
+def with_both_rope_forms(config: dict) -> dict:
+    """A copy of ``config`` with RoPE written in the classic and the transformers-5 form."""
+    theta = rope_theta(config)
+    scaling = rope_scaling(config)
+    out = dict(config)
+    out["rope_theta"] = theta
+    out["rope_scaling"] = scaling
+    parameters = {"rope_type": "default", "rope_theta": theta}
+    if scaling is not None:
+        parameters.update({key: value for key, value in scaling.items() if key != "type"})
+    out["rope_parameters"] = parameters
+    return out

@@ -1,0 +1,334 @@
+"""Tiny (or not so tiny) random checkpoints in exact Hugging Face layout, for tests and benchmarks.
+
+``make_tiny`` writes a complete model directory: ``config.json`` (both RoPE forms),
+safetensors weights (one file, or shards plus ``model.safetensors.index.json``), and a
+byte-level BPE tokenizer with a ChatML chat template so string prompts work end to end.
+Only numpy, ml_dtypes, safetensors' file format and ``tokenizers`` are used: no torch.
+
+Weights are generated and written one row chunk at a time, so a multi-gigabyte model needs
+memory for one chunk only. Every tensor draws from its own random stream seeded by
+``(seed, name, chunk)``, so values do not depend on sharding or write order.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+import zlib
+from collections.abc import Iterator
+from functools import lru_cache
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from edgemtp.config import with_both_rope_forms
+from edgemtp.errors import UserError
+from edgemtp.layout import expected_weights, is_fp8_quantized
+from edgemtp.safetensors_stream import TensorSpec, write_safetensors
+
+# All input dimensions are multiples of 64 so the models also quantize with MLX's group
+# sizes; the default FP8 block (48) then leaves partial edge blocks everywhere.
+_LLAMA = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": 384,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "hidden_act": "silu",
+    "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "rope_scaling": None,
+    "tie_word_embeddings": True,
+    "attention_bias": False,
+    "mlp_bias": False,
+}
+
+_DEEPSEEK_V3 = {
+    "architectures": ["DeepseekV3ForCausalLM"],
+    "model_type": "deepseek_v3",
+    "vocab_size": 384,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "moe_intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 4,
+    "q_lora_rank": 64,
+    "kv_lora_rank": 64,
+    "qk_nope_head_dim": 16,
+    "qk_rope_head_dim": 8,
+    "v_head_dim": 16,
+    "n_routed_experts": 8,
+    "n_shared_experts": 1,
+    "num_experts_per_tok": 2,
+    "n_group": 4,
+    "topk_group": 2,
+    "routed_scaling_factor": 2.5,
+    "norm_topk_prob": True,
+    "first_k_dense_replace": 1,
+    "moe_layer_freq": 1,
+    "scoring_func": "sigmoid",
+    "topk_method": "noaux_tc",
+    "hidden_act": "silu",
+    "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "rope_scaling": {
+        "type": "yarn",
+        "factor": 4.0,
+        "original_max_position_embeddings": 512,
+        "beta_fast": 32,
+        "beta_slow": 1,
+        "mscale": 1.0,
+        "mscale_all_dim": 1.0,
+    },
+    "tie_word_embeddings": False,
+    "attention_bias": False,
+}
+
+# Named variants: a base config plus the features a test wants to exercise.
+VARIANTS: dict[str, dict] = {
+    "llama": _LLAMA,  # GQA (4 query heads, 2 KV heads), tied embeddings
+    "llama_untied": {**_LLAMA, "tie_word_embeddings": False},
+    "deepseek_v3": _DEEPSEEK_V3,  # MLA with q_lora_rank, grouped MoE, shared expert, YaRN
+    "deepseek_v3_no_qlora": {**_DEEPSEEK_V3, "q_lora_rank": None},
+}
+
+# Config keys that may be overridden although the base configs leave them out.
+_EXTRA_OVERRIDES = {"head_dim", "bos_token_id"}
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+EOS_TOKEN = "<|im_end|>"
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+_FP8_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)  # 448
+_CHUNK_ELEMENTS = 1 << 22  # ~16 MB of float32 per generated chunk
+_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+
+
+def make_tiny(
+    out_dir: str | Path,
+    arch: str = "llama",
+    mtp_layers: int = 1,
+    fp8: bool = False,
+    seed: int = 0,
+    *,
+    dtype: str = "float32",
+    fp8_block: int = 48,
+    shard_bytes: int | None = None,
+    force: bool = False,
+    **overrides,
+) -> Path:
+    """Write a random checkpoint of variant ``arch`` (a key of ``VARIANTS``) to ``out_dir``.
+
+    ``overrides`` replace config.json keys (``hidden_size``, ``num_hidden_layers``,
+    ``vocab_size``, ``n_routed_experts``, ...). ``fp8`` stores projections as float8 e4m3
+    with ``fp8_block``-sized scale blocks like DeepSeek-V3. ``shard_bytes`` splits the
+    weights into several files. The directory appears only when complete.
+    """
+    config = tiny_config(arch, mtp_layers, **overrides)
+    if dtype not in _DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPES)}")
+    tokenizer = _trained_tokenizer(config["vocab_size"])
+    eos_id = tokenizer.token_to_id(EOS_TOKEN)
+    config.update(eos_token_id=eos_id, bos_token_id=config.get("bos_token_id"), torch_dtype=dtype)
+    if fp8:
+        config["quantization_config"] = {
+            "quant_method": "fp8",
+            "fmt": "e4m3",
+            "activation_scheme": "dynamic",
+            "weight_block_size": [fp8_block, fp8_block],
+        }
+
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise UserError(f"{out} already exists and is not empty; choose another path or pass --force")
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+
+    tensors = _tensor_specs(config, seed, _DTYPES[dtype], fp8_block if fp8 else None)
+    _write_weights(partial, tensors, shard_bytes)
+    (partial / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (partial / "generation_config.json").write_text(json.dumps({"eos_token_id": eos_id}, indent=2) + "\n")
+    tokenizer.save(str(partial / "tokenizer.json"))
+    (partial / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(), indent=2) + "\n")
+
+    if out.exists():
+        shutil.rmtree(out)
+    partial.rename(out)
+    return out
+
+
+def tiny_config(arch: str = "llama", mtp_layers: int = 1, **overrides) -> dict:
+    """The config.json ``make_tiny`` writes for a variant (without tokenizer ids)."""
+    if arch not in VARIANTS:
+        raise UserError(f"unknown tiny-model variant {arch!r}; choose one of {', '.join(VARIANTS)}")
+    base = copy.deepcopy(VARIANTS[arch])
+    unknown = set(overrides) - set(base) - _EXTRA_OVERRIDES
+    if unknown:
+        raise UserError(f"unknown config override(s) {', '.join(sorted(unknown))} for {arch}; "
+                        f"choose among {', '.join(sorted(set(base) | _EXTRA_OVERRIDES))}")
+    if mtp_layers < 0:
+        raise UserError(f"mtp_layers must be >= 0, got {mtp_layers}")
+    base.update(overrides)
+    base["num_nextn_predict_layers"] = mtp_layers
+    if base["vocab_size"] < 256 + len(SPECIAL_TOKENS):
+        raise UserError(f"vocab_size {base['vocab_size']} is too small for a byte-level tokenizer; use at least "
+                        f"{256 + len(SPECIAL_TOKENS)}")
+    return with_both_rope_forms(base)
+
+
+# --- weights ----------------------------------------------------------------
+
+
+def _tensor_specs(config: dict, seed: int, dtype, fp8_block: int | None) -> list[TensorSpec]:
+    """One spec per stored tensor (FP8 weights are followed by their scale grid)."""
+    specs = []
+    for name, shape in expected_weights(config).items():
+        if fp8_block and is_fp8_quantized(name):
+            grid = (math.ceil(shape[0] / fp8_block), math.ceil(shape[1] / fp8_block))
+            specs.append(TensorSpec(name, np.dtype(ml_dtypes.float8_e4m3fn), shape,
+                                    _fp8_chunks(name, shape, seed, fp8_block, scales=False)))
+            specs.append(TensorSpec(name + "_scale_inv", np.dtype(np.float32), grid,
+                                    _fp8_chunks(name, shape, seed, fp8_block, scales=True)))
+        else:
+            # The router's correction bias stays float32, as in DeepSeek-V3.
+            tensor_dtype = np.float32 if name.endswith("e_score_correction_bias") else dtype
+            specs.append(TensorSpec(name, np.dtype(tensor_dtype), shape, _value_chunks(name, shape, seed)))
+    return specs
+
+
+def _row_chunks(shape: tuple[int, ...], multiple: int = 1) -> Iterator[tuple[int, int]]:
+    """Row ranges ``[start, stop)`` of about ``_CHUNK_ELEMENTS`` elements, sized in ``multiple``s."""
+    row_size = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) > 1 else 1
+    rows = max(multiple, (_CHUNK_ELEMENTS // max(row_size, 1)) // multiple * multiple)
+    for start in range(0, shape[0], rows):
+        yield start, min(start + rows, shape[0])
+
+
+def _random_rows(name: str, shape: tuple[int, ...], seed: int, start: int, stop: int) -> np.ndarray:
+    """Rows ``start:stop`` of the float32 initial value of weight ``name``.
+
+    Scales keep activations O(1) so tiny models give varied, finite logits: matrices
+    ~N(0, 1/fan_in), norm weights ~1 with noise, a random MoE correction bias so routing
+    is not decided by ties.
+    """
+    rng = np.random.default_rng([seed, zlib.crc32(name.encode()), start])
+    values = rng.standard_normal((stop - start, *shape[1:]), dtype=np.float32)
+    if name.endswith("norm.weight"):
+        return 1.0 + 0.1 * values
+    if name.endswith("e_score_correction_bias"):
+        return 0.2 * values
+    if len(shape) == 1:  # biases
+        return 0.02 * values
+    return values / np.float32(math.sqrt(shape[-1]))
+
+
+def _value_chunks(name: str, shape: tuple[int, ...], seed: int):
+    def chunks() -> Iterator[np.ndarray]:
+        for start, stop in _row_chunks(shape):
+            yield _random_rows(name, shape, seed, start, stop)
+    return chunks
+
+
+def _fp8_chunks(name: str, shape: tuple[int, ...], seed: int, block: int, scales: bool):
+    """Chunks of either the float8 weight or its ``weight_scale_inv`` grid (recomputed, not stored)."""
+    def chunks() -> Iterator[np.ndarray]:
+        for start, stop in _row_chunks(shape, multiple=block):
+            quantized, scale_inv = quantize_fp8_blocks(_random_rows(name, shape, seed, start, stop), block)
+            yield scale_inv if scales else quantized
+    return chunks
+
+
+def quantize_fp8_blocks(weight: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """DeepSeek-V3 style block FP8: ``weight ~= q * scale_inv`` per ``block x block`` tile.
+
+    Edge tiles may be partial. Returns (q as float8_e4m3fn, scale_inv float32 grid).
+    """
+    rows, cols = weight.shape
+    grid_rows, grid_cols = math.ceil(rows / block), math.ceil(cols / block)
+    padded = np.zeros((grid_rows * block, grid_cols * block), np.float32)
+    padded[:rows, :cols] = weight
+    tiles = padded.reshape(grid_rows, block, grid_cols, block)
+    amax = np.abs(tiles).max(axis=(1, 3))
+    scale_inv = np.where(amax > 0, amax / _FP8_MAX, 1.0).astype(np.float32)
+    scaled = tiles / scale_inv[:, None, :, None]
+    quantized = scaled.reshape(padded.shape)[:rows, :cols].astype(ml_dtypes.float8_e4m3fn)
+    return quantized, scale_inv
+
+
+def _write_weights(out: Path, tensors: list[TensorSpec], shard_bytes: int | None) -> None:
+    if not shard_bytes:
+        write_safetensors(out / "model.safetensors", tensors)
+        return
+    shards: list[list[TensorSpec]] = [[]]
+    size = 0
+    for spec in tensors:
+        # A scale grid stays in the shard of its weight (it follows it in the list).
+        starts_new = shards[-1] and size + spec.nbytes > shard_bytes and not spec.name.endswith("_scale_inv")
+        if starts_new:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += spec.nbytes
+    weight_map = {}
+    for number, shard in enumerate(shards, start=1):
+        filename = f"model-{number:05d}-of-{len(shards):05d}.safetensors"
+        write_safetensors(out / filename, shard)
+        weight_map.update({spec.name: filename for spec in shard})
+    index = {"metadata": {"total_size": sum(spec.nbytes for spec in tensors)}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+# --- tokenizer --------------------------------------------------------------
+
+
+@lru_cache(maxsize=8)
+def _trained_tokenizer_json(vocab_size: int) -> str:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    corpus = (Path(__file__).parent / "tiny_corpus.txt").read_text(encoding="utf-8")
+    tokenizer.train_from_iterator(corpus.splitlines(keepends=True), trainer)
+    return tokenizer.to_str()
+
+
+def _trained_tokenizer(vocab_size: int):
+    """A byte-level BPE with at most ``vocab_size`` tokens (fewer if the corpus runs out of merges)."""
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_str(_trained_tokenizer_json(vocab_size))
+
+
+def _tokenizer_config() -> dict:
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": None,
+        "eos_token": EOS_TOKEN,
+        "pad_token": "<|endoftext|>",
+        "unk_token": None,
+        "model_max_length": 2048,
+        "clean_up_tokenization_spaces": False,
+        "chat_template": CHATML_TEMPLATE,
+    }

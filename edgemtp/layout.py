@@ -1,0 +1,129 @@
+"""Which weights a checkpoint must hold, and with which shapes, derived from its config.
+
+This is the single description of the Hugging Face weight layout that the tiny-checkpoint
+factory writes, ``Checkpoint.validate`` checks, and the converters walk. Names are exactly
+Hugging Face's (DeepSeek-V3 experts one tensor per expert, as on the Hub).
+
+MTP layer ``i`` lives at ``model.layers.{num_hidden_layers + i}.``: a full decoder block of
+the trunk's type plus ``enorm``, ``hnorm``, ``eh_proj`` and ``shared_head.{norm,head}``.
+"""
+
+from __future__ import annotations
+
+import re
+
+from edgemtp.config import check_supported, num_mtp_layers
+
+Shapes = dict[str, tuple[int, ...]]
+
+# Projections stored in FP8 with a block scale grid. Embeddings, norms, the MoE router
+# and the output heads stay in high precision, as in DeepSeek-V3's own FP8 release.
+_FP8_QUANTIZED = re.compile(
+    r"\.(self_attn\.(q_proj|k_proj|v_proj|q_a_proj|q_b_proj|kv_a_proj_with_mqa|kv_b_proj|o_proj)"
+    r"|mlp\.(\w+\.)*(gate_proj|up_proj|down_proj)"
+    r"|eh_proj)\.weight$"
+)
+
+
+def is_fp8_quantized(name: str) -> bool:
+    """Whether an FP8 checkpoint stores ``name`` as float8 with a ``weight_scale_inv`` grid."""
+    return _FP8_QUANTIZED.search(name) is not None
+
+
+def mtp_prefix(config: dict, index: int) -> str:
+    """Weight-name prefix of MTP layer ``index`` (0-based)."""
+    return f"model.layers.{config['num_hidden_layers'] + index}."
+
+
+def expected_weights(config: dict) -> Shapes:
+    """Every weight the config promises, trunk first then MTP layers, name -> shape."""
+    model_type = check_supported(config)
+    block = _llama_block if model_type == "llama" else _deepseek_v3_block
+    hidden, vocab = config["hidden_size"], config["vocab_size"]
+    layers = config["num_hidden_layers"]
+
+    shapes: Shapes = {"model.embed_tokens.weight": (vocab, hidden)}
+    for layer in range(layers):
+        shapes.update(block(config, layer, f"model.layers.{layer}."))
+    shapes["model.norm.weight"] = (hidden,)
+    if not config.get("tie_word_embeddings", False):
+        shapes["lm_head.weight"] = (vocab, hidden)
+
+    for index in range(num_mtp_layers(config)):
+        prefix = mtp_prefix(config, index)
+        shapes[prefix + "enorm.weight"] = (hidden,)
+        shapes[prefix + "hnorm.weight"] = (hidden,)
+        shapes[prefix + "eh_proj.weight"] = (hidden, 2 * hidden)
+        shapes.update(block(config, layers + index, prefix))
+        shapes[prefix + "shared_head.norm.weight"] = (hidden,)
+        shapes[prefix + "shared_head.head.weight"] = (vocab, hidden)
+    return shapes
+
+
+def _mlp(prefix: str, hidden: int, intermediate: int, bias: bool = False) -> Shapes:
+    shapes = {
+        prefix + "gate_proj.weight": (intermediate, hidden),
+        prefix + "up_proj.weight": (intermediate, hidden),
+        prefix + "down_proj.weight": (hidden, intermediate),
+    }
+    if bias:
+        shapes.update({prefix + "gate_proj.bias": (intermediate,), prefix + "up_proj.bias": (intermediate,),
+                       prefix + "down_proj.bias": (hidden,)})
+    return shapes
+
+
+def _llama_block(config: dict, layer: int, prefix: str) -> Shapes:
+    hidden = config["hidden_size"]
+    heads = config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or hidden // heads
+    attn = prefix + "self_attn."
+    shapes: Shapes = {
+        prefix + "input_layernorm.weight": (hidden,),
+        attn + "q_proj.weight": (heads * head_dim, hidden),
+        attn + "k_proj.weight": (kv_heads * head_dim, hidden),
+        attn + "v_proj.weight": (kv_heads * head_dim, hidden),
+        attn + "o_proj.weight": (hidden, heads * head_dim),
+    }
+    if config.get("attention_bias", False):
+        shapes.update({attn + "q_proj.bias": (heads * head_dim,), attn + "k_proj.bias": (kv_heads * head_dim,),
+                       attn + "v_proj.bias": (kv_heads * head_dim,), attn + "o_proj.bias": (hidden,)})
+    shapes[prefix + "post_attention_layernorm.weight"] = (hidden,)
+    shapes.update(_mlp(prefix + "mlp.", hidden, config["intermediate_size"], config.get("mlp_bias", False)))
+    return shapes
+
+
+def _deepseek_v3_block(config: dict, layer: int, prefix: str) -> Shapes:
+    hidden = config["hidden_size"]
+    heads = config["num_attention_heads"]
+    q_rank = config.get("q_lora_rank")
+    kv_rank = config["kv_lora_rank"]
+    nope, rope, v_dim = config["qk_nope_head_dim"], config["qk_rope_head_dim"], config["v_head_dim"]
+    attn = prefix + "self_attn."
+
+    shapes: Shapes = {prefix + "input_layernorm.weight": (hidden,)}
+    if q_rank:
+        shapes[attn + "q_a_proj.weight"] = (q_rank, hidden)
+        shapes[attn + "q_a_layernorm.weight"] = (q_rank,)
+        shapes[attn + "q_b_proj.weight"] = (heads * (nope + rope), q_rank)
+    else:
+        shapes[attn + "q_proj.weight"] = (heads * (nope + rope), hidden)
+    shapes[attn + "kv_a_proj_with_mqa.weight"] = (kv_rank + rope, hidden)
+    shapes[attn + "kv_a_layernorm.weight"] = (kv_rank,)
+    shapes[attn + "kv_b_proj.weight"] = (heads * (nope + v_dim), kv_rank)
+    shapes[attn + "o_proj.weight"] = (hidden, heads * v_dim)
+    shapes[prefix + "post_attention_layernorm.weight"] = (hidden,)
+
+    mlp = prefix + "mlp."
+    if layer < config.get("first_k_dense_replace", 0):
+        shapes.update(_mlp(mlp, hidden, config["intermediate_size"]))
+        return shapes
+    experts = config["n_routed_experts"]
+    expert_size = config["moe_intermediate_size"]
+    shapes[mlp + "gate.weight"] = (experts, hidden)
+    shapes[mlp + "gate.e_score_correction_bias"] = (experts,)
+    for expert in range(experts):
+        shapes.update(_mlp(f"{mlp}experts.{expert}.", hidden, expert_size))
+    if config.get("n_shared_experts"):
+        shapes.update(_mlp(mlp + "shared_experts.", hidden, expert_size * config["n_shared_experts"]))
+    return shapes

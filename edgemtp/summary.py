@@ -1,0 +1,107 @@
+"""The numbers ``edgemtp inspect`` shows: size, storage format and memory needs of a model.
+
+Kept apart from printing so the converters and the memory planner can reuse them.
+Parameter counts come from the config (the logical model), byte counts from the files
+(what is actually stored, quantization included). No tensor data is read.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgemtp.checkpoint import Checkpoint
+from edgemtp.config import load_config, num_mtp_layers
+from edgemtp.layout import expected_weights, mtp_prefix
+
+KV_CACHE_TOKENS = 4096
+KV_CACHE_ELEMENT_BYTES = 2  # caches are kept in 16-bit floats
+
+_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3"}
+
+
+@dataclass(frozen=True)
+class ModelSummary:
+    path: str
+    architecture: str
+    num_layers: int
+    num_mtp_layers: int
+    hidden_size: int
+    vocab_size: int
+    trunk_parameters: int
+    mtp_parameters: int
+    storage: str  # e.g. "bfloat16", "fp8 e4m3, 128x128 blocks", "mlx 4-bit, group 64"
+    weight_bytes: int
+    kv_cache_tokens: int
+    kv_cache_bytes: int  # trunk + MTP layers, 16-bit, for kv_cache_tokens positions
+
+
+def summarize(path: str | Path) -> ModelSummary:
+    """Describe the model directory at ``path`` without loading its weights."""
+    config = load_config(path)
+    mlx_quantization = config.get("quantization")
+    # MLX-quantized files store packed weights whose shapes differ from the config's.
+    checkpoint = Checkpoint.open(path, validate=not mlx_quantization)
+    trunk, mtp = parameter_counts(config)
+    return ModelSummary(
+        path=str(checkpoint.path),
+        architecture=config["model_type"],
+        num_layers=config["num_hidden_layers"],
+        num_mtp_layers=num_mtp_layers(config),
+        hidden_size=config["hidden_size"],
+        vocab_size=config["vocab_size"],
+        trunk_parameters=trunk,
+        mtp_parameters=mtp,
+        storage=_storage(checkpoint, mlx_quantization),
+        weight_bytes=checkpoint.total_bytes,
+        kv_cache_tokens=KV_CACHE_TOKENS,
+        kv_cache_bytes=kv_cache_bytes(config, KV_CACHE_TOKENS),
+    )
+
+
+def parameter_counts(config: dict) -> tuple[int, int]:
+    """(trunk, MTP) parameter counts implied by the config; tied embeddings count once."""
+    mtp_prefixes = tuple(mtp_prefix(config, i) for i in range(num_mtp_layers(config)))
+    trunk = mtp = 0
+    for name, shape in expected_weights(config).items():
+        if mtp_prefixes and name.startswith(mtp_prefixes):
+            mtp += math.prod(shape)
+        else:
+            trunk += math.prod(shape)
+    return trunk, mtp
+
+
+def kv_cache_elements_per_token(config: dict) -> int:
+    """Cached numbers per token per layer.
+
+    DeepSeek-V3's MLA caches one compressed latent (``kv_lora_rank``) plus the shared
+    RoPE key (``qk_rope_head_dim``); Llama caches a key and a value per KV head.
+    """
+    if config["model_type"] == "deepseek_v3":
+        return config["kv_lora_rank"] + config["qk_rope_head_dim"]
+    heads = config["num_attention_heads"]
+    kv_heads = config.get("num_key_value_heads") or heads
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    return 2 * kv_heads * head_dim
+
+
+def kv_cache_bytes(config: dict, tokens: int, element_bytes: int = KV_CACHE_ELEMENT_BYTES) -> int:
+    """Bytes of the trunk and MTP caches for ``tokens`` positions."""
+    layers = config["num_hidden_layers"] + num_mtp_layers(config)
+    return tokens * layers * kv_cache_elements_per_token(config) * element_bytes
+
+
+def _storage(checkpoint: Checkpoint, mlx_quantization: dict | None) -> str:
+    if mlx_quantization:
+        return f"mlx {mlx_quantization.get('bits')}-bit, group {mlx_quantization.get('group_size')}"
+    if checkpoint.is_fp8:
+        rows, cols = checkpoint.fp8_block
+        return f"fp8 e4m3, {rows}x{cols} blocks"
+    # Name the dtype that holds most of the bytes (routers and biases may differ).
+    bytes_by_dtype = Counter()
+    for name in checkpoint.names():
+        bytes_by_dtype[checkpoint.dtype(name)] += checkpoint.nbytes(name)
+    dtype = bytes_by_dtype.most_common(1)[0][0]
+    return _DTYPE_NAMES.get(dtype, dtype.lower())

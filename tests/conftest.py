@@ -1,0 +1,37 @@
+"""Shared fixtures: tiny random checkpoints from ``edgemtp.factory``, built once per session.
+
+Use ``tiny_checkpoint(variant, **options)`` in any test; the same arguments return the same
+directory (treat it as read-only). ``FACTORY_VARIANTS`` lists every variant name, handy for
+``@pytest.mark.parametrize("variant", FACTORY_VARIANTS)``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from edgemtp.factory import VARIANTS, make_tiny
+
+FACTORY_VARIANTS = list(VARIANTS)  # "llama", "llama_untied", "deepseek_v3", "deepseek_v3_no_qlora"
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Callable[..., Path]:
+    """Factory fixture: ``tiny_checkpoint("deepseek_v3", mtp_layers=2, fp8=True) -> Path``.
+
+    Accepts every ``make_tiny`` keyword (mtp_layers, fp8, seed, dtype, fp8_block,
+    shard_bytes, config overrides). Checkpoints are cached for the whole session.
+    """
+    root = tmp_path_factory.mktemp("tiny_checkpoints")
+    built: dict[str, Path] = {}
+
+    def build(variant: str = "llama", **options) -> Path:
+        key = json.dumps([variant, options], sort_keys=True)
+        if key not in built:
+            built[key] = make_tiny(root / f"{variant}-{len(built)}", variant, **options)
+        return built[key]
+
+    return build

@@ -1,0 +1,137 @@
+"""``edgemtp inspect`` and ``edgemtp make-tiny`` through the installed console script."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import struct
+import subprocess
+
+import pytest
+from safetensors.numpy import load_file, save_file
+
+EDGEMTP = shutil.which("edgemtp")
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    assert EDGEMTP, "the edgemtp console script is not installed (pip install -e .)"
+    return subprocess.run([EDGEMTP, *map(str, args)], capture_output=True, text=True, timeout=120)
+
+
+def assert_user_error(result: subprocess.CompletedProcess, fragment: str) -> None:
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert fragment in lines[0]
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+@pytest.fixture
+def llama_copy(tiny_checkpoint, tmp_path):
+    path = tmp_path / "model"
+    shutil.copytree(tiny_checkpoint("llama"), path)
+    return path
+
+
+def edit_config(path, **changes):
+    config = json.loads((path / "config.json").read_text())
+    config.update(changes)
+    (path / "config.json").write_text(json.dumps(config))
+
+
+def drop_weight(path, name):
+    weights = load_file(path / "model.safetensors")
+    del weights[name]
+    save_file(weights, path / "model.safetensors")
+
+
+def truncate_weights(path):
+    data = (path / "model.safetensors").read_bytes()
+    (path / "model.safetensors").write_bytes(data[:-100])
+
+
+def pickle_only(path):
+    (path / "model.safetensors").unlink()
+    (path / "pytorch_model.bin").write_bytes(b"\x80\x04not a real pickle")
+
+
+BREAKAGES = {
+    "missing config.json": (lambda p: (p / "config.json").unlink(), "no config.json"),
+    "unknown model_type": (lambda p: edit_config(p, model_type="bert"), "unsupported model_type 'bert'"),
+    "truncated safetensors": (truncate_weights, "model.safetensors is truncated or corrupt"),
+    "shape contradicts config": (lambda p: edit_config(p, hidden_size=48), "but config.json implies"),
+    "missing MTP weight": (lambda p: drop_weight(p, "model.layers.2.eh_proj.weight"), "num_nextn_predict_layers"),
+    "pickle checkpoint": (pickle_only, "refuses to unpickle"),
+}
+
+
+@pytest.mark.parametrize("breakage", list(BREAKAGES))
+def test_inspect_rejects_bad_checkpoints_with_one_line(llama_copy, breakage):
+    damage, fragment = BREAKAGES[breakage]
+    damage(llama_copy)
+    assert_user_error(run("inspect", llama_copy), fragment)
+
+
+def test_inspect_missing_directory(tmp_path):
+    assert_user_error(run("inspect", tmp_path / "nope"), "does not exist")
+
+
+def test_make_tiny_refusals(tmp_path, llama_copy):
+    assert_user_error(run("make-tiny", llama_copy), "already exists and is not empty")
+    assert_user_error(run("make-tiny", tmp_path / "a", "--arch", "mistral"), "unknown tiny-model variant")
+    assert_user_error(run("make-tiny", tmp_path / "b", "--vocab-size", "100"), "vocab_size 100 is too small")
+    assert_user_error(run("make-tiny", tmp_path / "c", "--dtype", "int8"), "unknown dtype")
+    assert not any(p.name != "model" for p in tmp_path.iterdir())
+
+
+def stored_tensor_bytes(path) -> int:
+    """Sum over safetensors files of file size minus header."""
+    total = 0
+    for file in path.glob("*.safetensors"):
+        with open(file, "rb") as f:
+            (header_size,) = struct.unpack("<Q", f.read(8))
+        total += file.stat().st_size - 8 - header_size
+    return total
+
+
+def test_make_tiny_then_inspect_reports_true_numbers(tmp_path):
+    out = tmp_path / "dsv3"
+    made = run("make-tiny", out, "--arch", "deepseek_v3", "--mtp-layers", "2", "--fp8", "--layers", "3",
+               "--shard-mb", "0.3")
+    assert made.returncode == 0, made.stderr
+    assert (out / "model.safetensors.index.json").is_file() and not (tmp_path / "dsv3.partial").exists()
+
+    result = run("inspect", out, "--json")
+    assert result.returncode == 0, result.stderr
+    summary = json.loads(result.stdout)
+    config = json.loads((out / "config.json").read_text())
+
+    from edgemtp.checkpoint import Checkpoint
+
+    checkpoint = Checkpoint.open(out)
+    trunk = sum(math.prod(checkpoint.shape(n)) for n in checkpoint.trunk_names())
+    mtp = sum(math.prod(checkpoint.shape(n)) for i in range(2) for n in checkpoint.mtp_names(i))
+    assert (summary["trunk_parameters"], summary["mtp_parameters"]) == (trunk, mtp)
+    assert summary["num_layers"] == 3 and summary["num_mtp_layers"] == 2
+    assert summary["storage"] == "fp8 e4m3, 48x48 blocks"
+    assert summary["weight_bytes"] == stored_tensor_bytes(out)
+    # MLA caches kv_lora_rank + qk_rope_head_dim 16-bit numbers per token and layer.
+    per_token = config["kv_lora_rank"] + config["qk_rope_head_dim"]
+    assert summary["kv_cache_bytes"] == 4096 * (3 + 2) * per_token * 2
+
+    table = run("inspect", out)
+    assert table.returncode == 0 and "fp8 e4m3" in table.stdout and f"{trunk:,}" in table.stdout
+
+
+def test_inspect_llama_kv_and_dtype(tiny_checkpoint):
+    summary = json.loads(run("inspect", tiny_checkpoint("llama", dtype="bfloat16"), "--json").stdout)
+    assert summary["storage"] == "bfloat16"
+    # GQA: a key and a value for each of 2 KV heads of 16 dims, 2 trunk + 1 MTP layers.
+    assert summary["kv_cache_bytes"] == 4096 * 3 * (2 * 2 * 16) * 2
+
+
+def test_inspect_names_mlx_quantization(llama_copy):
+    edit_config(llama_copy, quantization={"group_size": 64, "bits": 4})
+    summary = json.loads(run("inspect", llama_copy, "--json").stdout)
+    assert summary["storage"] == "mlx 4-bit, group 64"

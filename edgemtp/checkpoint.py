@@ -23,7 +23,7 @@ import numpy as np
 
 from edgemtp.config import check_supported, load_config, num_mtp_layers
 from edgemtp.errors import UserError
-from edgemtp.layout import expected_weights, mtp_prefix
+from edgemtp.layout import expected_weights, is_optional, mtp_prefix
 
 # safetensors dtype tag -> numpy dtype (ml_dtypes supplies bf16 and fp8)
 NUMPY_DTYPES = {
@@ -161,7 +161,7 @@ class Checkpoint:
         except KeyError as exc:
             raise UserError(f"{self.path / 'config.json'} lacks key {exc.args[0]!r} needed for "
                             f"{self.config['model_type']}; add it or re-download config.json") from None
-        missing = [name for name in expected if name not in self]
+        missing = [name for name in expected if name not in self and not is_optional(name)]
         if missing:
             if self._is_mtp(missing[0]):
                 hint = (f"set num_nextn_predict_layers to {self._complete_mtp_layers()} in config.json or use a "
@@ -170,6 +170,8 @@ class Checkpoint:
                 hint = "re-download or re-convert the checkpoint"
             raise UserError(f"{self.path}: weight {missing[0]} is missing ({len(missing)} missing in all); {hint}")
         for name, shape in expected.items():
+            if name not in self:
+                continue  # an optional weight (is_optional) that this checkpoint omits
             if self.shape(name) != shape:
                 raise UserError(f"{self.path}: weight {name} has shape {list(self.shape(name))} but config.json "
                                 f"implies {list(shape)}; the weights and config.json do not belong together")
@@ -190,7 +192,7 @@ class Checkpoint:
         complete = 0
         for index in range(self.num_mtp_layers):
             prefix = mtp_prefix(self.config, index)
-            if not all(name in self for name in expected if name.startswith(prefix)):
+            if not all(name in self or is_optional(name) for name in expected if name.startswith(prefix)):
                 break
             complete += 1
         return complete

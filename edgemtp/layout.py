@@ -30,6 +30,12 @@ def is_fp8_quantized(name: str) -> bool:
     return _FP8_QUANTIZED.search(name) is not None
 
 
+def is_optional(name: str) -> bool:
+    """Weights a checkpoint may omit: an MTP layer without ``shared_head.head`` uses the
+    trunk's output head (as trained MTP layers for tied-embedding trunks do)."""
+    return name.endswith(".shared_head.head.weight")
+
+
 def mtp_prefix(config: dict, index: int) -> str:
     """Weight-name prefix of MTP layer ``index`` (0-based)."""
     return f"model.layers.{config['num_hidden_layers'] + index}."

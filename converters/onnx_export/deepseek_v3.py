@@ -1,0 +1,216 @@
+"""DeepSeek-V3 blocks: multi-head latent attention (MLA) and the sigmoid-routed MoE.
+
+MLA cache: per token and layer only the latent ``c`` (kv_lora_rank, after kv_a_layernorm) and
+the rotated rope key (qk_rope_head_dim). The graph takes the cached rows as
+``past.{slot}.latent`` ``(P, r)`` / ``past.{slot}.rope`` ``(P, dr)`` and returns only the ``n``
+new rows as ``new.{slot}.*``; the backend binds views of one preallocated buffer for both, so
+nothing is copied between steps and rollback is a length change. Positions are ``P + j``.
+
+Attention uses the "absorbed" form: ``kv_b_proj`` is folded into the query (for scores) and
+applied after the softmax (for values), so past latents are never expanded to full K/V.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from edgemtp.converters.onnx_export.graph import Block, GraphBuilder, linear, rms_norm, silu_mul, swiglu_mlp
+from edgemtp.converters.onnx_export.rope import attention_scale_multiplier, cos_sin_tables
+
+
+def cache_layout(config: dict) -> dict:
+    return {"kind": "mla_latent", "inputs": ["past.{slot}.latent", "past.{slot}.rope"],
+            "outputs": ["new.{slot}.latent", "new.{slot}.rope"],
+            "widths": [config["kv_lora_rank"], config["qk_rope_head_dim"]]}
+
+
+def _deinterleave(rows: np.ndarray) -> np.ndarray:
+    """Reorder rope rows ``(x0, x1, x2, x3, ...)`` to ``(x0, x2, ..., x1, x3, ...)``.
+
+    transformers rotates DeepSeek's interleaved pairs; permuting the q and k rope weights the
+    same way turns that into the plain rotate-half RoPE with identical dot products.
+    """
+    return np.concatenate([rows[0::2], rows[1::2]])
+
+
+class DeepseekV3Layers:
+    def __init__(self, g: GraphBuilder, read: Callable[[str], np.ndarray], config: dict, max_positions: int):
+        self.g, self.read, self.config = g, read, config
+        self.eps = config.get("rms_norm_eps", 1e-6)
+        self.heads = config["num_attention_heads"]
+        self.nope, self.rope = config["qk_nope_head_dim"], config["qk_rope_head_dim"]
+        self.rank, self.v_dim = config["kv_lora_rank"], config["v_head_dim"]
+        self.interleaved = config.get("rope_interleave", True)
+        cos, sin = cos_sin_tables(config, self.rope, max_positions)
+        self.cos_table, self.sin_table = g.weight("rope.cos", cos), g.weight("rope.sin", sin)
+        self._positions: tuple[str, str, str] | None = None
+
+    def block(self, prefix: str, layer_index: int, slot: int) -> Block:
+        read = self.read
+        if layer_index < self.config.get("first_k_dense_replace", 0):
+            mlp = lambda x: swiglu_mlp(self.g, x, read, prefix + "mlp.", f"slot{slot}.mlp")  # noqa: E731
+        else:
+            mlp = lambda x: self._moe(x, prefix + "mlp.", f"slot{slot}.moe")  # noqa: E731
+        return (lambda x: self._attention(x, prefix + "self_attn.", slot), mlp,
+                read(prefix + "input_layernorm.weight"), read(prefix + "post_attention_layernorm.weight"))
+
+    # --- attention -------------------------------------------------------------------------
+
+    def _position_tables(self, past_latent: str) -> tuple[str, str, str]:
+        """cos/sin rows for positions ``P .. P+n-1`` and the ``(n, P+n)`` additive causal mask."""
+        if self._positions is None:
+            g = self.g
+            past = g.node("Shape", [past_latent], name="pos.past", start=0, end=1)
+            new = g.node("Shape", ["input_ids"], name="pos.new", start=1, end=2)
+            total = g.node("Add", [past, new], name="pos.total")
+            scalar = lambda t, n: g.node("Squeeze", [t, g.const([0])], name=n)  # noqa: E731
+            past_s, total_s = scalar(past, "pos.past_scalar"), scalar(total, "pos.total_scalar")
+            positions = g.node("Range", [past_s, total_s, g.const(1)], name="pos.range")
+            cos = g.node("Gather", [self.cos_table, positions], name="pos.cos", axis=0)
+            sin = g.node("Gather", [self.sin_table, positions], name="pos.sin", axis=0)
+            keys = g.node("Range", [g.const(0), total_s, g.const(1)], name="pos.keys")
+            query_col = g.node("Unsqueeze", [positions, g.const([1])], name="pos.query_col")
+            visible = g.node("LessOrEqual", [keys, query_col], name="pos.visible")
+            mask = g.node("Where", [visible, g.const(0.0, np.float32), g.const(-np.inf, np.float32)], name="pos.mask")
+            self._positions = (cos, sin, mask)
+        return self._positions
+
+    def _rotate(self, x: str, cos: str, sin: str, name: str) -> str:
+        """Rotate-half RoPE on the last axis; cos/sin ``(n, dr/2)`` broadcast over leading axes."""
+        g = self.g
+        x1, x2 = g.node("Split", [x], name=f"{name}.halves", outputs=2, axis=-1, num_outputs=2)
+        first = g.node("Sub", [g.node("Mul", [x1, cos], name=f"{name}.x1c"),
+                               g.node("Mul", [x2, sin], name=f"{name}.x2s")], name=f"{name}.first")
+        second = g.node("Add", [g.node("Mul", [x2, cos], name=f"{name}.x2c"),
+                                g.node("Mul", [x1, sin], name=f"{name}.x1s")], name=f"{name}.second")
+        return g.node("Concat", [first, second], name=f"{name}.concat", axis=-1)
+
+    def _attention(self, x: str, prefix: str, slot: int) -> str:
+        g, read, name = self.g, self.read, f"slot{slot}.attn"
+        heads, nope, rope, rank = self.heads, self.nope, self.rope, self.rank
+        past_latent = g.input(f"past.{slot}.latent", np.float32, ["past", rank])
+        past_rope = g.input(f"past.{slot}.rope", np.float32, ["past", rope])
+        cos, sin = self._position_tables(past_latent)[:2]
+        mask = self._positions[2]
+
+        # Queries: (1, n, heads*(nope+rope)) -> (heads, n, nope+rope), rope rows de-interleaved.
+        if self.config.get("q_lora_rank"):
+            q_a = linear(g, x, read(prefix + "q_a_proj.weight"), f"{name}.q_a")
+            q_a = rms_norm(g, q_a, read(prefix + "q_a_layernorm.weight"), self.eps, f"{name}.q_a_norm")
+            q_weight, q_in = read(prefix + "q_b_proj.weight"), q_a
+        else:
+            q_weight, q_in = read(prefix + "q_proj.weight"), x
+        if self.interleaved:
+            per_head = q_weight.reshape(heads, nope + rope, -1)
+            q_weight = np.concatenate([per_head[:, :nope], np.stack([_deinterleave(h[nope:]) for h in per_head])],
+                                      axis=1).reshape(heads * (nope + rope), -1)
+        q = linear(g, q_in, q_weight, f"{name}.q")
+        q = g.node("Reshape", [q, g.const([-1, heads, nope + rope])], name=f"{name}.q_heads")
+        q = g.node("Transpose", [q], name=f"{name}.q_t", perm=[1, 0, 2])
+        q_nope, q_rope = g.node("Split", [q, g.const([nope, rope])], name=f"{name}.q_split", outputs=2, axis=-1)
+        q_rope = self._rotate(q_rope, cos, sin, f"{name}.q_rope")
+
+        # New latent and rope key rows: (n, rank) after kv_a_layernorm, (n, rope) rotated.
+        kv_a = read(prefix + "kv_a_proj_with_mqa.weight")
+        if self.interleaved:
+            kv_a = np.concatenate([kv_a[:rank], _deinterleave(kv_a[rank:])])
+        kv = linear(g, x, kv_a, f"{name}.kv_a")
+        kv = g.node("Reshape", [kv, g.const([-1, rank + rope])], name=f"{name}.kv_rows")
+        latent, k_rope = g.node("Split", [kv, g.const([rank, rope])], name=f"{name}.kv_split", outputs=2, axis=-1)
+        latent = rms_norm(g, latent, read(prefix + "kv_a_layernorm.weight"), self.eps, f"{name}.kv_norm")
+        k_rope = self._rotate(k_rope, cos, sin, f"{name}.k_rope")
+        g.output(f"new.{slot}.latent", latent, np.float32, ["n", rank])
+        g.output(f"new.{slot}.rope", k_rope, np.float32, ["n", rope])
+        all_latent = g.node("Concat", [past_latent, latent], name=f"{name}.all_latent", axis=0)
+        all_rope = g.node("Concat", [past_rope, k_rope], name=f"{name}.all_rope", axis=0)
+
+        # Absorbed attention: scores = (q_nope W_uk) c^T + q_rope k_rope^T; out = (p c) W_uv^T.
+        kv_b = read(prefix + "kv_b_proj.weight").reshape(heads, nope + self.v_dim, rank)
+        w_uk = g.weight(f"{name}.w_uk", kv_b[:, :nope])  # (heads, nope, rank)
+        w_uv_t = g.weight(f"{name}.w_uv_t", kv_b[:, nope:].transpose(0, 2, 1))  # (heads, rank, v_dim)
+        q_latent = g.node("MatMul", [q_nope, w_uk], name=f"{name}.q_latent")
+        scores = g.node("Add", [
+            g.node("MatMul", [q_latent, g.node("Transpose", [all_latent], name=f"{name}.latent_t", perm=[1, 0])],
+                   name=f"{name}.scores_latent"),
+            g.node("MatMul", [q_rope, g.node("Transpose", [all_rope], name=f"{name}.rope_t", perm=[1, 0])],
+                   name=f"{name}.scores_rope")], name=f"{name}.scores")
+        scale = (nope + rope) ** -0.5 * attention_scale_multiplier(self.config)
+        scores = g.node("Add", [g.node("Mul", [scores, g.const(scale, np.float32)], name=f"{name}.scaled"), mask],
+                        name=f"{name}.masked")
+        probs = g.node("Softmax", [scores], name=f"{name}.softmax", axis=-1)
+        out = g.node("MatMul", [g.node("MatMul", [probs, all_latent], name=f"{name}.out_latent"), w_uv_t],
+                     name=f"{name}.out_heads")
+        out = g.node("Transpose", [out], name=f"{name}.out_t", perm=[1, 0, 2])
+        out = g.node("Reshape", [out, g.const([1, -1, heads * self.v_dim])], name=f"{name}.out_flat")
+        return linear(g, out, read(prefix + "o_proj.weight"), f"{name}.o_proj")
+
+    # --- mixture of experts ----------------------------------------------------------------
+
+    def _moe(self, x: str, prefix: str, name: str) -> str:
+        """Routed experts (only the chosen ones are computed) plus the shared experts.
+
+        Routing follows DeepSeek-V3 exactly with standard ops: sigmoid scores; the correction
+        bias only steers selection; groups ranked by the sum of their top-2 biased scores; the
+        best ``topk_group`` groups kept; top-k experts among them; weights are the unbiased
+        scores of those experts, normalised if ``norm_topk_prob``, times routed_scaling_factor.
+
+        Expert evaluation gathers the k chosen experts' weight slices per token from stacked
+        ``(E, ...)`` tensors and runs one batched MatMul. That never touches unchosen experts and
+        is two nodes, ideal for decoding (a few tokens per step). onnxruntime's MoE/QMoE ops were
+        not used because they do their own softmax top-k routing, which is not DeepSeek's.
+        Experts stay in float (MatMulNBits cannot gather slices); attention and dense layers
+        are the quantized part.
+        """
+        g, read, cfg = self.g, self.read, self.config
+        experts, top_k = cfg["n_routed_experts"], cfg["num_experts_per_tok"]
+        groups, top_groups = cfg.get("n_group") or 1, cfg.get("topk_group") or 1
+        hidden = cfg["hidden_size"]
+        rows = g.node("Reshape", [x, g.const([-1, hidden])], name=f"{name}.rows")  # (n, H)
+
+        router = linear(g, rows, read(prefix + "gate.weight"), f"{name}.router")
+        scores = g.node("Sigmoid", [router], name=f"{name}.scores")
+        choice = g.node("Add", [scores, g.weight(f"{name}.bias", read(prefix + "gate.e_score_correction_bias"))],
+                        name=f"{name}.choice")
+        if top_groups < groups:
+            grouped = g.node("Reshape", [choice, g.const([-1, groups, experts // groups])], name=f"{name}.grouped")
+            top2 = g.node("TopK", [grouped, g.const([2])], name=f"{name}.top2", outputs=2, axis=-1)[0]
+            group_scores = g.node("ReduceSum", [top2, g.const([-1])], name=f"{name}.group_scores", keepdims=0)
+            kept = g.node("TopK", [group_scores, g.const([top_groups])], name=f"{name}.top_groups", outputs=2,
+                          axis=-1)[1]
+            one_hot = g.node("OneHot", [kept, g.const(groups), g.const([0.0, 1.0], np.float32)],
+                             name=f"{name}.group_one_hot", axis=-1)  # (n, top_groups, groups)
+            group_mask = g.node("ReduceMax", [one_hot, g.const([1])], name=f"{name}.group_mask", keepdims=0)
+            expert_mask = g.node("Expand", [g.node("Unsqueeze", [group_mask, g.const([2])], name=f"{name}.gm3"),
+                                            g.const([1, groups, experts // groups])], name=f"{name}.expert_mask3")
+            expert_mask = g.node("Reshape", [expert_mask, g.const([-1, experts])], name=f"{name}.expert_mask")
+            in_group = g.node("Cast", [expert_mask], name=f"{name}.in_group", to=9)  # bool
+            choice = g.node("Where", [in_group, choice, g.const(-np.inf, np.float32)], name=f"{name}.masked_choice")
+        chosen = g.node("TopK", [choice, g.const([top_k])], name=f"{name}.top_k", outputs=2, axis=-1)[1]  # (n, k)
+        weights = g.node("GatherElements", [scores, chosen], name=f"{name}.weights", axis=1)
+        if cfg.get("norm_topk_prob", True):
+            total = g.node("Add", [g.node("ReduceSum", [weights, g.const([-1])], name=f"{name}.wsum", keepdims=1),
+                                   g.const(1e-20, np.float32)], name=f"{name}.wsum_eps")
+            weights = g.node("Div", [weights, total], name=f"{name}.wnorm")
+        weights = g.node("Mul", [weights, g.const(cfg.get("routed_scaling_factor", 1.0), np.float32)],
+                         name=f"{name}.wscaled")
+
+        # Stacked expert weights, laid out for x @ W: gate_up (E, H, 2I), down (E, I, H).
+        gate_up = np.stack([np.concatenate([read(f"{prefix}experts.{e}.gate_proj.weight"),
+                                            read(f"{prefix}experts.{e}.up_proj.weight")]).T for e in range(experts)])
+        down = np.stack([read(f"{prefix}experts.{e}.down_proj.weight").T for e in range(experts)])
+        gu = g.node("Gather", [g.weight(f"{name}.experts.gate_up", gate_up), chosen], name=f"{name}.gather_gate_up",
+                    axis=0)  # (n, k, H, 2I)
+        dn = g.node("Gather", [g.weight(f"{name}.experts.down", down), chosen], name=f"{name}.gather_down", axis=0)
+        token = g.node("Unsqueeze", [rows, g.const([1, 2])], name=f"{name}.token")  # (n, 1, 1, H)
+        h = g.node("MatMul", [token, gu], name=f"{name}.gate_up")  # (n, k, 1, 2I)
+        gate, up = g.node("Split", [h], name=f"{name}.split", outputs=2, axis=-1, num_outputs=2)
+        y = g.node("MatMul", [silu_mul(g, gate, up, f"{name}.act"), dn], name=f"{name}.down")  # (n, k, 1, H)
+        y = g.node("Squeeze", [y, g.const([2])], name=f"{name}.squeeze")
+        y = g.node("Mul", [y, g.node("Unsqueeze", [weights, g.const([2])], name=f"{name}.w3")], name=f"{name}.weighted")
+        y = g.node("ReduceSum", [y, g.const([1])], name=f"{name}.combine", keepdims=0)  # (n, H)
+        if cfg.get("n_shared_experts"):
+            shared = swiglu_mlp(g, rows, read, prefix + "shared_experts.", f"{name}.shared")
+            y = g.node("Add", [y, shared], name=f"{name}.plus_shared")
+        return g.node("Reshape", [y, g.const([1, -1, hidden])], name=f"{name}.out")

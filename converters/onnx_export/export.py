@@ -1,0 +1,81 @@
+"""``export_onnx``: an HF checkpoint directory -> an edgemtp ONNX directory (see manifest.py)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from edgemtp.checkpoint import Checkpoint
+from edgemtp.converters.onnx_export.graph import save_model
+from edgemtp.converters.onnx_export.manifest import MANIFEST, make_manifest
+from edgemtp.converters.onnx_export.model import ARCHS, build_mtp, build_trunk
+from edgemtp.converters.onnx_export.quantize import quantize
+from edgemtp.errors import UserError
+
+# Files copied next to the graphs so the export loads without the checkpoint.
+SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+              "special_tokens_map.json")
+SUPPORTED_BITS = (4, 8, None)
+
+# progress(stage description, graphs done, graphs total)
+Progress = Callable[[str, int, int], None]
+
+
+def export_onnx(checkpoint: str | Path, out_dir: str | Path, bits: int | None = 4, group_size: int = 32,
+                mtp_bits: int | None = None, dtype: str = "float32", progress: Progress | None = None) -> Path:
+    """Convert ``checkpoint`` into ``out_dir``: trunk graph, one graph per MTP layer, manifest.
+
+    ``bits`` 4 or 8 quantizes the trunk's MatMuls (MatMulNBits); None keeps float weights.
+    ``mtp_bits`` does the same for the MTP graphs (default: same as ``bits``). Activations and
+    caches are float32: onnxruntime's CPU kernels are fastest and most complete in float32, so
+    ``dtype`` accepts only "float32" for now.
+    """
+    mtp_bits = bits if mtp_bits is None else mtp_bits
+    for value in (bits, mtp_bits):
+        if value not in SUPPORTED_BITS:
+            raise UserError(f"unsupported bit width {value}; use 4, 8 or none (float32 weights)")
+    if dtype != "float32":
+        raise UserError(f"dtype {dtype!r} is not supported by the ONNX exporter; use float32 "
+                        "(weights are still int4/int8 with --bits)")
+    if group_size < 16 or group_size & (group_size - 1):
+        raise UserError(f"group size {group_size} must be a power of two >= 16 (MatMulNBits); use 32, 64 or 128")
+
+    ckpt = Checkpoint.open(checkpoint)
+    config = ckpt.config
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} already exists and is not empty; choose another output directory or delete it")
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+
+    max_positions = int(config.get("max_position_embeddings", 4096))
+    graphs = [("trunk", lambda: build_trunk(config, ckpt.read, max_positions), bits)]
+    graphs += [(f"mtp{i}", lambda i=i: build_mtp(config, ckpt.read, i, max_positions), mtp_bits)
+               for i in range(ckpt.num_mtp_layers)]
+    for done, (name, build, graph_bits) in enumerate(graphs):
+        if progress:
+            progress(f"building {name}", done, len(graphs))
+        model = build()
+        if graph_bits is not None:
+            if progress:
+                progress(f"quantizing {name} to int{graph_bits}", done, len(graphs))
+            model = quantize(model, graph_bits, group_size)
+        (partial / name).mkdir()
+        save_model(model, partial / name / "model.onnx")
+        del model
+    if progress:
+        progress("done", len(graphs), len(graphs))
+
+    for side in SIDE_FILES:
+        if (ckpt.path / side).is_file():
+            shutil.copy2(ckpt.path / side, partial / side)
+    cache = ARCHS[config["model_type"]][1](config)
+    manifest = make_manifest(config, cache, bits, mtp_bits, group_size, dtype, max_positions)
+    (partial / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    if out.exists():
+        out.rmdir()
+    partial.rename(out)
+    return out

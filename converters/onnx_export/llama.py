@@ -1,0 +1,74 @@
+"""Llama blocks: GroupQueryAttention with a shared past/present KV buffer, SwiGLU MLP.
+
+The KV cache of every layer is one preallocated ``(1, kv_heads, max_context, head_dim)`` buffer
+bound as both ``past_key_values.{slot}.*`` and ``present.{slot}.*`` (GQA's
+past_present_share_buffer mode): the op writes the new rows in place at ``seqlens_k``, so a
+step copies nothing and rolling back is just a smaller ``seqlens_k`` next time. RoPE runs
+inside GQA (``do_rotary``) from cos/sin tables baked into the graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from edgemtp.converters.onnx_export.graph import MS_DOMAIN, Block, GraphBuilder, linear, swiglu_mlp
+from edgemtp.converters.onnx_export.rope import cos_sin_tables
+
+
+def head_dim(config: dict) -> int:
+    return config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+
+
+def cache_layout(config: dict) -> dict:
+    """Manifest description of one slot's cache (see edgemtp/onnx_backend/cache.py)."""
+    kv_heads = config.get("num_key_value_heads") or config["num_attention_heads"]
+    return {"kind": "gqa_shared_buffer", "inputs": ["past_key_values.{slot}.key", "past_key_values.{slot}.value"],
+            "outputs": ["present.{slot}.key", "present.{slot}.value"],
+            "shape": [1, kv_heads, "max_context", head_dim(config)]}
+
+
+class LlamaLayers:
+    """Adds llama decoder blocks to ``g``; declares the position inputs GQA needs once."""
+
+    def __init__(self, g: GraphBuilder, read: Callable[[str], np.ndarray], config: dict, max_positions: int):
+        self.g, self.read, self.config = g, read, config
+        self.heads = config["num_attention_heads"]
+        self.kv_heads = config.get("num_key_value_heads") or self.heads
+        self.head_dim = head_dim(config)
+        # seqlens_k = total length after this step - 1; total_sequence_length = that length.
+        self.seqlens_k = g.input("seqlens_k", np.int32, [1])
+        self.total_length = g.input("total_sequence_length", np.int32, [])
+        cos, sin = cos_sin_tables(config, self.head_dim, max_positions)
+        self.cos, self.sin = g.weight("rope.cos", cos), g.weight("rope.sin", sin)
+
+    def block(self, prefix: str, layer_index: int, slot: int) -> Block:
+        read = self.read
+        return (lambda x: self._attention(x, prefix + "self_attn.", slot),
+                lambda x: swiglu_mlp(self.g, x, read, prefix + "mlp.", f"slot{slot}.mlp",
+                                     bias=self.config.get("mlp_bias", False)),
+                read(prefix + "input_layernorm.weight"), read(prefix + "post_attention_layernorm.weight"))
+
+    def _attention(self, x: str, prefix: str, slot: int) -> str:
+        g, read, name = self.g, self.read, f"slot{slot}.attn"
+        projections = ("q_proj", "k_proj", "v_proj")
+        # One packed QKV MatMul; GQA splits it itself when key/value inputs are left empty.
+        qkv = np.concatenate([read(f"{prefix}{p}.weight") for p in projections])
+        has_bias = self.config.get("attention_bias", False)
+        qkv_bias = np.concatenate([read(f"{prefix}{p}.bias") for p in projections]) if has_bias else None
+        packed = linear(g, x, qkv, f"{name}.qkv", qkv_bias)
+
+        shape = [1, self.kv_heads, "max_context", self.head_dim]
+        past_k = g.input(f"past_key_values.{slot}.key", np.float32, shape)
+        past_v = g.input(f"past_key_values.{slot}.value", np.float32, shape)
+        out, present_k, present_v = g.node(
+            "GroupQueryAttention",
+            [packed, "", "", past_k, past_v, self.seqlens_k, self.total_length, self.cos, self.sin],
+            name=f"{name}.gqa", outputs=[f"{name}/out", f"present.{slot}.key", f"present.{slot}.value"],
+            domain=MS_DOMAIN, num_heads=self.heads, kv_num_heads=self.kv_heads, do_rotary=1, rotary_interleaved=0)
+        g.output(present_k, present_k, np.float32, shape)
+        g.output(present_v, present_v, np.float32, shape)
+        o_bias = read(prefix + "o_proj.bias") if has_bias else None
+        return linear(g, out, read(prefix + "o_proj.weight"), f"{name}.o_proj", o_bias)
+

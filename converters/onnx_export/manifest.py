@@ -1,0 +1,67 @@
+"""``manifest.json``: what an exported ONNX directory holds and how its graphs are driven.
+
+Layout of an export directory::
+
+    manifest.json                  this file
+    config.json, tokenizer*.json   copied from the checkpoint, so the directory is self-contained
+    trunk/model.onnx(.data)        the target model
+    mtp0/model.onnx(.data), ...    one graph per MTP layer
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from edgemtp.converters.onnx_export.graph import OPSET
+from edgemtp.converters.onnx_export.quantize import symmetric
+from edgemtp.errors import UserError
+
+FORMAT = "edgemtp-onnx"
+VERSION = 1
+MANIFEST = "manifest.json"
+
+
+def make_manifest(config: dict, cache: dict, bits: int | None, mtp_bits: int | None, group_size: int,
+                  dtype: str, max_positions: int) -> dict:
+    # GQA takes explicit lengths; MLA derives positions from the length of its past inputs.
+    positions = ["seqlens_k", "total_sequence_length"] if cache["kind"] == "gqa_shared_buffer" else []
+
+    def names(kind: str, slots: int) -> list[str]:
+        return [name.format(slot=slot) for slot in range(slots) for name in cache[kind]]
+
+    layers = config["num_hidden_layers"]
+    num_mtp = int(config.get("num_nextn_predict_layers") or 0)
+    return {
+        "format": FORMAT, "version": VERSION, "arch": config["model_type"], "opset": OPSET, "dtype": dtype,
+        "max_positions": max_positions,
+        "quantization": {"trunk": _quant(bits, group_size), "mtp": _quant(mtp_bits, group_size)},
+        "cache": cache,
+        "trunk": {"path": "trunk/model.onnx", "cache_slots": layers,
+                  "inputs": ["input_ids", *positions, *names("inputs", layers)],
+                  "outputs": ["logits", "hidden", *names("outputs", layers)]},
+        "mtp": [{"path": f"mtp{i}/model.onnx", "cache_slots": 1,
+                 "inputs": ["hidden", "input_ids", *positions, *names("inputs", 1)],
+                 "outputs": ["logits", "h1", *names("outputs", 1)]} for i in range(num_mtp)],
+    }
+
+
+def _quant(bits: int | None, group_size: int) -> dict:
+    if bits is None:
+        return {"method": "none"}
+    return {"method": "MatMulNBits", "bits": bits, "block_size": group_size, "symmetric": symmetric(bits)}
+
+
+def is_onnx_export(path: Path) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+def read_manifest(path: Path) -> dict:
+    file = Path(path) / MANIFEST
+    try:
+        manifest = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise UserError(f"cannot read {file} ({exc}); re-export the model (edgemtp.converters.onnx_export.export_onnx)") from None
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise UserError(f"{file} is not an edgemtp ONNX export of version {VERSION}; re-export the model (edgemtp.converters.onnx_export.export_onnx)")
+    return manifest

@@ -1,0 +1,59 @@
+"""Assemble the trunk graph and the per-layer MTP graphs from a checkpoint."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import onnx
+
+from edgemtp.converters.onnx_export import deepseek_v3, llama
+from edgemtp.converters.onnx_export.graph import GraphBuilder, decoder_stack, linear, rms_norm
+from edgemtp.converters.onnx_export.quantize import EMBEDDING_NODE
+from edgemtp.layout import mtp_prefix
+
+ARCHS = {"llama": (llama.LlamaLayers, llama.cache_layout),
+         "deepseek_v3": (deepseek_v3.DeepseekV3Layers, deepseek_v3.cache_layout)}
+
+
+def _embed(g: GraphBuilder, read: Callable[[str], np.ndarray], ids: str) -> str:
+    table = g.weight("model.embed_tokens.weight", read("model.embed_tokens.weight"))
+    return g.node("Gather", [table, ids], name=EMBEDDING_NODE, axis=0)
+
+
+def build_trunk(config: dict, read: Callable[[str], np.ndarray], max_positions: int) -> onnx.ModelProto:
+    """input_ids (1, n) + cache -> logits (1, n, V), hidden (1, n, H) after the final norm, cache."""
+    g = GraphBuilder("edgemtp_trunk")
+    ids = g.input("input_ids", np.int64, [1, "n"])
+    layers = ARCHS[config["model_type"]][0](g, read, config, max_positions)
+    blocks = [layers.block(f"model.layers.{i}.", i, slot=i) for i in range(config["num_hidden_layers"])]
+    eps = config.get("rms_norm_eps", 1e-6)
+    normed, _ = decoder_stack(g, _embed(g, read, ids), blocks, read("model.norm.weight"), eps, "layers")
+    tied = config.get("tie_word_embeddings", False)
+    head = read("model.embed_tokens.weight" if tied else "lm_head.weight")
+    g.output("logits", linear(g, normed, head, "lm_head"), np.float32, [1, "n", config["vocab_size"]])
+    g.output("hidden", normed, np.float32, [1, "n", config["hidden_size"]])
+    return g.to_model()
+
+
+def build_mtp(config: dict, read: Callable[[str], np.ndarray], index: int, max_positions: int) -> onnx.ModelProto:
+    """hidden (1, n, H) + input_ids (1, n) + cache -> logits, h1 (before shared_head.norm), cache.
+
+    Row j: ``x = eh_proj(concat[enorm(embed(ids[j])), hnorm(hidden[j])])``, ``h1 = block(x)``.
+    """
+    g = GraphBuilder(f"edgemtp_mtp{index}")
+    hidden = g.input("hidden", np.float32, [1, "n", config["hidden_size"]])
+    ids = g.input("input_ids", np.int64, [1, "n"])
+    layers = ARCHS[config["model_type"]][0](g, read, config, max_positions)
+    prefix = mtp_prefix(config, index)
+    eps = config.get("rms_norm_eps", 1e-6)
+    embedded = rms_norm(g, _embed(g, read, ids), read(prefix + "enorm.weight"), eps, "mtp.enorm")
+    previous = rms_norm(g, hidden, read(prefix + "hnorm.weight"), eps, "mtp.hnorm")
+    joined = g.node("Concat", [embedded, previous], name="mtp.concat", axis=-1)
+    x = linear(g, joined, read(prefix + "eh_proj.weight"), "mtp.eh_proj")
+    block = layers.block(prefix, config["num_hidden_layers"] + index, slot=0)
+    normed, h1 = decoder_stack(g, x, [block], read(prefix + "shared_head.norm.weight"), eps, "mtp")
+    logits = linear(g, normed, read(prefix + "shared_head.head.weight"), "mtp.head")
+    g.output("logits", logits, np.float32, [1, "n", config["vocab_size"]])
+    g.output("h1", h1, np.float32, [1, "n", config["hidden_size"]])
+    return g.to_model()

@@ -1,0 +1,102 @@
+"""The public entry point: ``edgemtp.load(path)`` returns a ``Model``.
+
+A ``Model`` bundles a checkpoint's config, its tokenizer and a ``Backend``
+(see ``edgemtp/engine/backend.py``). The methods here are the teacher-forced
+views used to check models against references; decoding goes through the
+engine.
+"""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+import numpy as np
+
+from edgemtp.engine.backend import Backend
+from edgemtp.errors import UserError
+from edgemtp.tokenizer import Tokenizer
+
+
+def default_backend() -> str:
+    """MLX where it runs on the GPU (Apple Silicon), ONNX Runtime elsewhere."""
+    if platform.system() == "Darwin" and platform.machine() == "arm64":
+        return "mlx"
+    return "onnx"
+
+
+def _load_mlx(path: Path, **options) -> Backend:
+    from edgemtp.mlx_backend.backend import MLXBackend
+
+    return MLXBackend.load(path, **options)
+
+
+def _load_onnx(path: Path, **options) -> Backend:
+    # An ONNX export directory is used as is; an HF checkpoint is converted into the user
+    # cache on first use (options: bits, group_size, threads, max_context).
+    from edgemtp.onnx_backend.loading import load_onnx_backend
+
+    return load_onnx_backend(path, **options)
+
+
+# Backend name -> function building it from a model directory and load options.
+_BACKEND_LOADERS = {"mlx": _load_mlx, "onnx": _load_onnx}
+
+
+def load(path: str | Path | None = None, backend: str | None = None, **options) -> Model:
+    """Load a model directory for inference.
+
+    ``backend`` is ``"mlx"`` or ``"onnx"`` (default: ``default_backend()``).
+    ``options`` go to the backend; for MLX: ``max_kv_size`` (tokens of cache
+    preallocated per layer, default 4096) and ``dtype`` (``"float32"``,
+    ``"float16"`` or ``"bfloat16"``).
+    """
+    if path is None:
+        raise UserError("no model given; pass the path of a model directory (config.json + *.safetensors)")
+    path = Path(path)
+    backend = backend or default_backend()
+    if backend not in _BACKEND_LOADERS:
+        raise UserError(f"backend {backend!r} is not available; use one of {', '.join(_BACKEND_LOADERS)}")
+    loaded = _BACKEND_LOADERS[backend](path, **options)
+    return Model(loaded.config, Tokenizer.from_dir(path), loaded)
+
+
+class Model:
+    """A loaded model: ``config`` (dict), ``tokenizer`` and ``backend``."""
+
+    def __init__(self, config: dict, tokenizer: Tokenizer, backend: Backend):
+        self.config = config
+        self.tokenizer = tokenizer
+        self.backend = backend
+
+    def _check_ids(self, token_ids: list[int], at_least: int) -> list[int]:
+        ids = [int(t) for t in token_ids]
+        if len(ids) < at_least:
+            raise UserError(f"need at least {at_least} token ids, got {len(ids)}")
+        bad = [t for t in ids if not 0 <= t < self.backend.vocab_size]
+        if bad:
+            raise UserError(f"token id {bad[0]} is outside the vocabulary (0..{self.backend.vocab_size - 1})")
+        return ids
+
+    def logits(self, token_ids: list[int]) -> np.ndarray:
+        """Trunk logits ``(T, V)`` float32 for every position of a fresh sequence."""
+        ids = self._check_ids(token_ids, at_least=1)
+        self.backend.reset()
+        logits, _ = self.backend.trunk_step(ids)
+        return logits
+
+    def mtp_logits(self, token_ids: list[int], depth: int = 1) -> np.ndarray:
+        """Teacher-forced MTP logits ``(T - depth, V)`` at ``depth``.
+
+        Row ``i`` predicts ``token_ids[i + depth + 1]``: depth 1 combines the
+        trunk's hidden state at ``i`` with ``token_ids[i + 1]``, and each
+        further depth feeds on the previous depth's hidden states.
+        """
+        if depth < 1:
+            raise UserError(f"MTP depth must be at least 1, got {depth}")
+        ids = self._check_ids(token_ids, at_least=depth + 1)
+        self.backend.reset()
+        _, hidden = self.backend.trunk_step(ids)
+        for d in range(1, depth + 1):
+            logits, hidden = self.backend.mtp_step(d, hidden[:-1], ids[d:])
+        return logits

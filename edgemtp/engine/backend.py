@@ -1,0 +1,65 @@
+"""The interface every inference backend implements; the engine sees only this.
+
+A backend owns one trunk (the target model) and its MTP layers, each with its
+own key/value cache. Caches are append-only and roll back in O(1), which is
+what speculative decoding needs: drafts are written, verified, and the
+rejected tail is dropped by moving a position counter.
+
+MTP convention (teacher forced): depth-1 entry ``i`` combines ``(h[i], t[i+1])``
+and predicts ``t[i+2]``; depth-``d`` entry ``i`` combines ``(h^{d-1}[i], t[i+d])``
+and predicts ``t[i+d+1]``.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import numpy as np
+
+
+class Backend(Protocol):
+    config: dict
+    vocab_size: int
+    hidden_size: int
+    num_mtp_layers: int
+    max_context: int
+
+    def reset(self) -> None:
+        """Empty every cache (trunk and all MTP depths)."""
+
+    def trunk_step(self, tokens: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Append ``len(tokens)`` positions to the trunk cache.
+
+        Returns ``(logits, hidden)``: logits ``(n, V)`` float32 and the final
+        hidden states ``(n, H)`` float32 taken AFTER the final norm.
+        """
+
+    def trunk_len(self) -> int:
+        """Number of positions in the trunk cache."""
+
+    def trunk_rollback(self, n: int) -> None:
+        """Drop the last ``n`` trunk positions, in O(1)."""
+
+    def mtp_step(self, depth: int, hidden: np.ndarray, tokens: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Run MTP depth ``depth`` (1-based) over ``len(tokens)`` rows.
+
+        Uses MTP layer ``min(depth, num_mtp_layers) - 1``; each depth has its
+        own cache. Row ``j`` computes
+        ``x = eh_proj(concat[enorm(embed(tokens[j])), hnorm(hidden[j])])`` and
+        ``h1 = block(x)`` (causal, RoPE position ``mtp_len(depth) + j``).
+        Returns ``(logits, h1)``: logits ``(n, V)`` float32 =
+        ``shared_head.head(shared_head.norm(h1))`` and ``h1`` ``(n, H)``
+        float32 taken BEFORE ``shared_head.norm``.
+        """
+
+    def mtp_len(self, depth: int) -> int:
+        """Number of positions in the cache of MTP depth ``depth``."""
+
+    def mtp_rollback(self, depth: int, n: int) -> None:
+        """Drop the last ``n`` positions of MTP depth ``depth``, in O(1)."""
+
+    def weight_bytes(self) -> int:
+        """Bytes held by the weights."""
+
+    def cache_bytes(self) -> int:
+        """Bytes held by all caches (trunk and MTP)."""

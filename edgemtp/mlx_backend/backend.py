@@ -1,0 +1,203 @@
+"""``MLXBackend``: the engine's ``Backend`` interface on MLX.
+
+Holds the trunk (an mlx-lm model), the MTP layers and one preallocated cache
+per trunk layer and per MTP depth. Each call runs one forward pass, evaluates
+it, and hands numpy float32 back to the engine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import mlx.core as mx
+import mlx.nn as nn
+import numpy as np
+from mlx.utils import tree_flatten
+
+from edgemtp.checkpoint import Checkpoint
+from edgemtp.config import check_supported, load_config
+from edgemtp.errors import UserError
+from edgemtp.mlx_backend.cache import PreallocatedKVCache
+from edgemtp.mlx_backend.models import ARCHITECTURES, MTPLayer, MTPStack, output_head, run_trunk
+from edgemtp.mlx_backend.weights import (
+    cast,
+    has_own_mtp_head,
+    is_mlx_dir,
+    iter_mtp_weights,
+    iter_trunk_weights,
+    mtp_layer_count,
+    quantize_like_saved,
+    read_mlx_dir,
+)
+
+DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+DEFAULT_MAX_KV_SIZE = 4096
+
+
+def parse_dtype(dtype: str) -> mx.Dtype:
+    if dtype not in DTYPES:
+        raise UserError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def _build_modules(config: dict, mtp_layers: int, has_head: Callable[[int], bool]) -> tuple[nn.Module, MTPStack]:
+    """The trunk (an mlx-lm model) and the MTP stack, with placeholder weights."""
+    arch = ARCHITECTURES[config["model_type"]]
+    args = arch.model_args(config)
+    trunk = arch.build_trunk(args, config)
+    layers = config["num_hidden_layers"]
+    mtp = MTPStack(
+        [
+            MTPLayer(
+                arch.build_block(args, config, layer_idx=layers + index),
+                config["hidden_size"],
+                config["vocab_size"],
+                config["rms_norm_eps"],
+                has_head=has_head(index),
+            )
+            for index in range(mtp_layers)
+        ]
+    )
+    return trunk, mtp
+
+
+class MLXBackend:
+    """Trunk + MTP layers + their caches; see ``edgemtp.engine.backend.Backend``."""
+
+    def __init__(
+        self, config: dict, trunk, mtp: MTPStack, *, max_kv_size: int = DEFAULT_MAX_KV_SIZE, dtype: str = "float32"
+    ):
+        if not isinstance(max_kv_size, int) or max_kv_size < 1:
+            raise UserError(f"max_kv_size must be a positive number of tokens, got {max_kv_size!r}")
+        arch = ARCHITECTURES[config["model_type"]]
+        self.config = config
+        self.trunk = trunk
+        self.mtp = mtp
+        self.dtype = parse_dtype(dtype)
+        self.vocab_size = int(config["vocab_size"])
+        self.hidden_size = int(config["hidden_size"])
+        self.num_mtp_layers = len(mtp.layers)
+        self.max_context = max_kv_size
+        self._mask_as_array = arch.MASK_AS_ARRAY
+        self._cache_dims = arch.cache_dims(arch.model_args(config))
+        self._head = output_head(trunk)
+        self._trunk_caches = [self._new_cache() for _ in trunk.model.layers]
+        # One cache per depth; depths past the last MTP layer reuse it with their own cache.
+        self._mtp_caches = {depth: self._new_cache() for depth in range(1, self.num_mtp_layers + 1)}
+
+    @classmethod
+    def load(cls, path: str | Path, *, max_kv_size: int = DEFAULT_MAX_KV_SIZE, dtype: str = "float32") -> MLXBackend:
+        """Load a Hugging Face checkpoint directory or an MLX directory (see ``weights.is_mlx_dir``)."""
+        path = Path(path)
+        if is_mlx_dir(path, load_config(path)):
+            return cls.from_mlx_dir(path, max_kv_size=max_kv_size, dtype=dtype)
+        return cls.from_checkpoint(path, max_kv_size=max_kv_size, dtype=dtype)
+
+    @classmethod
+    def from_checkpoint(
+        cls, checkpoint: str | Path | Checkpoint, *, max_kv_size: int = DEFAULT_MAX_KV_SIZE, dtype: str = "float32"
+    ) -> MLXBackend:
+        """Build the modules from a Hugging Face checkpoint (directory or opened) and load its weights."""
+        ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint.open(checkpoint)
+        compute_dtype = parse_dtype(dtype)
+        trunk, mtp = _build_modules(ckpt.config, ckpt.num_mtp_layers, lambda index: has_own_mtp_head(ckpt, index))
+        trunk.load_weights(list(iter_trunk_weights(ckpt, compute_dtype)), strict=True)
+        mtp.load_weights(list(iter_mtp_weights(ckpt, compute_dtype)), strict=True)
+        mx.eval(trunk.parameters(), mtp.parameters())
+        return cls(ckpt.config, trunk, mtp, max_kv_size=max_kv_size, dtype=dtype)
+
+    @classmethod
+    def from_mlx_dir(
+        cls, path: str | Path, *, max_kv_size: int = DEFAULT_MAX_KV_SIZE, dtype: str = "float32"
+    ) -> MLXBackend:
+        """Load an MLX directory (mlx-lm's format plus ``mtp.safetensors``), quantized or not."""
+        path = Path(path)
+        config = load_config(path)
+        check_supported(config, path / "config.json")
+        compute_dtype = parse_dtype(dtype)
+        trunk_weights, mtp_weights = read_mlx_dir(path)
+        trunk, mtp = _build_modules(
+            config, mtp_layer_count(mtp_weights), lambda index: f"layers.{index}.shared_head.head.weight" in mtp_weights
+        )
+        for module, weights in ((trunk, trunk_weights), (mtp, mtp_weights)):
+            if "quantization" in config:
+                quantize_like_saved(module, config["quantization"], weights)
+            module.load_weights([(name, cast(name, array, compute_dtype)) for name, array in weights.items()])
+        mx.eval(trunk.parameters(), mtp.parameters())
+        return cls(config, trunk, mtp, max_kv_size=max_kv_size, dtype=dtype)
+
+    def _new_cache(self) -> PreallocatedKVCache:
+        keys_dims, values_dims = self._cache_dims
+        return PreallocatedKVCache(keys_dims, values_dims, self.max_context, self.dtype)
+
+    def _check_room(self, used: int, n: int) -> None:
+        if used + n > self.max_context:
+            raise UserError(f"{used + n} tokens exceed the context of {self.max_context}; "
+                            "load the model with a larger max_kv_size")
+
+    def _to_numpy(self, x: mx.array) -> np.ndarray:
+        return np.array(x[0].astype(mx.float32))
+
+    # --- trunk ------------------------------------------------------------------
+
+    def reset(self) -> None:
+        for cache in self._trunk_caches + list(self._mtp_caches.values()):
+            cache.trim(cache.offset)
+
+    def trunk_step(self, tokens: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        if not tokens:
+            raise ValueError("trunk_step needs at least one token")
+        self._check_room(self.trunk_len(), len(tokens))
+        ids = mx.array([tokens], dtype=mx.int32)
+        logits, hidden = run_trunk(self.trunk, ids, self._trunk_caches, self._mask_as_array)
+        mx.eval(logits, hidden)
+        return self._to_numpy(logits), self._to_numpy(hidden)
+
+    def trunk_len(self) -> int:
+        return self._trunk_caches[0].offset
+
+    def trunk_rollback(self, n: int) -> None:
+        for cache in self._trunk_caches:
+            cache.trim(n)
+
+    # --- MTP --------------------------------------------------------------------
+
+    def _mtp_cache(self, depth: int) -> PreallocatedKVCache:
+        if self.num_mtp_layers == 0:
+            raise UserError("this model has no MTP layers (num_nextn_predict_layers is 0); "
+                            "use a checkpoint with MTP weights or decode without MTP drafting")
+        if depth < 1:
+            raise ValueError(f"MTP depth is 1-based, got {depth}")
+        if depth not in self._mtp_caches:
+            self._mtp_caches[depth] = self._new_cache()
+        return self._mtp_caches[depth]
+
+    def mtp_step(self, depth: int, hidden: np.ndarray, tokens: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        cache = self._mtp_cache(depth)
+        if not tokens or hidden.shape != (len(tokens), self.hidden_size):
+            raise ValueError(f"mtp_step needs hidden of shape ({len(tokens)}, {self.hidden_size}), got {hidden.shape}")
+        self._check_room(cache.offset, len(tokens))
+        layer = self.mtp.layers[min(depth, self.num_mtp_layers) - 1]
+        embeddings = self.trunk.model.embed_tokens(mx.array([tokens], dtype=mx.int32))
+        h1 = layer(embeddings, mx.array(hidden[None]).astype(self.dtype), cache, self._mask_as_array)
+        logits = layer.logits(h1, self._head)
+        mx.eval(logits, h1)
+        return self._to_numpy(logits), self._to_numpy(h1)
+
+    def mtp_len(self, depth: int) -> int:
+        cache = self._mtp_caches.get(depth)
+        return cache.offset if cache is not None else 0
+
+    def mtp_rollback(self, depth: int, n: int) -> None:
+        if depth in self._mtp_caches:
+            self._mtp_caches[depth].trim(n)
+
+    # --- memory -----------------------------------------------------------------
+
+    def weight_bytes(self) -> int:
+        params = tree_flatten(self.trunk.parameters()) + tree_flatten(self.mtp.parameters())
+        return sum(array.nbytes for _, array in params)
+
+    def cache_bytes(self) -> int:
+        return sum(cache.nbytes for cache in self._trunk_caches + list(self._mtp_caches.values()))

@@ -1,0 +1,63 @@
+"""A key/value cache preallocated once and written by position.
+
+mlx-lm's ``KVCache`` grows in 256-token steps by concatenation; for
+speculative decoding we want the opposite trade: one buffer of
+``max_size`` positions allocated up front (gpt-fast style), so appending is a
+slice write and rolling back rejected draft tokens is just moving ``offset``
+back, O(1) and without copying.
+
+The same class serves both attention kinds because it never looks inside the
+tensors: for GQA (llama) it holds keys and values ``(1, kv_heads, T, head_dim)``;
+for MLA (deepseek_v3) mlx-lm's attention passes the normalized KV latent
+``(1, 1, T, kv_lora_rank)`` as "keys" and the rotated RoPE key
+``(1, 1, T, qk_rope_head_dim)`` as "values", so only the latent is cached.
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+from mlx_lm.models.cache import create_attention_mask
+
+
+
+class PreallocatedKVCache:
+    """Fixed-capacity cache with the interface mlx-lm's attention layers call."""
+
+    def __init__(self, keys_dims: tuple[int, int], values_dims: tuple[int, int], max_size: int, dtype: mx.Dtype):
+        """``keys_dims``/``values_dims`` are ``(heads, head_dim)``; ``max_size`` is in tokens."""
+        self.max_size = max_size
+        self.keys = mx.zeros((1, keys_dims[0], max_size, keys_dims[1]), dtype)
+        self.values = mx.zeros((1, values_dims[0], max_size, values_dims[1]), dtype)
+        mx.eval(self.keys, self.values)
+        self.offset = 0
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        """Write ``keys``/``values`` at the current offset; return everything cached so far."""
+        start, end = self.offset, self.offset + keys.shape[2]
+        if end > self.max_size:  # callers check first; MLX would silently clip the write
+            raise ValueError(f"cache holds {self.max_size} positions, {end} requested")
+        self.keys[..., start:end, :] = keys
+        self.values[..., start:end, :] = values
+        self.offset = end
+        return self.keys[..., :end, :], self.values[..., :end, :]
+
+    def trim(self, n: int) -> int:
+        """Forget the last ``n`` positions (they are overwritten by the next write)."""
+        n = min(self.offset, n)
+        self.offset -= n
+        return n
+
+    def is_trimmable(self) -> bool:
+        return True
+
+    def size(self) -> int:
+        return self.offset
+
+    def make_mask(self, n: int, return_array: bool = False, window_size: int | None = None):
+        """Causal mask for ``n`` new queries over ``offset + n`` keys (mlx-lm's helper)."""
+        return create_attention_mask(n, self.offset, return_array, window_size)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes reserved by the buffers (they are allocated up front)."""
+        return self.keys.nbytes + self.values.nbytes

@@ -1,0 +1,89 @@
+"""The forward passes: trunk (with its final hidden states) and DeepSeek-style MTP.
+
+The trunk is mlx-lm's own model object, so a checkpoint converted for mlx-lm
+loads into it unchanged. We walk its layers ourselves rather than calling it,
+because speculative decoding needs the hidden state after the final norm as
+well as the logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import ModuleType
+
+import mlx.core as mx
+import mlx.nn as nn
+from mlx_lm.models.base import create_attention_mask
+
+from edgemtp.mlx_backend import deepseek_v3, llama
+from edgemtp.mlx_backend.cache import PreallocatedKVCache
+
+ARCHITECTURES: dict[str, ModuleType] = {"llama": llama, "deepseek_v3": deepseek_v3}
+
+
+def output_head(trunk: nn.Module) -> Callable[[mx.array], mx.array]:
+    """The trunk's hidden -> logits projection (``lm_head`` or the tied embedding)."""
+    if "lm_head" in trunk:
+        return trunk.lm_head
+    return trunk.model.embed_tokens.as_linear
+
+
+def run_trunk(
+    trunk: nn.Module, tokens: mx.array, caches: list[PreallocatedKVCache], mask_as_array: bool
+) -> tuple[mx.array, mx.array]:
+    """``tokens`` ``(1, n)`` -> ``(logits (1, n, V), hidden (1, n, H))``, hidden after the final norm."""
+    inner = trunk.model
+    h = inner.embed_tokens(tokens)
+    mask = create_attention_mask(h, caches[0], return_array=mask_as_array)
+    for layer, cache in zip(inner.layers, caches):
+        h = layer(h, mask, cache=cache)
+    hidden = inner.norm(h)
+    return output_head(trunk)(hidden), hidden
+
+
+class SharedHead(nn.Module):
+    """An MTP layer's output norm and, when the checkpoint has one, its own vocabulary head."""
+
+    def __init__(self, hidden_size: int, vocab_size: int, eps: float, has_head: bool):
+        super().__init__()
+        self.norm = nn.RMSNorm(hidden_size, eps=eps)
+        if has_head:
+            self.head = nn.Linear(hidden_size, vocab_size, bias=False)
+
+
+class MTPLayer(nn.Module):
+    """One DeepSeek-V3 multi-token-prediction module.
+
+    ``h1 = block(eh_proj(concat[enorm(embed(t)), hnorm(h)]))`` with the
+    embedding first; ``block`` is a decoder layer of the trunk's own type. The
+    embedding table (and the output head, when ``shared_head.head`` is absent)
+    are the trunk's, so they are passed in rather than owned.
+    """
+
+    def __init__(self, block: nn.Module, hidden_size: int, vocab_size: int, eps: float, has_head: bool):
+        super().__init__()
+        self.enorm = nn.RMSNorm(hidden_size, eps=eps)
+        self.hnorm = nn.RMSNorm(hidden_size, eps=eps)
+        self.eh_proj = nn.Linear(2 * hidden_size, hidden_size, bias=False)
+        self.block = block
+        self.shared_head = SharedHead(hidden_size, vocab_size, eps, has_head)
+
+    def __call__(
+        self, embeddings: mx.array, hidden: mx.array, cache: PreallocatedKVCache, mask_as_array: bool
+    ) -> mx.array:
+        """``(1, n, H)`` token embeddings and previous hidden states -> ``h1`` ``(1, n, H)``."""
+        x = self.eh_proj(mx.concatenate([self.enorm(embeddings), self.hnorm(hidden)], axis=-1))
+        mask = create_attention_mask(x, cache, return_array=mask_as_array)
+        return self.block(x, mask, cache=cache)
+
+    def logits(self, h1: mx.array, trunk_head: Callable[[mx.array], mx.array]) -> mx.array:
+        head = self.shared_head.head if "head" in self.shared_head else trunk_head
+        return head(self.shared_head.norm(h1))
+
+
+class MTPStack(nn.Module):
+    """The checkpoint's MTP layers, in order (parameter names ``layers.{i}.…``)."""
+
+    def __init__(self, layers: list[MTPLayer]):
+        super().__init__()
+        self.layers = layers

@@ -1,0 +1,122 @@
+"""``OnnxBackend``: the Backend interface (edgemtp/engine/backend.py) over onnxruntime sessions.
+
+One session runs the trunk graph and one runs each MTP layer's graph. Every cache (the trunk's
+and one per MTP depth) is a preallocated buffer bound with IO binding (see cache.py), so a
+step copies no cache and a rollback is O(1).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from edgemtp.config import load_config
+from edgemtp.converters.onnx_export.manifest import read_manifest
+from edgemtp.errors import UserError
+from edgemtp.onnx_backend.cache import CACHE_KINDS
+
+DEFAULT_MAX_CONTEXT = 4096
+
+
+def session_options(threads: int | None) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    return options
+
+
+class _Graph:
+    """A session plus its binding; runs one step against a cache."""
+
+    def __init__(self, path: Path, threads: int | None, hidden_output: str):
+        if not path.is_file():
+            raise UserError(f"{path} is missing; re-export the model (edgemtp.converters.onnx_export.export_onnx)")
+        self.session = ort.InferenceSession(str(path), session_options(threads), providers=["CPUExecutionProvider"])
+        self.binding = self.session.io_binding()
+        self.output_names = ["logits", hidden_output]
+
+    def run(self, cache, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        n = feeds["input_ids"].shape[1]
+        cache.check_room(n)
+        binding = self.binding
+        binding.clear_binding_inputs()
+        binding.clear_binding_outputs()
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, value)
+        for name in self.output_names:  # first, so they come back first (bind order)
+            binding.bind_output(name, "cpu")
+        cache.bind(binding, n)
+        self.session.run_with_iobinding(binding)
+        cache.advance(n)
+        logits, hidden = binding.get_outputs()[:2]
+        return logits.numpy()[0], hidden.numpy()[0]
+
+
+class OnnxBackend:
+    """Backend over an exported ONNX directory (manifest.json + trunk/ + mtp*/)."""
+
+    def __init__(self, path: str | Path, threads: int | None = None, max_context: int | None = None):
+        path = Path(path)
+        self.manifest = manifest = read_manifest(path)
+        self.config = load_config(path)
+        self.vocab_size = int(self.config["vocab_size"])
+        self.hidden_size = int(self.config["hidden_size"])
+        self.max_context = min(int(max_context or DEFAULT_MAX_CONTEXT), int(manifest["max_positions"]))
+        self._trunk = _Graph(path / manifest["trunk"]["path"], threads, "hidden")
+        self._mtp = [_Graph(path / entry["path"], threads, "h1") for entry in manifest["mtp"]]
+        self.num_mtp_layers = len(self._mtp)
+        self._cache_kind = CACHE_KINDS[manifest["cache"]["kind"]]
+        self._trunk_cache = self._new_cache(manifest["trunk"]["cache_slots"])
+        self._mtp_caches: dict[int, object] = {}  # depth -> cache, created on first use
+        self._weight_bytes = sum(f.stat().st_size for f in path.glob("*/model.onnx*"))
+
+    def _new_cache(self, slots: int):
+        return self._cache_kind(self.manifest["cache"], slots, self.max_context)
+
+    def _mtp_cache(self, depth: int):
+        if depth < 1:
+            raise ValueError(f"MTP depth is 1-based, got {depth}")
+        if depth not in self._mtp_caches:
+            self._mtp_caches[depth] = self._new_cache(1)
+        return self._mtp_caches[depth]
+
+    # --- Backend interface -------------------------------------------------------------------
+
+    def reset(self) -> None:
+        self._trunk_cache.length = 0
+        for cache in self._mtp_caches.values():
+            cache.length = 0
+
+    def trunk_step(self, tokens: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        ids = np.asarray(tokens, np.int64).reshape(1, -1)
+        return self._trunk.run(self._trunk_cache, {"input_ids": ids})
+
+    def trunk_len(self) -> int:
+        return self._trunk_cache.length
+
+    def trunk_rollback(self, n: int) -> None:
+        self._trunk_cache.rollback(n)
+
+    def mtp_step(self, depth: int, hidden: np.ndarray, tokens: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        if not self._mtp:
+            raise UserError("this model has no MTP layers; use another draft method (e.g. spec='none')")
+        graph = self._mtp[min(depth, self.num_mtp_layers) - 1]
+        ids = np.asarray(tokens, np.int64).reshape(1, -1)
+        hidden = np.ascontiguousarray(hidden, np.float32).reshape(1, ids.shape[1], self.hidden_size)
+        return graph.run(self._mtp_cache(depth), {"hidden": hidden, "input_ids": ids})
+
+    def mtp_len(self, depth: int) -> int:
+        return self._mtp_cache(depth).length
+
+    def mtp_rollback(self, depth: int, n: int) -> None:
+        self._mtp_cache(depth).rollback(n)
+
+    def weight_bytes(self) -> int:
+        return self._weight_bytes
+
+    def cache_bytes(self) -> int:
+        return self._trunk_cache.nbytes + sum(cache.nbytes for cache in self._mtp_caches.values())

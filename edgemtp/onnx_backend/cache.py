@@ -1,0 +1,82 @@
+"""Preallocated cache buffers bound to onnxruntime through IO binding.
+
+A cache never moves: each graph step writes its new rows in place, and rolling back ``n``
+positions only lowers ``length`` (the next step overwrites the dropped rows).
+
+* ``SharedKVCache`` (llama, GroupQueryAttention): per slot one ``(1, kv_heads, max_context,
+  head_dim)`` OrtValue bound as both past and present; GQA appends at ``seqlens_k``.
+* ``LatentCache`` (DeepSeek MLA): per slot a ``(max_context, width)`` array; the past input is
+  the view ``[:length]`` and the new-rows output is bound to the view ``[length:length+n]``.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+
+from edgemtp.errors import UserError
+
+
+class _Cache:
+    def __init__(self, max_context: int):
+        self.max_context = max_context
+        self.length = 0
+
+    def check_room(self, n: int) -> None:
+        if self.length + n > self.max_context:
+            raise UserError(f"the context is full ({self.length} + {n} > {self.max_context} tokens); "
+                            "start a new conversation or load the model with a larger max_context")
+
+    def rollback(self, n: int) -> None:
+        if not 0 <= n <= self.length:
+            raise ValueError(f"cannot roll back {n} of {self.length} cached positions")
+        self.length -= n
+
+    def advance(self, n: int) -> None:
+        self.length += n
+
+
+class SharedKVCache(_Cache):
+    def __init__(self, layout: dict, slots: int, max_context: int):
+        super().__init__(max_context)
+        shape = [max_context if d == "max_context" else d for d in layout["shape"]]
+        self._pairs = []  # (input name, output name, OrtValue) per bound buffer
+        for slot in range(slots):
+            for past, present in zip(layout["inputs"], layout["outputs"], strict=True):
+                buffer = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32))
+                self._pairs.append((past.format(slot=slot), present.format(slot=slot), buffer))
+        self.nbytes = len(self._pairs) * int(np.prod(shape)) * 4
+
+    def bind(self, binding: ort.IOBinding, n: int) -> None:
+        total = self.length + n
+        binding.bind_cpu_input("seqlens_k", np.array([total - 1], np.int32))
+        binding.bind_cpu_input("total_sequence_length", np.array(total, np.int32))
+        for past, present, buffer in self._pairs:
+            binding.bind_ortvalue_input(past, buffer)
+            binding.bind_ortvalue_output(present, buffer)
+
+
+class LatentCache(_Cache):
+    def __init__(self, layout: dict, slots: int, max_context: int):
+        super().__init__(max_context)
+        self._buffers = []  # (input name, output name, array) per bound buffer
+        for slot in range(slots):
+            for past, new, width in zip(layout["inputs"], layout["outputs"], layout["widths"], strict=True):
+                self._buffers.append((past.format(slot=slot), new.format(slot=slot),
+                                      np.zeros((max_context, width), np.float32)))
+        self.nbytes = sum(buffer.nbytes for _, _, buffer in self._buffers)
+        self._keep_alive: list[ort.OrtValue] = []
+
+    def bind(self, binding: ort.IOBinding, n: int) -> None:
+        # OrtValues made from numpy views share the buffer's memory (no copy); keep them alive
+        # until the run that uses them is over.
+        self._keep_alive = []
+        for past, new, buffer in self._buffers:
+            past_view = ort.OrtValue.ortvalue_from_numpy(buffer[: self.length])
+            new_view = ort.OrtValue.ortvalue_from_numpy(buffer[self.length: self.length + n])
+            binding.bind_ortvalue_input(past, past_view)
+            binding.bind_ortvalue_output(new, new_view)
+            self._keep_alive += [past_view, new_view]
+
+
+CACHE_KINDS = {"gqa_shared_buffer": SharedKVCache, "mla_latent": LatentCache}

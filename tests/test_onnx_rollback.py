@@ -1,0 +1,61 @@
+"""Rolling back the ONNX caches: prefill, step, roll back k, re-step == a fresh run."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edgemtp.converters.onnx_export import export_onnx
+from edgemtp.onnx_backend.backend import OnnxBackend
+
+
+@pytest.fixture(scope="module", params=["llama", "deepseek_v3"])
+def backend(request, tiny_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("onnx") / request.param
+    return OnnxBackend(export_onnx(tiny_checkpoint(request.param), out, bits=None), threads=1, max_context=64)
+
+
+def _ids(count: int, seed: int) -> list[int]:
+    return [int(t) for t in np.random.default_rng(seed).integers(0, 384, count)]
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_trunk_rollback_equals_fresh_run(backend, k):
+    prompt, drafts, corrected = _ids(10, 0), _ids(4, 1), _ids(4, 2)
+    backend.reset()
+    backend.trunk_step(prompt)
+    backend.trunk_step(drafts)
+    backend.trunk_rollback(k)
+    assert backend.trunk_len() == len(prompt) + len(drafts) - k
+    logits, hidden = backend.trunk_step(corrected)
+
+    backend.reset()
+    fresh_logits, fresh_hidden = backend.trunk_step(prompt + drafts[:-k] + corrected)
+    np.testing.assert_allclose(logits, fresh_logits[-len(corrected):], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(hidden, fresh_hidden[-len(corrected):], rtol=0, atol=1e-5)
+
+
+def test_mtp_rollback_equals_fresh_run(backend):
+    ids = _ids(12, 3)
+    backend.reset()
+    _, hidden = backend.trunk_step(ids)
+    backend.mtp_step(1, hidden[:8], ids[1:9])
+    backend.mtp_step(1, hidden[8:11], ids[9:12])
+    backend.mtp_rollback(1, 3)
+    assert backend.mtp_len(1) == 8 and backend.mtp_len(2) == 0
+    logits, h1 = backend.mtp_step(1, hidden[8:11], ids[9:12])
+
+    backend.reset()
+    fresh_logits, fresh_h1 = backend.mtp_step(1, hidden[:11], ids[1:12])
+    np.testing.assert_allclose(logits, fresh_logits[8:], rtol=0, atol=1e-5)
+    np.testing.assert_allclose(h1, fresh_h1[8:], rtol=0, atol=1e-5)
+
+
+def test_context_limit_is_a_user_error(backend):
+    from edgemtp.errors import UserError
+
+    backend.reset()
+    backend.trunk_step(_ids(60, 4))
+    with pytest.raises(UserError, match="context is full"):
+        backend.trunk_step(_ids(5, 5))
+    assert backend.trunk_len() == 60

@@ -82,6 +82,11 @@ class MLXBackend:
         self._mask_as_array = arch.MASK_AS_ARRAY
         self._cache_dims = arch.cache_dims(arch.model_args(config))
         self._head = output_head(trunk)
+        # Arrays built at construction but kept outside parameters() (YaRN's RoPE frequencies)
+        # are still lazy and tied to the loading thread's stream; evaluate them now so that any
+        # thread (the TUI decodes in a worker) can run the model.
+        mx.eval([value for module in (trunk, mtp) for sub in module.modules()
+                 for value in sub.values() if isinstance(value, mx.array)])
         self._trunk_caches = [self._new_cache() for _ in trunk.model.layers]
         # One cache per depth; depths past the last MTP layer reuse it with their own cache.
         self._mtp_caches = {depth: self._new_cache() for depth in range(1, self.num_mtp_layers + 1)}

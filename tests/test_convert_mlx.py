@@ -1,0 +1,74 @@
+"""HF / GGUF -> MLX directories that mlx-lm loads, with quantization close to float32."""
+
+from __future__ import annotations
+
+import json
+
+import mlx.core as mx
+import mlx_lm
+import numpy as np
+import pytest
+from safetensors import safe_open
+
+from edgemtp.converters.convert import convert
+
+
+def _logits(model_dir, ids) -> np.ndarray:
+    model, _ = mlx_lm.load(str(model_dir))
+    return np.array(model(mx.array([ids]))[0].astype(mx.float32))
+
+
+@pytest.mark.parametrize("arch", ["llama", "deepseek_v3"])
+def test_mlx_lm_loads_and_generates(tiny_checkpoint, tmp_path, arch):
+    src = tiny_checkpoint(arch)
+    out = convert(src, tmp_path / "mlx", to="mlx", bits=4, group_size=32, mtp_bits=8, show_progress=False)
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization"] == {"group_size": 32, "bits": 4}
+    assert config["mtp_quantization"] == {"group_size": 32, "bits": 8}
+    assert config["num_nextn_predict_layers"] == 1
+    assert "rope_parameters" in config and "rope_theta" in config
+    model, tokenizer = mlx_lm.load(str(out))
+    text = mlx_lm.generate(model, tokenizer, "Hello there", max_tokens=6)
+    assert len(tokenizer.encode(text, add_special_tokens=False)) >= 3
+    with safe_open(out / "mtp.safetensors", framework="numpy") as f:
+        names = set(f.keys())
+    assert "layers.0.eh_proj.weight" in names and "layers.0.eh_proj.scales" in names
+    with safe_open(out / "model.safetensors", framework="numpy") as f:
+        trunk = set(f.keys())
+    assert not any(name.startswith("model.layers.2.") for name in trunk)  # MTP layer stays out of the trunk
+    if arch == "deepseek_v3":
+        assert "model.layers.1.mlp.switch_mlp.gate_proj.weight" in trunk
+        assert "model.layers.0.self_attn.embed_q.weight" in trunk
+        assert "model.layers.0.self_attn.unembed_out.weight" in trunk
+        with safe_open(out / "model.safetensors", framework="numpy") as f:
+            assert f.get_tensor("model.layers.1.mlp.switch_mlp.gate_proj.scales").dtype == np.float32
+
+
+def test_quantized_top1_agrees_with_float32_on_smollm2(tmp_path):
+    # A trained model on real text: random tiny models have near-flat logits (median top-1
+    # margin ~0.2), where any rounding flips the argmax, so they cannot measure this.
+    from edgemtp.default_model import gguf_path
+    from edgemtp.tokenizer import Tokenizer
+
+    src = gguf_path()
+    reference_dir = convert(src, tmp_path / "f32", bits=16, dtype="float32", show_progress=False)
+    text = open("/work/shared/data/corpus/tinystories_valid_head.txt", encoding="utf-8").read()[:4000]
+    ids = Tokenizer.from_dir(reference_dir).encode(text)[:512]
+    assert len(ids) == 512
+    reference = _logits(reference_dir, ids).argmax(-1)
+    for bits, floor in ((8, 0.99), (4, 0.95)):
+        out = convert(src, tmp_path / f"q{bits}", bits=bits, group_size=32, dtype="float32", show_progress=False)
+        agreement = float((_logits(out, ids).argmax(-1) == reference).mean())
+        assert agreement >= floor, (bits, agreement)
+
+
+def test_gguf_source_converts_like_its_float32_weights(tiny_checkpoint, tmp_path):
+    from tests.test_gguf import write_llama_gguf
+
+    src = tiny_checkpoint("llama_untied", mtp_layers=0)
+    gguf_file = write_llama_gguf(src, tmp_path / "tiny.gguf")
+    ids = list(range(1, 200))
+    from_gguf = _logits(convert(gguf_file, tmp_path / "from_gguf", bits=16, dtype="float32", show_progress=False), ids)
+    from_hf = _logits(convert(src, tmp_path / "from_hf", bits=16, dtype="float32", show_progress=False), ids)
+    np.testing.assert_allclose(from_gguf, from_hf, rtol=1e-5, atol=1e-5)
+    assert (tmp_path / "from_gguf" / "tokenizer.json").is_file()

@@ -9,11 +9,13 @@ engine.
 from __future__ import annotations
 
 import platform
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
 from edgemtp.engine.backend import Backend
+from edgemtp.engine.generate import Chunk, Generation, Session, collect
 from edgemtp.errors import UserError
 from edgemtp.tokenizer import Tokenizer
 
@@ -51,10 +53,12 @@ def load(path: str | Path | None = None, backend: str | None = None, **options) 
     preallocated per layer, default 4096) and ``dtype`` (``"float32"``,
     ``"float16"`` or ``"bfloat16"``).
     """
-    if path is None:
-        raise UserError("no model given; pass the path of a model directory (config.json + *.safetensors)")
-    path = Path(path)
     backend = backend or default_backend()
+    if path is None:  # the embedded default model, converted for this backend on first use
+        from edgemtp.default_model import default_model_path
+
+        path = default_model_path(backend)
+    path = Path(path)
     if backend not in _BACKEND_LOADERS:
         raise UserError(f"backend {backend!r} is not available; use one of {', '.join(_BACKEND_LOADERS)}")
     loaded = _BACKEND_LOADERS[backend](path, **options)
@@ -68,6 +72,8 @@ class Model:
         self.config = config
         self.tokenizer = tokenizer
         self.backend = backend
+        self._session = Session(backend, tokenizer)  # decoding state kept across calls (prefix reuse)
+        self._draft_models: dict[str, Model] = {}
 
     def _check_ids(self, token_ids: list[int], at_least: int) -> list[int]:
         ids = [int(t) for t in token_ids]
@@ -81,7 +87,7 @@ class Model:
     def logits(self, token_ids: list[int]) -> np.ndarray:
         """Trunk logits ``(T, V)`` float32 for every position of a fresh sequence."""
         ids = self._check_ids(token_ids, at_least=1)
-        self.backend.reset()
+        self._session.forget()  # the decoding session must not trust its cached prefix
         logits, _ = self.backend.trunk_step(ids)
         return logits
 
@@ -95,8 +101,41 @@ class Model:
         if depth < 1:
             raise UserError(f"MTP depth must be at least 1, got {depth}")
         ids = self._check_ids(token_ids, at_least=depth + 1)
-        self.backend.reset()
+        self._session.forget()  # the decoding session must not trust its cached prefix
         _, hidden = self.backend.trunk_step(ids)
         for d in range(1, depth + 1):
             logits, hidden = self.backend.mtp_step(d, hidden[:-1], ids[d:])
         return logits
+
+    def stream(self, prompt, *, max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
+               top_k: int = 0, seed: int | None = None, spec: str = "mtp", num_draft: int | str = "auto",
+               draft_model: str | Path | Model | None = None, chat: bool = True) -> Iterator[Chunk]:
+        """Generate text piece by piece with speculative decoding.
+
+        ``prompt``: a string (wrapped in the chat template when ``chat``), a list
+        of chat messages (``{"role", "content"}``) or a list of token ids.
+        ``spec``: ``"mtp"`` (the model's MTP layers), ``"draft"`` (``draft_model``,
+        a path or a loaded ``Model`` with the same tokenizer), ``"ngram"``
+        (prompt lookup) or ``"none"``. ``num_draft``: ``"auto"`` (adaptive) or
+        a fixed number of draft tokens per step. Output is the target model's
+        own: greedy at temperature 0, its sampling distribution otherwise.
+        Calls on the same model reuse the cached prefix shared with the previous
+        prompt. Yields ``Chunk(text, token_ids, stats)``.
+        """
+        return self._session.stream(prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                    top_k=top_k, seed=seed, spec=spec, num_draft=num_draft,
+                                    draft_model=self._draft_backend(draft_model), chat=chat)
+
+    def generate(self, prompt, **options) -> Generation:
+        """Like ``stream`` but returns the whole ``Generation(text, tokens, stats)``."""
+        return collect(self.stream(prompt, **options))
+
+    def _draft_backend(self, draft_model) -> Backend | None:
+        if draft_model is None:
+            return None
+        if isinstance(draft_model, Model):
+            return draft_model.backend
+        key = str(draft_model)
+        if key not in self._draft_models:  # load once, keep its cache across calls
+            self._draft_models[key] = load(draft_model)
+        return self._draft_models[key].backend

@@ -1,0 +1,145 @@
+"""Presenting ``edgemtp bench`` results: a rich table, JSON, README markdown and a plot.
+
+Every writer works from a :class:`edgemtp.bench.BenchResult` alone, so results saved as
+JSON and the live run render the same way. Files are written to a temporary name and
+renamed when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from pathlib import Path
+
+from edgemtp.bench import BenchResult, DecodeFigures, TargetFigures
+
+# Short headers so the table fits an 80-column terminal.
+DECODE_COLUMNS = ("mode", "k", "tok/s", "TTFT ms", "tok/step", "accept by pos", "ideal ×", "real ×", "= plain")
+
+
+def _decode_row(figures: DecodeFigures) -> list[str]:
+    def optional(value, fmt):
+        return "–" if value is None else format(value, fmt)
+
+    identical = {None: "–", True: "yes", False: "NO"}[figures.identical_to_plain]
+    acceptance = " ".join(f"{rate:.2f}" for rate in figures.acceptance_by_position) or "–"
+    return [
+        "plain" if figures.spec == "none" else figures.spec,
+        "–" if figures.num_draft is None else str(figures.num_draft),
+        f"{figures.tokens_per_s:.1f}",
+        f"{figures.ttft_s * 1000:.0f}",
+        f"{figures.tokens_per_step:.2f}",
+        acceptance,
+        optional(figures.ideal_speedup, ".2f"),
+        optional(figures.measured_speedup, ".2f"),
+        identical,
+    ]
+
+
+def summary_rows(result: BenchResult, target: TargetFigures) -> list[tuple[str, str]]:
+    """(label, value) lines describing one target beyond the decoding table."""
+    rows = [
+        ("backend / model", f"{target.backend} / {target.model}"),
+        ("memory read bandwidth", f"{result.bandwidth_gb_s:.1f} GB/s ({result.machine['bandwidth_threads']} threads)"),
+        ("weights read per token", f"{target.weight_bytes_per_token / 1e6:.1f} MB"),
+        ("plain decoding bandwidth use", f"{target.bandwidth_fraction:.0%} of measured"),
+        ("trunk step T(1)", f"{target.trunk_step_s * 1000:.2f} ms"),
+        ("cost curve T(n)/T(1), n=1..", " ".join(f"{c:.2f}" for c in target.cost_curve)),
+        ("draft step / trunk step", ", ".join(f"{name} {cost:.2f}" for name, cost in target.draft_cost.items())),
+        ("peak RSS", f"{target.peak_rss_bytes / 2**30:.2f} GiB"),
+    ]
+    if target.mlx_lm_tokens_per_s:
+        rows.append(("mlx-lm stream_generate", f"{target.mlx_lm_tokens_per_s:.1f} tok/s "
+                                               f"(edgemtp plain is {target.mlx_lm_ratio:.2f}×)"))
+    elif target.mlx_lm_note:
+        rows.append(("mlx-lm stream_generate", target.mlx_lm_note))
+    return rows
+
+
+def print_report(result: BenchResult, console=None) -> None:
+    """Print every target as a summary grid plus a decoding table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = console or Console()
+    for target in result.targets:
+        summary = Table.grid(padding=(0, 2))
+        for label, value in summary_rows(result, target):
+            summary.add_row(f"[bold]{label}[/]", value)
+        console.print(summary)
+        table = Table(*DECODE_COLUMNS, title=f"{target.backend}: decoding ({result.settings['prompts']} prompts, "
+                                            f"{result.settings['max_tokens']} tokens, median of "
+                                            f"{result.settings['repeats']})")
+        for figures in [target.plain, *target.speculative]:
+            table.add_row(*_decode_row(figures))
+        console.print(table)
+
+
+def to_markdown(result: BenchResult) -> str:
+    """The README's benchmark section body: summary lists and one pipe table per target."""
+    lines = []
+    for target in result.targets:
+        lines.append(f"**{target.backend}** · {result.machine['processor']} · "
+                     f"{result.settings['prompts']} prompts × {result.settings['max_tokens']} tokens, "
+                     f"median of {result.settings['repeats']}")
+        lines.append("")
+        lines.extend(f"- {label}: {value}" for label, value in summary_rows(result, target))
+        lines.append("")
+        lines.append("| " + " | ".join(DECODE_COLUMNS) + " |")
+        lines.append("|" + "---|" * len(DECODE_COLUMNS))
+        for figures in [target.plain, *target.speculative]:
+            lines.append("| " + " | ".join(_decode_row(figures)) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def to_json(result: BenchResult) -> dict:
+    """Every figure as plain JSON data."""
+    data = asdict(result)
+    for target, out in zip(result.targets, data["targets"]):
+        out["mlx_lm_ratio"] = target.mlx_lm_ratio
+    return data
+
+
+def _write_atomically(path: Path, write) -> None:
+    temporary = path.with_name(path.name + ".partial")
+    write(temporary)
+    os.replace(temporary, path)
+
+
+def write_json(result: BenchResult, path: str | Path) -> None:
+    _write_atomically(Path(path), lambda p: p.write_text(json.dumps(to_json(result), indent=2) + "\n"))
+
+
+def write_markdown(result: BenchResult, path: str | Path) -> None:
+    _write_atomically(Path(path), lambda p: p.write_text(to_markdown(result) + "\n"))
+
+
+def write_plot(result: BenchResult, path: str | Path) -> None:
+    """PNG: tokens/s against draft length per drafter (left) and the cost curve (right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    figure, (speed, cost) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for target in result.targets:
+        drafters = dict.fromkeys(f.spec for f in target.speculative)
+        for drafter in drafters:
+            fixed = [f for f in target.speculative if f.spec == drafter and isinstance(f.num_draft, int)]
+            line, = speed.plot([f.num_draft for f in fixed], [f.tokens_per_s for f in fixed], marker="o",
+                               label=f"{target.backend} {drafter}")
+            for auto in (f for f in target.speculative if f.spec == drafter and f.num_draft == "auto"):
+                speed.axhline(auto.tokens_per_s, color=line.get_color(), linestyle=":", linewidth=1)
+        speed.axhline(target.plain.tokens_per_s, color="grey", linestyle="--", label=f"{target.backend} plain")
+        n = range(1, len(target.cost_curve) + 1)
+        cost.plot(n, target.cost_curve, marker="o", label=target.backend)
+    speed.set(xlabel="draft length k (dotted: auto)", ylabel="tokens/s", title="Decoding speed")
+    speed.set_xticks([1, 2, 3, 4])
+    speed.legend(fontsize="small")
+    cost.set(xlabel="tokens in one trunk step (n)", ylabel="T(n) / T(1)", title="Trunk step cost curve")
+    cost.legend(fontsize="small")
+    figure.tight_layout()
+    _write_atomically(Path(path), lambda p: figure.savefig(p, format="png", dpi=120))
+    plt.close(figure)

@@ -1,0 +1,270 @@
+"""Drafters: cheap guesses of the next few tokens, verified by the target.
+
+Every drafter answers three questions for the decoding loop:
+
+- ``reusable_prefix(tokens)``: how many leading tokens of a new prompt its
+  state still matches, so the trunk need not re-run them;
+- ``observe(seq, start, hidden)``: the confirmed sequence grew (``seq[-1]``
+  is the pending token, not yet in the trunk; ``hidden`` are the trunk's
+  hidden rows for positions ``start..len(seq)-2``); roll speculative state
+  back to what is still true and catch up;
+- ``draft(seq, k, sampler, min_prob)``: up to ``k`` tokens following ``seq``
+  and their draft probabilities ``q`` (``(n, V)``), or ``None`` for ``q`` when
+  the drafter is deterministic (q is one-hot).
+
+``peek(seq, sampler)`` returns q for the first draft token when that costs
+nothing, so the adaptive draft length can keep measuring acceptance while it
+does not draft; otherwise ``None``.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from edgemtp.engine.backend import Backend
+from edgemtp.engine.sampling import Sampler
+from edgemtp.errors import UserError
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+def confidence(logits: np.ndarray, q: np.ndarray, sampler: Sampler) -> float:
+    """Top probability of a draft: q's, or at temperature 0 (q one-hot) the plain softmax's."""
+    if not sampler.greedy:
+        return float(q.max())
+    logits = np.asarray(logits, dtype=np.float64)
+    return float(1.0 / np.exp(logits - logits.max()).sum())
+
+
+def _median_seconds(fn, repeats: int = 5) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+class NoDrafter:
+    """Plain decoding: one token per trunk step."""
+
+    def reusable_prefix(self, tokens: list[int]) -> int:
+        return len(tokens)
+
+    def observe(self, seq: list[int], start: int, hidden: np.ndarray) -> None:
+        pass
+
+    def draft(self, seq, k, sampler, min_prob):
+        return [], None
+
+    def peek(self, seq, sampler):
+        return None
+
+    def measure_step_cost(self) -> float:
+        return 0.0
+
+
+class NgramDrafter(NoDrafter):
+    """Prompt lookup: find the longest suffix (up to ``max_ngram`` tokens) that
+    occurred earlier in the context and propose what followed it there.
+    Pays off on code edits, summaries and repeated text; costs no model call."""
+
+    def __init__(self, vocab_size: int, max_ngram: int = 4):
+        self.vocab_size = vocab_size
+        self.max_ngram = max_ngram
+
+    def _continuation(self, seq: list[int], k: int) -> list[int]:
+        for n in range(min(self.max_ngram, len(seq) - 1), 0, -1):
+            suffix = seq[-n:]
+            # Most recent earlier occurrence first: it is the likeliest to repeat.
+            for i in range(len(seq) - n - 1, -1, -1):
+                if seq[i : i + n] == suffix:
+                    return seq[i + n : i + n + k]
+        return []
+
+    def draft(self, seq, k, sampler, min_prob):
+        return (self._continuation(seq, k) if k > 0 else []), None
+
+    def peek(self, seq, sampler):
+        guess = self._continuation(seq, 1)
+        if not guess:
+            return None
+        q = np.zeros(self.vocab_size)
+        q[guess[0]] = 1.0
+        return q
+
+
+class MTPDrafter:
+    """Drafts with the model's own MTP layers, chained: depth ``d`` predicts the
+    token ``d`` steps past the pending one (the last MTP layer is reused for
+    depths beyond the number of layers).
+
+    Depth ``d``'s cache holds teacher-forced entries (see ``backend.py``):
+    entry ``i`` combines ``h^{d-1}[i]`` with ``t[i+d]``. With ``L`` tokens in
+    the trunk and ``t[L]`` pending, entries ``0..L-d`` use confirmed tokens
+    only and entries ``L-d+1..L-1`` read drafts; the draft of depth ``d``
+    comes from entry ``L-1``. After verification the entries whose tokens
+    turned out right are kept and the rest rolled back.
+
+    Depth 1 is caught up after every step (its newest entry gives the first
+    draft, and a free guess while not drafting). Deeper depths catch up
+    lazily, in the same call that drafts with them: no extra call per step,
+    and nothing spent on depths the draft length does not reach. The hidden
+    rows a lagging depth will need are kept until it catches up.
+    """
+
+    def __init__(self, backend: Backend, max_depth: int):
+        if backend.num_mtp_layers == 0:
+            raise UserError("this model has no MTP layers; use --spec ngram, --spec draft or --spec none")
+        self.backend = backend
+        self.max_depth = max_depth
+        self.seq: list[int] = []  # tokens the MTP caches were computed with (drafts included)
+        # depth -> (first index, hidden rows): recent outputs of each depth (0 = trunk),
+        # kept from the index the next depth will need.
+        self.rows: dict[int, tuple[int, np.ndarray]] = {}
+        self.last_logits: dict[int, np.ndarray] = {}  # depth -> logits of its newest entry
+
+    def reusable_prefix(self, tokens: list[int]) -> int:
+        # Depth d's entries near the end read tokens up to d positions ahead, so
+        # re-running the last max_depth common positions rebuilds them all.
+        return max(0, common_prefix(self.seq, tokens) - self.max_depth)
+
+    def observe(self, seq: list[int], start: int, hidden: np.ndarray) -> None:
+        common = common_prefix(self.seq, seq)
+        self._trim(0, start)
+        self._append(0, start, hidden)
+        keep = start
+        for d in range(1, self.max_depth + 1):
+            # Keep entries whose tokens are confirmed and whose input rows are not recomputed.
+            keep = min(self.backend.mtp_len(d), max(0, common - d), keep)
+            self.backend.mtp_rollback(d, self.backend.mtp_len(d) - keep)
+            self._trim(d, keep)
+        self.seq = list(seq)
+        self._run_depth(1, len(seq) - 2, seq)
+        for d in range(self.max_depth):  # drop rows no deeper depth will read again
+            if d not in self.rows:  # short sequences: deep depths have no entries yet
+                break
+            first, rows = self.rows[d]
+            drop = max(0, self.backend.mtp_len(d + 1) - first)
+            self.rows[d] = (first + drop, rows[drop:])
+
+    def draft(self, seq, k, sampler, min_prob):
+        last = len(seq) - 2  # index of the entry whose output predicts the next draft
+        drafts, qs = [], []
+        for d in range(1, min(k, self.max_depth) + 1):
+            if d > 1:
+                self._run_depth(d, last, self.seq)
+            q = sampler.probs(self.last_logits[d])[0]
+            if confidence(self.last_logits[d], q, sampler) < min_prob:
+                break
+            token = sampler.sample(q)
+            drafts.append(token)
+            qs.append(q)
+            self.seq.append(token)
+        return drafts, (np.stack(qs) if qs else None)
+
+    def peek(self, seq, sampler):
+        return sampler.probs(self.last_logits[1])[0]
+
+    def measure_step_cost(self) -> float:
+        """Seconds for one single-row MTP step (run on an empty cache, then rolled back)."""
+        hidden = np.zeros((1, self.backend.hidden_size), dtype=np.float32)
+
+        def one_step():
+            self.backend.mtp_step(1, hidden, [0])
+            self.backend.mtp_rollback(1, 1)
+
+        return _median_seconds(one_step)
+
+    def _run_depth(self, d: int, upto: int, seq: list[int]) -> None:
+        """Compute depth ``d``'s entries from its cache length up to index ``upto``."""
+        first = self.backend.mtp_len(d)
+        if upto < first:
+            return
+        rows_first, rows = self.rows[d - 1]
+        assert rows_first <= first, "MTP catch-up lost the hidden rows it needs"
+        hidden = rows[first - rows_first : upto + 1 - rows_first]
+        logits, out = self.backend.mtp_step(d, hidden, seq[first + d : upto + d + 1])
+        self._append(d, first, out)
+        self.last_logits[d] = logits[-1]
+
+    def _trim(self, d: int, end: int) -> None:
+        if d in self.rows:
+            first, rows = self.rows[d]
+            self.rows[d] = (first, rows[: max(0, end - first)])
+
+    def _append(self, d: int, first: int, new_rows: np.ndarray) -> None:
+        old = self.rows.get(d)
+        if old is not None and old[0] + len(old[1]) == first and len(old[1]):
+            self.rows[d] = (old[0], np.concatenate([old[1], new_rows]))
+        else:
+            self.rows[d] = (first, new_rows)
+
+
+class DraftModelDrafter:
+    """Drafts with a smaller model sharing the target's tokenizer. It keeps its
+    own cache, synchronised lazily: before drafting it rolls back to the
+    longest prefix it shares with the confirmed sequence and feeds the rest."""
+
+    def __init__(self, draft_backend: Backend, target_vocab_size: int):
+        self.backend = draft_backend
+        self.vocab_size = target_vocab_size
+        self.backend.reset()
+        self.tokens: list[int] = []  # what the draft model's cache holds
+
+    def reusable_prefix(self, tokens: list[int]) -> int:
+        return len(tokens)
+
+    def observe(self, seq, start, hidden):
+        pass
+
+    def _logits(self, new_tokens: list[int]) -> np.ndarray:
+        logits, _ = self.backend.trunk_step(new_tokens)
+        self.tokens.extend(new_tokens)
+        out = np.full(self.vocab_size, -np.inf, dtype=np.float64)
+        n = min(self.vocab_size, logits.shape[-1])  # vocabularies may differ in padding only
+        out[:n] = logits[-1, :n]
+        return out
+
+    def draft(self, seq, k, sampler, min_prob):
+        k = min(k, self.backend.max_context - len(seq))
+        if k <= 0:
+            return [], None
+        keep = min(common_prefix(self.tokens, seq), len(seq) - 1)
+        self.backend.trunk_rollback(self.backend.trunk_len() - keep)
+        del self.tokens[keep:]
+        logits = self._logits(seq[keep:])
+        drafts, qs = [], []
+        while True:
+            q = sampler.probs(logits)[0]
+            if confidence(logits, q, sampler) < min_prob:
+                break
+            drafts.append(sampler.sample(q))
+            qs.append(q)
+            if len(drafts) == k:
+                break
+            logits = self._logits(drafts[-1:])
+        return drafts, (np.stack(qs) if qs else None)
+
+    def peek(self, seq, sampler):
+        return None
+
+    def measure_step_cost(self) -> float:
+        """Seconds for one single-token step of the draft model."""
+
+        def one_step():
+            self.backend.trunk_step([0])
+            self.backend.trunk_rollback(1)
+
+        cost = _median_seconds(one_step)
+        self.backend.reset()
+        self.tokens = []
+        return cost

@@ -1,0 +1,102 @@
+"""The speculative decoding loop. It sees only the ``Backend`` interface.
+
+Each step: the drafter proposes ``k`` tokens; ONE trunk pass over the pending
+token and the drafts gives the target's distribution p at ``k + 1``
+positions; drafts are accepted left to right with probability
+``min(1, p(x) / q(x))``; the first rejected position is resampled from
+``max(0, p - q)`` normalised, and if all drafts pass a bonus token is drawn
+from the last position. This is lossless: the output has exactly the target's
+distribution (at temperature 0 it is exactly greedy decoding). The trunk and
+the drafter then roll back to the accepted prefix.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import numpy as np
+
+from edgemtp.engine.backend import Backend
+from edgemtp.engine.sampling import Sampler
+from edgemtp.engine.stats import Stats
+
+
+def verify(p: np.ndarray, drafts: list[int], q: np.ndarray | None, sampler: Sampler) -> tuple[int, int]:
+    """Rejection sampling. ``p``: target probabilities ``(k+1, V)``; ``q``: draft
+    probabilities ``(k, V)`` or ``None`` for a deterministic (one-hot) drafter.
+    Returns (number of drafts accepted, the target's next token)."""
+    for i, token in enumerate(drafts):
+        q_token = 1.0 if q is None else q[i, token]
+        if sampler.rng.random() * q_token < p[i, token]:
+            continue
+        if q is None:
+            residual = p[i].copy()
+            residual[token] = 0.0
+        else:
+            residual = np.maximum(p[i] - q[i], 0.0)
+        if residual.sum() <= 0.0:  # only through rounding: p and q agree, resample from p
+            residual = p[i]
+        return i, sampler.sample(residual)
+    return len(drafts), sampler.sample(p[len(drafts)])
+
+
+def speculative_step(backend: Backend, sampler: Sampler, seq: list[int], drafts: list[int], q):
+    """Verify ``drafts`` after the pending token ``seq[-1]`` in one trunk pass and
+    roll the trunk back to the accepted prefix. Returns (accepted, next token,
+    trunk hidden rows of the positions that stay, target probabilities p)."""
+    logits, hidden = backend.trunk_step([seq[-1], *drafts])
+    p = sampler.probs(logits)
+    accepted, token = verify(p, drafts, q, sampler)
+    backend.trunk_rollback(len(drafts) - accepted)
+    return accepted, token, hidden[: accepted + 1], p
+
+
+def decode(backend: Backend, drafter, policy, sampler: Sampler, seq: list[int], start: int,
+           max_tokens: int, stop_ids: set[int], stats: Stats) -> Iterator[tuple[list[int], list[str]]]:
+    """Generate up to ``max_tokens`` tokens after the prompt ``seq``.
+
+    The trunk already holds ``seq[:start]``. ``seq`` is extended in place with
+    every confirmed token (the caller reads it to know what the caches hold).
+    Yields, per trunk step, the new tokens and their provenance.
+    """
+    if max_tokens <= 0:
+        return
+    began = time.perf_counter()
+    logits, hidden = backend.trunk_step(seq[start:])
+    stats.prompt_tokens = len(seq) - start
+    seq.append(sampler.sample(sampler.probs(logits[-1])[0]))
+    drafter.observe(seq, start, hidden)
+    decode_began = time.perf_counter()
+    stats.prompt_tokens_per_s = stats.prompt_tokens / (decode_began - began)
+    stats.add_tokens(["bonus"])
+    stats.record_memory()
+    yield seq[-1:], ["bonus"]
+
+    if seq[-1] in stop_ids:
+        return
+    while stats.generated_tokens < max_tokens:
+        room = min(max_tokens - stats.generated_tokens, backend.max_context - backend.trunk_len()) - 1
+        if room < 0:
+            break  # the context is full
+        k = min(policy.choose(), room)
+        probe = drafter.peek(seq, sampler) if k == 0 else None
+        drafts, q = drafter.draft(seq, k, sampler, policy.min_prob) if k else ([], None)
+        start = backend.trunk_len()
+        accepted, token, hidden, p = speculative_step(backend, sampler, seq, drafts, q)
+        if probe is not None:  # P(a free first guess would have been accepted) = sum min(p, q)
+            policy.update_probe(float(np.minimum(probe, p[0]).sum()))
+        new = [*drafts[:accepted], token]
+        seq.extend(new)
+        drafter.observe(seq, start, hidden)
+        policy.update(len(drafts), accepted)
+        provenance = ["draft"] * accepted + ["correction" if accepted < len(drafts) else "bonus"]
+        stop = next((i for i, t in enumerate(new) if t in stop_ids), None)
+        if stop is not None:  # the caches may run past the stop token; the output does not
+            new, provenance = new[: stop + 1], provenance[: stop + 1]
+        stats.record_step(len(drafts), accepted, provenance)
+        stats.tokens_per_s = (stats.generated_tokens - 1) / (time.perf_counter() - decode_began)
+        stats.record_memory()
+        yield new, provenance
+        if stop is not None:
+            return

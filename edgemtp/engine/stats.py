@@ -1,0 +1,80 @@
+"""Counters describing one generation, in the units llama.cpp / mlx-lm users know."""
+
+from __future__ import annotations
+
+import resource
+import sys
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class Stats:
+    steps: int = 0  # trunk verification passes after the prompt
+    drafted: int = 0  # draft tokens sent to verification
+    accepted: int = 0  # draft tokens the target accepted
+    acceptance_by_position: list[float] = field(default_factory=list)  # P(accept | reached), per draft position
+    mean_accepted_length: float = 0.0  # tokens emitted per trunk step
+    tokens_per_s: float = 0.0
+    prompt_tokens_per_s: float = 0.0
+    prompt_tokens: int = 0  # tokens actually run through the trunk for the prompt (reused prefix excluded)
+    generated_tokens: int = 0
+    draft_lengths: dict[int, int] = field(default_factory=dict)  # draft length -> number of steps
+    peak_memory_bytes: int = 0
+    # One entry per generated token: "draft" (accepted draft), "correction"
+    # (the target's token after a rejection) or "bonus" (the target's token
+    # after every draft was accepted, or a plain step).
+    provenance: list[str] = field(default_factory=list)
+    # Counts behind acceptance_by_position: how often position i was verified / accepted.
+    _reached: list[int] = field(default_factory=list, repr=False)
+    _hits: list[int] = field(default_factory=list, repr=False)
+
+    def record_step(self, drafted: int, accepted: int, provenance: list[str]) -> None:
+        self.steps += 1
+        self.drafted += drafted
+        self.accepted += accepted
+        self.draft_lengths[drafted] = self.draft_lengths.get(drafted, 0) + 1
+        # Positions 1..accepted+1 were looked at (the first rejection ends the step).
+        for i in range(min(drafted, accepted + 1)):
+            if i == len(self._reached):
+                self._reached.append(0)
+                self._hits.append(0)
+            self._reached[i] += 1
+            self._hits[i] += i < accepted
+        self.acceptance_by_position = [h / r for h, r in zip(self._hits, self._reached)]
+        self.mean_accepted_length = 1 + self.accepted / self.steps  # each step adds the target's own token
+        self.add_tokens(provenance)
+
+    def add_tokens(self, provenance: list[str]) -> None:
+        self.provenance.extend(provenance)
+        self.generated_tokens = len(self.provenance)
+
+    def record_memory(self) -> None:
+        # ru_maxrss is KiB on Linux and bytes on macOS.
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        self.peak_memory_bytes = peak if sys.platform == "darwin" else peak * 1024
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        for private in ("_reached", "_hits", "provenance"):
+            out.pop(private)
+        out["draft_lengths"] = {str(k): v for k, v in sorted(self.draft_lengths.items())}
+        return out
+
+
+def format_summary(stats: Stats, spec: str) -> str:
+    """The end-of-run report, in the spirit of llama.cpp / mlx-lm."""
+    lines = [
+        f"Prompt: {stats.prompt_tokens} tokens, {stats.prompt_tokens_per_s:.2f} tokens-per-sec",
+        f"Generation: {stats.generated_tokens} tokens, {stats.tokens_per_s:.2f} tokens-per-sec",
+    ]
+    if stats.drafted:
+        by_position = " ".join(f"{a:.2f}" for a in stats.acceptance_by_position)
+        lengths = " ".join(f"{k}:{n}" for k, n in sorted(stats.draft_lengths.items()))
+        lines += [
+            f"Speculative ({spec}): {stats.accepted}/{stats.drafted} drafts accepted, "
+            f"{stats.mean_accepted_length:.2f} tokens per step over {stats.steps} steps",
+            f"Acceptance by position: {by_position}",
+            f"Draft lengths (length:steps): {lengths}",
+        ]
+    lines.append(f"Peak memory: {stats.peak_memory_bytes / 1e9:.3f} GB")
+    return "\n".join(lines)

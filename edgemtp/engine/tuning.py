@@ -1,0 +1,150 @@
+"""Choosing how many tokens to draft.
+
+A trunk step over ``n`` tokens costs ``T(n)``; on memory-bound devices
+``T(n)`` barely grows with ``n``, which is why verifying drafts pays. The
+adaptive policy keeps an exponential moving average of the acceptance rate at
+each draft position and, before every step, picks the draft length ``k`` that
+maximises expected tokens per second::
+
+    E(k) = 1 + sum_{j=1..k} prod_{i<=j} a_i        (tokens emitted by the step)
+    rate(k) = E(k) / (T(k+1) + k * draft_cost)
+
+``k = 0`` (plain decoding) wins whenever drafts do not pay. The cost curve is
+measured once per model, backend and machine and cached as JSON in the user
+cache directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import platformdirs
+
+from edgemtp.engine.backend import Backend
+
+
+@dataclass
+class Costs:
+    trunk: list[float]  # trunk[n-1] = seconds for one trunk step over n tokens
+    draft: float  # seconds for one draft step
+
+
+class FixedDraftLength:
+    """Always draft ``k`` tokens (``num_draft=N``)."""
+
+    def __init__(self, k: int):
+        self.k = k
+        self.min_prob = 0.0
+
+    def choose(self) -> int:
+        return self.k
+
+    def update(self, drafted: int, accepted: int) -> None:
+        pass
+
+    def update_probe(self, acceptance: float) -> None:
+        pass
+
+
+class AdaptiveDraftLength:
+    """Picks ``k`` in ``0..max_k`` each step from measured costs and acceptance.
+
+    ``ema_weight`` is how much one observation moves the running acceptance;
+    acceptance starts at 1 so that every position is tried before it is judged.
+    Drafting stops early when the draft's top probability is below
+    ``min_prob``: such guesses are rarely accepted.
+    """
+
+    def __init__(self, costs: Costs, max_k: int, ema_weight: float = 0.1, min_prob: float = 0.1):
+        self.costs = costs
+        self.max_k = min(max_k, len(costs.trunk) - 1)
+        self.ema_weight = ema_weight
+        self.min_prob = min_prob
+        self.acceptance = [1.0] * self.max_k
+
+    def expected_rate(self, k: int) -> float:
+        reach, tokens = 1.0, 1.0
+        for a in self.acceptance[:k]:
+            reach *= a
+            tokens += reach
+        return tokens / (self.costs.trunk[k] + k * self.costs.draft)
+
+    def choose(self) -> int:
+        return max(range(self.max_k + 1), key=self.expected_rate)
+
+    def _observe(self, position: int, value: float) -> None:
+        self.acceptance[position] += self.ema_weight * (value - self.acceptance[position])
+
+    def update(self, drafted: int, accepted: int) -> None:
+        # Positions up to the first rejection were judged; later ones were not.
+        for i in range(min(drafted, accepted + 1)):
+            self._observe(i, float(i < accepted))
+
+    def update_probe(self, acceptance: float) -> None:
+        """Acceptance probability of a first draft that was guessed for free but not verified."""
+        if self.max_k:
+            self._observe(0, acceptance)
+
+
+def cost_cache_path() -> Path:
+    return Path(platformdirs.user_cache_dir("edgemtp")) / "costs.json"
+
+
+def config_digest(config: dict) -> str:
+    """A short stable name for a model architecture (what its step costs depend on)."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def cost_key(backend: Backend, drafter_name: str) -> str:
+    """Identifies what the costs depend on: architecture, backend, drafter and machine."""
+    machine = f"{platform.node()}/{platform.machine()}/{os.cpu_count()}"
+    return f"{config_digest(backend.config)}|{type(backend).__name__}|{drafter_name}|{machine}"
+
+
+def measure_trunk_costs(backend: Backend, max_tokens: int, repeats: int = 5) -> list[float]:
+    """Median seconds of a trunk step over 1..max_tokens tokens after a short prefix.
+
+    Leaves the caches empty (callers must drop any state tied to them).
+    """
+    backend.reset()
+    backend.trunk_step([0] * 8)
+    out = []
+    for n in range(1, max_tokens + 1):
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            backend.trunk_step([0] * n)
+            times.append(time.perf_counter() - start)
+            backend.trunk_rollback(n)
+        out.append(float(np.median(times)))
+    backend.reset()
+    return out
+
+
+def load_or_measure_costs(backend: Backend, drafter, drafter_name: str, max_k: int) -> Costs:
+    """Cached costs for this model/backend/drafter/machine, measured on first use."""
+    path = cost_cache_path()
+    key = cost_key(backend, drafter_name)
+    try:
+        cache = json.loads(path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    entry = cache.get(key)
+    if entry and len(entry["trunk"]) >= max_k + 1:
+        return Costs(trunk=entry["trunk"][: max_k + 1], draft=entry["draft"])
+    costs = Costs(trunk=measure_trunk_costs(backend, max_k + 1), draft=drafter.measure_step_cost())
+    backend.reset()
+    cache[key] = asdict(costs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as tmp:
+        json.dump(cache, tmp, indent=1)
+    os.replace(tmp.name, path)
+    return costs

@@ -1,0 +1,116 @@
+"""DeepSeek-style MTP layers in torch, for training (never used at inference).
+
+The convention is the one every backend implements (contracts: "MTP convention"):
+
+* depth-1 entry ``i`` takes the trunk's final hidden state ``h[i]`` (after the final
+  norm) and the token ``t[i+1]`` and predicts ``t[i+2]``;
+* depth-``d`` entry ``i`` takes the previous depth's output ``h^{d-1}[i]`` and
+  ``t[i+d]`` and predicts ``t[i+d+1]``; depth ``d`` runs MTP layer
+  ``min(d, num_layers) - 1``, so one layer chained on itself serves every depth.
+
+One layer computes ``x = eh_proj(concat[enorm(embed(t)), hnorm(h)])`` and runs
+``x`` through a causal decoder block of the trunk's own type (RoPE positions
+``0..n-1`` over the depth's sequence). Its output ``h1`` (before
+``shared_head.norm``) feeds the next depth; its logits are
+``lm_head(shared_head.norm(h1))`` with the trunk's (frozen) output head.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def _decoder_classes(config):
+    """The trunk's decoder block, RMSNorm and RoPE classes, picked by ``model_type``."""
+    if config.model_type == "deepseek_v3":
+        from transformers.models.deepseek_v3 import modeling_deepseek_v3 as m
+
+        return m.DeepseekV3DecoderLayer, m.DeepseekV3RMSNorm, m.DeepseekV3RotaryEmbedding
+    from transformers.models.llama import modeling_llama as m
+
+    return m.LlamaDecoderLayer, m.LlamaRMSNorm, m.LlamaRotaryEmbedding
+
+
+class SharedHead(nn.Module):
+    """The norm before the output head (the head itself is the trunk's tied ``lm_head``)."""
+
+    def __init__(self, hidden_size: int, norm_cls, eps: float) -> None:
+        super().__init__()
+        self.norm = norm_cls(hidden_size, eps=eps)
+
+
+class MTPLayer(nn.Module):
+    """One MTP layer: input projection + one decoder block of the trunk's type."""
+
+    def __init__(self, config, layer_idx: int) -> None:
+        super().__init__()
+        decoder_cls, norm_cls, _ = _decoder_classes(config)
+        hidden, eps = config.hidden_size, config.rms_norm_eps
+        self.enorm = norm_cls(hidden, eps=eps)
+        self.hnorm = norm_cls(hidden, eps=eps)
+        self.eh_proj = nn.Linear(2 * hidden, hidden, bias=False)
+        # The block's weights are saved at the layer's top level (HF layout), see ``hf_state_dict``.
+        self.block = decoder_cls(config, layer_idx)
+        self.shared_head = SharedHead(hidden, norm_cls, eps)
+
+    def forward(self, token_embeds: torch.Tensor, hidden: torch.Tensor, position_embeddings) -> torch.Tensor:
+        x = self.eh_proj(torch.cat([self.enorm(token_embeds), self.hnorm(hidden)], dim=-1))
+        # attention_mask=None makes SDPA causal; sequences are right-padded, so
+        # padding never leaks into real positions.
+        return self.block(x, attention_mask=None, position_embeddings=position_embeddings)
+
+
+class MTPHeads(nn.Module):
+    """All MTP layers of a model plus the teacher-forced multi-depth forward pass."""
+
+    def __init__(self, config, num_layers: int) -> None:
+        super().__init__()
+        _, _, rope_cls = _decoder_classes(config)
+        self.num_hidden_layers = config.num_hidden_layers
+        # layer_idx past the trunk's layers, as in the checkpoint layout.
+        self.layers = nn.ModuleList(MTPLayer(config, config.num_hidden_layers + i) for i in range(num_layers))
+        self.rotary = rope_cls(config)
+
+    def init_from_trunk(self, trunk) -> None:
+        """Warm start: every block copies the trunk's last decoder layer and the head norm its final norm.
+
+        The last trunk layer already maps hidden states to next-token features,
+        which is close to what an MTP block has to learn; eh_proj stays random.
+        """
+        last = trunk.model.layers[-1].state_dict()
+        for layer in self.layers:
+            layer.block.load_state_dict(last)
+            layer.shared_head.norm.load_state_dict(trunk.model.norm.state_dict())
+
+    def layer_for_depth(self, depth: int) -> MTPLayer:
+        return self.layers[min(depth, len(self.layers)) - 1]
+
+    def forward(self, trunk_hidden: torch.Tensor, input_ids: torch.Tensor, embed: nn.Module, depths: int) -> list[torch.Tensor]:
+        """Teacher-forced outputs ``h^d`` for ``d = 1..depths``; ``h^d`` has ``T - d`` positions.
+
+        ``trunk_hidden`` is the trunk's final hidden state (after its final norm), (B, T, H).
+        """
+        outputs = []
+        hidden = trunk_hidden
+        for depth in range(1, depths + 1):
+            tokens = input_ids[:, depth:]
+            hidden = hidden[:, :-1]
+            positions = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0)
+            rope = self.rotary(hidden, positions)
+            hidden = self.layer_for_depth(depth)(embed(tokens), hidden, rope)
+            outputs.append(hidden)
+        return outputs
+
+    def logits(self, depth: int, hidden: torch.Tensor, lm_head: nn.Module) -> torch.Tensor:
+        return lm_head(self.layer_for_depth(depth).shared_head.norm(hidden))
+
+    def hf_state_dict(self, dtype=torch.float16) -> dict[str, torch.Tensor]:
+        """Weights under HF checkpoint names ``model.layers.{N+i}.*`` (no ``shared_head.head``: tied)."""
+        out = {}
+        for i, layer in enumerate(self.layers):
+            prefix = f"model.layers.{self.num_hidden_layers + i}."
+            for name, tensor in layer.state_dict().items():
+                name = name.removeprefix("block.")
+                out[prefix + name] = tensor.detach().to("cpu", dtype).contiguous()
+        return out

@@ -1,0 +1,257 @@
+"""The MTP training recipe: self-distillation of a frozen trunk into MTP layers.
+
+Acceptance in speculative decoding means *agreeing with the trunk*, so the targets
+are the trunk's own distributions, not the data's next tokens: the depth-``d``
+head at position ``i`` predicts token ``i+d+1`` and learns the trunk's softmax at
+position ``i+d`` (loss: KL(trunk || head), i.e. soft-target cross-entropy minus a constant). Depths
+``1..depths`` are trained together (with one layer, the same layer chained).
+
+Data, in every batch: trunk-written chats (the trunk answers user requests from
+the corpus in its own chat template, so the heads see what they will draft at run
+time) and plain corpus text. Everything is seeded; the run records its settings,
+data, loss curve and held-out greedy acceptance in ``training_log.json``.
+
+Outputs in ``out_dir``: ``mtp.safetensors`` (HF names ``model.layers.{N+i}.*``,
+float16, no ``shared_head.head``: the trunk's tied output head is used),
+``training_log.json`` and ``heldout_prompts.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from edgemtp.errors import UserError
+from edgemtp.training import data
+from edgemtp.training.mtp_torch import MTPHeads
+from edgemtp.training.trunk_torch import build_trunk, load_tokenizer, open_reader
+
+
+@dataclass
+class RecipeConfig:
+    steps: int = 2000
+    layers: int = 1  # MTP layers saved; depths past this reuse the last layer
+    depths: int = 3  # depths trained (k=3 drafting uses depths 1..3)
+    seq_len: int = 512
+    batch_size: int = 32
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    chat_fraction: float = 0.75  # share of each batch drawn from trunk-written chats
+    chat_requests: int = 6000  # user requests the trunk answers (greedy), at most
+    sampled_requests: int = 2000  # of those, also answered again with sampling, for variety
+    sample_temperature: float = 0.8
+    max_new_tokens: int = 256
+    gen_batch_size: int = 512
+    num_heldout: int = 60
+    eval_new_tokens: int = 128
+    log_every: int = 25
+    seed: int = 0
+    device: str = "cpu"
+
+
+def _pad_rows(rows: list[list[int]], width: int, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad (or cut) token lists to ``width``; mask marks real tokens."""
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.bool)
+    for r, row in enumerate(rows):
+        row = row[:width]
+        ids[r, : len(row)] = torch.tensor(row)
+        mask[r, : len(row)] = True
+    return ids, mask
+
+
+def _depth_terms(heads, trunk, ids: torch.Tensor, mask: torch.Tensor, depths: int):
+    """Per depth: (KL from the trunk, top-1 agreement with trunk, positions), teacher forced."""
+    with torch.no_grad():
+        out = trunk.model(input_ids=ids)
+        hidden = out.last_hidden_state  # after the final norm, as the backends hand it over
+        teacher = trunk.lm_head(hidden).float()
+    terms = []
+    outputs = heads(hidden.to(heads.layers[0].eh_proj.weight.dtype), ids, trunk.model.embed_tokens, depths)
+    for depth, h in enumerate(outputs, start=1):
+        logits = heads.logits(depth, h, trunk.lm_head).float()
+        target = teacher[:, depth:]  # trunk's distribution for token i+depth+1
+        # Entry i is valid when its prediction target t[i+depth+1] is a real token.
+        valid = mask[:, depth + 1 :]
+        valid = torch.cat([valid, torch.zeros_like(valid[:, :1])], dim=1)
+        # KL(trunk || head): the soft-target cross-entropy minus the trunk's own entropy,
+        # so 0 means the head reproduces the trunk exactly.
+        target_logp = target.log_softmax(-1)
+        kl = (target_logp.exp() * (target_logp - logits.log_softmax(-1))).sum(-1)
+        n = valid.sum().clamp(min=1)
+        agree = (logits.argmax(-1) == target.argmax(-1)) & valid
+        terms.append(((kl * valid).sum() / n, agree.sum() / n, int(valid.sum())))
+    return terms
+
+
+@torch.no_grad()
+def measure_acceptance(heads, trunk, sequences: list[tuple[int, list[int]]], depths: int) -> dict:
+    """Greedy acceptance on the trunk's own greedy continuations, teacher forced.
+
+    ``sequences`` holds (prompt length, prompt + greedy reply). At every reply
+    position i, draft d is accepted when the depth-d head's argmax equals the
+    trunk's argmax for the same token. Because the replies are greedy, a correct
+    depth-1 draft equals the true token, so teacher forcing reproduces exactly what
+    a chained draft of length k would see: the accepted length at i is the number
+    of leading accepted depths, and the mean tokens per verification step is
+    1 + that (the trunk always adds one token).
+    """
+    device = next(trunk.parameters()).device
+    agree_counts, totals = [0] * depths, [0] * depths
+    accepted_lengths = []
+    for prompt_len, seq in sequences:
+        ids = torch.tensor([seq], device=device)
+        hidden = trunk.model(input_ids=ids).last_hidden_state
+        trunk_argmax = trunk.lm_head(hidden).argmax(-1)[0]
+        outputs = heads(hidden.to(heads.layers[0].eh_proj.weight.dtype), ids, trunk.model.embed_tokens, depths)
+        # Drafts start once the reply starts: entry i drafts tokens i+2.. with i+1 >= prompt_len.
+        starts = range(prompt_len - 1, len(seq) - depths - 1)
+        hits = []
+        for depth, h in enumerate(outputs, start=1):
+            draft = heads.logits(depth, h, trunk.lm_head).argmax(-1)[0]
+            hit = (draft[list(starts)] == trunk_argmax[[i + depth for i in starts]]).tolist()
+            agree_counts[depth - 1] += sum(hit)
+            totals[depth - 1] += len(hit)
+            hits.append(hit)
+        for per_depth in zip(*hits):
+            run = 0
+            while run < depths and per_depth[run]:
+                run += 1
+            accepted_lengths.append(run)
+    marginal = [a / t if t else 0.0 for a, t in zip(agree_counts, totals)]
+    by_position = [sum(n >= d for n in accepted_lengths) / max(1, len(accepted_lengths)) for d in range(1, depths + 1)]
+    return {
+        "positions": len(accepted_lengths),
+        "top1_agreement_by_depth": marginal,
+        "acceptance_by_position": by_position,
+        "mean_accepted_length": 1 + sum(accepted_lengths) / max(1, len(accepted_lengths)),
+        "num_draft": depths,
+    }
+
+
+def _write_atomic(path: Path, write) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def train_mtp(trunk_path: str | Path, out_dir: str | Path, corpus_dir: str | Path, config: RecipeConfig, progress=print) -> dict:
+    """Run the recipe; write the MTP weights, log and held-out prompts to ``out_dir``; return the log."""
+    from safetensors.torch import save_file
+
+    if config.layers not in (1, 2):
+        raise UserError(f"--layers must be 1 or 2, got {config.layers}")
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda was asked for but torch sees no CUDA GPU; use --device cpu")
+    started = time.time()
+    random.seed(config.seed)
+    torch.manual_seed(config.seed)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = torch.device(config.device)
+    trunk_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+
+    reader = open_reader(trunk_path)
+    trunk = build_trunk(reader, device=config.device, dtype=trunk_dtype)
+    tokenizer = load_tokenizer(trunk_path, reader)
+    eos_id = tokenizer.eos_token_id
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
+
+    # --- data ---------------------------------------------------------------
+    corpus = data.load_corpus(corpus_dir, num_heldout=config.num_heldout, seed=config.seed)
+    texts = data.text_chunks(tokenizer, corpus.texts, config.seq_len)
+    requests = corpus.requests[: config.chat_requests]
+    prompts = [data.chat_prompt_ids(tokenizer, r) for r in requests]
+    t0 = time.time()
+    gen = dict(max_new_tokens=config.max_new_tokens, batch_size=config.gen_batch_size, eos_id=eos_id, pad_id=pad_id)
+    chats = data.generate_replies(trunk, prompts, temperature=0.0, **gen)
+    chats += data.generate_replies(trunk, prompts[: config.sampled_requests], temperature=config.sample_temperature, **gen)
+    gen_seconds = time.time() - t0
+    chat_tokens = sum(min(len(c), config.seq_len) for c in chats)
+    progress(f"data: {len(texts)} text windows, {len(chats)} trunk-written chats ({chat_tokens} tokens) in {gen_seconds:.0f}s")
+
+    # --- model --------------------------------------------------------------
+    heads = MTPHeads(trunk.config, config.layers).to(device)
+    heads.init_from_trunk(trunk)
+    heads.to(torch.float32).train()
+    optimizer = torch.optim.AdamW(heads.parameters(), lr=config.lr, betas=(0.9, 0.95), weight_decay=0.0)
+
+    def lr_at(step: int) -> float:  # linear warm-up, cosine decay to 10%
+        if step < config.warmup_steps:
+            return config.lr * (step + 1) / config.warmup_steps
+        progress_ = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+        return config.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress_)))
+
+    generator = torch.Generator().manual_seed(config.seed)
+    n_chat = round(config.batch_size * config.chat_fraction)
+    curve = []
+    t0 = time.time()
+    for step in range(config.steps):
+        chat_rows = [chats[k] for k in torch.randint(len(chats), (n_chat,), generator=generator).tolist()]
+        text_rows = texts[torch.randint(len(texts), (config.batch_size - n_chat,), generator=generator)].tolist()
+        ids, mask = _pad_rows(chat_rows + text_rows, config.seq_len, pad_id)
+        ids, mask = ids.to(device), mask.to(device)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            terms = _depth_terms(heads, trunk, ids, mask, config.depths)
+        loss = sum(kl for kl, _, _ in terms) / len(terms)
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(heads.parameters(), 1.0)
+        optimizer.step()
+        if step % config.log_every == 0 or step == config.steps - 1:
+            entry = {
+                "step": step,
+                "loss": loss.item(),
+                "kl_by_depth": [kl.item() for kl, _, _ in terms],
+                "top1_agreement_by_depth": [a.item() for _, a, _ in terms],
+                "lr": lr_at(step),
+            }
+            curve.append(entry)
+            progress(f"step {step}: loss {entry['loss']:.4f} agreement {[round(a, 3) for a in entry['top1_agreement_by_depth']]}")
+    train_seconds = time.time() - t0
+
+    # --- held-out greedy acceptance ---------------------------------------------
+    heads.eval()
+    heldout_prompts = [data.chat_prompt_ids(tokenizer, h["prompt"]) for h in corpus.heldout]
+    greedy = data.generate_replies(trunk, heldout_prompts, temperature=0.0, max_new_tokens=config.eval_new_tokens, batch_size=config.gen_batch_size, eos_id=eos_id, pad_id=pad_id)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        heldout = measure_acceptance(heads, trunk, [(len(p), s) for p, s in zip(heldout_prompts, greedy)], config.depths)
+    progress(f"held-out greedy acceptance: {heldout}")
+
+    # --- outputs ---------------------------------------------------------------
+    weights = heads.hf_state_dict(torch.float16)
+    metadata = {"format": "pt", "num_nextn_predict_layers": str(config.layers), "trunk": Path(trunk_path).name}
+    _write_atomic(out_dir / "mtp.safetensors", lambda p: save_file(weights, str(p), metadata=metadata))
+    lines = "".join(json.dumps(h, ensure_ascii=False) + "\n" for h in corpus.heldout)
+    _write_atomic(out_dir / "heldout_prompts.jsonl", lambda p: p.write_text(lines, encoding="utf-8"))
+    log = {
+        "trunk": Path(trunk_path).name,
+        "config": asdict(config),
+        "data": {
+            "corpus_files": corpus.files,
+            "text_windows": len(texts),
+            "chat_requests": len(requests),
+            "trunk_written_chats": len(chats),
+            "trunk_written_chat_tokens": chat_tokens,
+            "heldout_prompts": len(corpus.heldout),
+        },
+        "mtp_parameters": sum(p.numel() for p in heads.layers.parameters()),
+        "tokens_seen": config.steps * config.batch_size * config.seq_len,
+        "seconds": {"generation": round(gen_seconds, 1), "training": round(train_seconds, 1), "total": round(time.time() - started, 1)},
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "loss_curve": curve,
+        "heldout_greedy_acceptance": {**heldout, "precision": "bf16 torch, teacher forced" if device.type == "cuda" else "fp32 torch, teacher forced"},
+    }
+    _write_atomic(out_dir / "training_log.json", lambda p: p.write_text(json.dumps(log, indent=1) + "\n", encoding="utf-8"))
+    return log

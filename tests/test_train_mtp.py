@@ -1,0 +1,68 @@
+"""The MTP training recipe, end to end on CPU at a tiny scale."""
+
+import json
+
+import pytest
+from safetensors import safe_open
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from edgemtp.factory import make_tiny  # noqa: E402
+from edgemtp.layout import expected_weights  # noqa: E402
+from edgemtp.training import data  # noqa: E402
+from edgemtp.training.recipe import RecipeConfig, train_mtp  # noqa: E402
+
+WORDS = "the cat dog sun ran saw big red happy tree ball park little girl boy played jumped home".split()
+
+
+def _tiny_corpus(root):
+    """A corpus directory in the shared corpus' layout, with deterministic toy text."""
+    root.mkdir()
+    lines = []
+    for c in range(12):
+        turns = [{"agent": f"agent_{1 + t % 2}", "text": f"{c} {t} " + " ".join(WORDS[(c + t + k) % len(WORDS)] for k in range(6)) + "?"} for t in range(4)]
+        lines.append(json.dumps({"id": f"conv{c}", "split": "test", "turns": turns}))
+    (root / "topical_chat.jsonl").write_text("\n".join(lines) + "\n")
+    stories = [f"Once upon a time {s} {' '.join(WORDS[(s + k) % len(WORDS)] for k in range(30))}." for s in range(9)]
+    (root / "tinystories_valid_head.txt").write_text("\n\n".join(stories) + "\n")
+    return root
+
+
+def test_heldout_prompts_are_never_trained_on(tmp_path):
+    corpus = data.load_corpus(_tiny_corpus(tmp_path / "corpus"), num_heldout=6, seed=0)
+    assert len(corpus.heldout) == 6
+    held = {h["prompt"] for h in corpus.heldout}
+    assert not held & set(corpus.requests)
+    # The held-out conversations' and stories' text is excluded from the text data too.
+    assert not any(h["prompt"] in text for h in corpus.heldout if h["source"] == "topical_chat" for text in corpus.texts)
+
+
+def test_recipe_trains_and_writes_hf_named_weights(tmp_path):
+    trunk = make_tiny(tmp_path / "trunk", arch="llama", mtp_layers=0, vocab_size=320, hidden_size=32,
+                      intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    config = RecipeConfig(steps=40, seq_len=32, batch_size=4, lr=3e-3, warmup_steps=5, chat_requests=6,
+                          sampled_requests=2, max_new_tokens=8, gen_batch_size=4, num_heldout=6,
+                          eval_new_tokens=8, log_every=1)
+    log = train_mtp(trunk, tmp_path / "out", _tiny_corpus(tmp_path / "corpus"), config, progress=lambda _: None)
+
+    losses = [entry["loss"] for entry in log["loss_curve"]]
+    assert len(losses) == 40
+    # The loss is KL(trunk || heads), 0 at a perfect match.
+    assert sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
+
+    trunk_config = json.loads((trunk / "config.json").read_text())
+    promised = {name: shape for name, shape in expected_weights({**trunk_config, "num_nextn_predict_layers": 1}).items()
+                if name.startswith("model.layers.2.") and "shared_head.head" not in name}
+    with safe_open(str(tmp_path / "out" / "mtp.safetensors"), "pt") as f:
+        assert set(f.keys()) == set(promised)
+        for name, shape in promised.items():
+            tensor = f.get_tensor(name)
+            assert tuple(tensor.shape) == shape and tensor.dtype == torch.float16
+
+    heldout = [json.loads(line) for line in (tmp_path / "out" / "heldout_prompts.jsonl").read_text().splitlines()]
+    assert len(heldout) == 6
+    acceptance = log["heldout_greedy_acceptance"]
+    assert acceptance["positions"] > 0 and len(acceptance["acceptance_by_position"]) == 3
+    # Accepting position 2 requires accepting position 1.
+    assert acceptance["acceptance_by_position"][0] >= acceptance["acceptance_by_position"][1] >= acceptance["acceptance_by_position"][2]

@@ -59,3 +59,20 @@ def test_context_limit_is_a_user_error(backend):
     with pytest.raises(UserError, match="context is full"):
         backend.trunk_step(_ids(5, 5))
     assert backend.trunk_len() == 60
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_steps_are_independent_of_step_size(tiny_checkpoint, tmp_path, bits):
+    """Plain decoding feeds one token per step, verification k+1: with int8-activation
+    MatMulNBits both must give bitwise the same logits, or greedy speculative output drifts
+    from plain greedy output (onnxruntime's single-row kernel rounds differently)."""
+    backend = OnnxBackend(export_onnx(tiny_checkpoint("llama"), tmp_path / "q", bits=bits), threads=1,
+                          max_context=64)
+    ids = _ids(20, 5)
+    full, _ = backend.trunk_step(ids)
+    backend.reset()
+    one_by_one = np.concatenate([backend.trunk_step([token])[0] for token in ids])
+    backend.reset()
+    in_threes = np.concatenate([backend.trunk_step(ids[i:i + 3])[0] for i in range(0, len(ids), 3)])
+    assert np.array_equal(one_by_one, full)
+    assert np.array_equal(in_threes, full)

@@ -42,6 +42,15 @@ class _Graph:
     def run(self, cache, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         n = feeds["input_ids"].shape[1]
         cache.check_room(n)
+        if n == 1:
+            # MatMulNBits has a dedicated single-row kernel whose int8 activation rounding differs
+            # from the multi-row kernel (logits move by up to ~1), while multi-row results are
+            # bitwise independent of the row count. Padding one-token steps with a throw-away row
+            # keeps every step on the multi-row kernel, so verifying k drafts (k+1 rows) gives
+            # exactly what plain decoding gives. The padded row lands in the cache's spare slot
+            # past ``length`` and is overwritten by the next step.
+            feeds = {name: np.concatenate([value, value[:, -1:]], axis=1) for name, value in feeds.items()}
+        rows = feeds["input_ids"].shape[1]
         binding = self.binding
         binding.clear_binding_inputs()
         binding.clear_binding_outputs()
@@ -49,11 +58,11 @@ class _Graph:
             binding.bind_cpu_input(name, value)
         for name in self.output_names:  # first, so they come back first (bind order)
             binding.bind_output(name, "cpu")
-        cache.bind(binding, n)
+        cache.bind(binding, rows)
         self.session.run_with_iobinding(binding)
         cache.advance(n)
         logits, hidden = binding.get_outputs()[:2]
-        return logits.numpy()[0], hidden.numpy()[0]
+        return logits.numpy()[0, :n], hidden.numpy()[0, :n]
 
 
 class OnnxBackend:
@@ -65,7 +74,8 @@ class OnnxBackend:
         self.config = load_config(path)
         self.vocab_size = int(self.config["vocab_size"])
         self.hidden_size = int(self.config["hidden_size"])
-        self.max_context = min(int(max_context or DEFAULT_MAX_CONTEXT), int(manifest["max_positions"]))
+        # One position stays spare for the padding row of single-token steps (_Graph.run).
+        self.max_context = min(int(max_context or DEFAULT_MAX_CONTEXT), int(manifest["max_positions"]) - 1)
         self._trunk = _Graph(path / manifest["trunk"]["path"], threads, "hidden")
         self._mtp = [_Graph(path / entry["path"], threads, "h1") for entry in manifest["mtp"]]
         self.num_mtp_layers = len(self._mtp)

@@ -17,6 +17,11 @@ import onnxruntime as ort
 from edgemtp.errors import UserError
 
 
+# Buffers hold one row more than the usable context: the backend pads single-token steps with a
+# throw-away row (see OnnxBackend's _Graph.run) that is written just past ``length``.
+SPARE_ROWS = 1
+
+
 class _Cache:
     def __init__(self, max_context: int):
         self.max_context = max_context
@@ -39,7 +44,7 @@ class _Cache:
 class SharedKVCache(_Cache):
     def __init__(self, layout: dict, slots: int, max_context: int):
         super().__init__(max_context)
-        shape = [max_context if d == "max_context" else d for d in layout["shape"]]
+        shape = [max_context + SPARE_ROWS if d == "max_context" else d for d in layout["shape"]]
         self._pairs = []  # (input name, output name, OrtValue) per bound buffer
         for slot in range(slots):
             for past, present in zip(layout["inputs"], layout["outputs"], strict=True):
@@ -63,7 +68,7 @@ class LatentCache(_Cache):
         for slot in range(slots):
             for past, new, width in zip(layout["inputs"], layout["outputs"], layout["widths"], strict=True):
                 self._buffers.append((past.format(slot=slot), new.format(slot=slot),
-                                      np.zeros((max_context, width), np.float32)))
+                                      np.zeros((max_context + SPARE_ROWS, width), np.float32)))
         self.nbytes = sum(buffer.nbytes for _, _, buffer in self._buffers)
         self._keep_alive: list[ort.OrtValue] = []
 

@@ -116,7 +116,7 @@ class WithMTPLayers:
             return f.get_tensor(name).astype(np.float32)
 
     def validate(self) -> None:
-        from edgemtp.layout import expected_weights
+        from edgemtp.layout import expected_weights, is_optional
 
         for name, shape in expected_weights(self.config).items():
             if name in self._shapes and self._shapes[name] != shape:
@@ -124,7 +124,7 @@ class WithMTPLayers:
                                 f"{list(shape)}; the MTP weights belong to another model")
         missing = [name for index in range(self.num_mtp_layers) for name in expected_weights(self.config)
                    if name.startswith(f"model.layers.{self.base.config['num_hidden_layers'] + index}.")
-                   and name not in self._shapes]
+                   and name not in self._shapes and not is_optional(name)]
         if missing:
             raise UserError(f"{self._file}: MTP weight {missing[0]} is missing; re-create the file")
 

@@ -11,6 +11,7 @@ from edgemtp.checkpoint import Checkpoint
 from edgemtp.converters.onnx_export.graph import save_model
 from edgemtp.converters.onnx_export.manifest import MANIFEST, make_manifest
 from edgemtp.converters.onnx_export.model import ARCHS, build_mtp, build_trunk
+from edgemtp.layout import mtp_prefix
 from edgemtp.converters.onnx_export.quantize import quantize
 from edgemtp.errors import UserError
 
@@ -53,7 +54,9 @@ def export_onnx(checkpoint: str | Path, out_dir: str | Path, bits: int | None = 
 
     max_positions = int(config.get("max_position_embeddings", 4096))
     graphs = [("trunk", lambda: build_trunk(config, ckpt.read, max_positions), bits)]
-    graphs += [(f"mtp{i}", lambda i=i: build_mtp(config, ckpt.read, i, max_positions), mtp_bits)
+    graphs += [(f"mtp{i}", lambda i=i: build_mtp(config, ckpt.read, i, max_positions,
+                                                 f"{mtp_prefix(config, i)}shared_head.head.weight" in ckpt.names()),
+                 mtp_bits)
                for i in range(ckpt.num_mtp_layers)]
     for done, (name, build, graph_bits) in enumerate(graphs):
         if progress:

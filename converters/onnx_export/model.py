@@ -29,17 +29,22 @@ def build_trunk(config: dict, read: Callable[[str], np.ndarray], max_positions: 
     blocks = [layers.block(f"model.layers.{i}.", i, slot=i) for i in range(config["num_hidden_layers"])]
     eps = config.get("rms_norm_eps", 1e-6)
     normed, _ = decoder_stack(g, _embed(g, read, ids), blocks, read("model.norm.weight"), eps, "layers")
-    tied = config.get("tie_word_embeddings", False)
-    head = read("model.embed_tokens.weight" if tied else "lm_head.weight")
-    g.output("logits", linear(g, normed, head, "lm_head"), np.float32, [1, "n", config["vocab_size"]])
+    g.output("logits", linear(g, normed, read(_trunk_head(config)), "lm_head"), np.float32,
+             [1, "n", config["vocab_size"]])
     g.output("hidden", normed, np.float32, [1, "n", config["hidden_size"]])
     return g.to_model()
 
 
-def build_mtp(config: dict, read: Callable[[str], np.ndarray], index: int, max_positions: int) -> onnx.ModelProto:
+def _trunk_head(config: dict) -> str:
+    return "model.embed_tokens.weight" if config.get("tie_word_embeddings", False) else "lm_head.weight"
+
+
+def build_mtp(config: dict, read: Callable[[str], np.ndarray], index: int, max_positions: int,
+              has_own_head: bool = True) -> onnx.ModelProto:
     """hidden (1, n, H) + input_ids (1, n) + cache -> logits, h1 (before shared_head.norm), cache.
 
     Row j: ``x = eh_proj(concat[enorm(embed(ids[j])), hnorm(hidden[j])])``, ``h1 = block(x)``.
+    Without its own ``shared_head.head`` the layer projects with the trunk's output head.
     """
     g = GraphBuilder(f"edgemtp_mtp{index}")
     hidden = g.input("hidden", np.float32, [1, "n", config["hidden_size"]])
@@ -53,7 +58,8 @@ def build_mtp(config: dict, read: Callable[[str], np.ndarray], index: int, max_p
     x = linear(g, joined, read(prefix + "eh_proj.weight"), "mtp.eh_proj")
     block = layers.block(prefix, config["num_hidden_layers"] + index, slot=0)
     normed, h1 = decoder_stack(g, x, [block], read(prefix + "shared_head.norm.weight"), eps, "mtp")
-    logits = linear(g, normed, read(prefix + "shared_head.head.weight"), "mtp.head")
+    head = prefix + "shared_head.head.weight" if has_own_head else _trunk_head(config)
+    logits = linear(g, normed, read(head), "mtp.head")
     g.output("logits", logits, np.float32, [1, "n", config["vocab_size"]])
     g.output("h1", h1, np.float32, [1, "n", config["hidden_size"]])
     return g.to_model()

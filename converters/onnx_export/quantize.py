@@ -29,7 +29,9 @@ def quantize(model: onnx.ModelProto, bits: int, group_size: int) -> onnx.ModelPr
     routers = [node.name for node in model.graph.node if node.name.endswith(".router")]
     config = DefaultWeightOnlyQuantConfig(block_size=group_size, is_symmetric=symmetric(bits), accuracy_level=ACCURACY_LEVEL,
                                           op_types_to_quantize=("MatMul",), bits=bits)
-    quantizer = MatMulNBitsQuantizer(model, nodes_to_exclude=routers, nodes_to_include=[EMBEDDING_NODE],
+    # onnxruntime quantizes a Gather (the embedding) only at 4 bits; at 8 it stays float.
+    include = [EMBEDDING_NODE] if bits == 4 else None
+    quantizer = MatMulNBitsQuantizer(model, nodes_to_exclude=routers, nodes_to_include=include,
                                      algo_config=config)
     # The quantizer logs one INFO line per node; keep the user's console for our progress bar.
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)

@@ -125,9 +125,12 @@ class MLXBackend:
         trunk, mtp = _build_modules(
             config, mtp_layer_count(mtp_weights), lambda index: f"layers.{index}.shared_head.head.weight" in mtp_weights
         )
-        for module, weights in ((trunk, trunk_weights), (mtp, mtp_weights)):
-            if "quantization" in config:
-                quantize_like_saved(module, config["quantization"], weights)
+        # The MTP layers may be quantized at their own bits (--mtp-bits) even when the trunk is not.
+        mtp_quantization = config.get("mtp_quantization", config.get("quantization"))
+        for module, weights, quantization in ((trunk, trunk_weights, config.get("quantization")),
+                                              (mtp, mtp_weights, mtp_quantization)):
+            if quantization:
+                quantize_like_saved(module, quantization, weights)
             module.load_weights([(name, cast(name, array, compute_dtype)) for name, array in weights.items()])
         mx.eval(trunk.parameters(), mtp.parameters())
         return cls(config, trunk, mtp, max_kv_size=max_kv_size, dtype=dtype)

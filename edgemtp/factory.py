@@ -128,6 +128,7 @@ def make_tiny(
     dtype: str = "float32",
     fp8_block: int = 48,
     shard_bytes: int | None = None,
+    confident: bool = False,
     force: bool = False,
     **overrides,
 ) -> Path:
@@ -136,7 +137,10 @@ def make_tiny(
     ``overrides`` replace config.json keys (``hidden_size``, ``num_hidden_layers``,
     ``vocab_size``, ``n_routed_experts``, ...). ``fp8`` stores projections as float8 e4m3
     with ``fp8_block``-sized scale blocks like DeepSeek-V3. ``shard_bytes`` splits the
-    weights into several files. The directory appears only when complete.
+    weights into several files. ``confident`` shapes the random weights so that next-token
+    predictions have clear margins like a trained LM's (see ``_confident_rows``); fidelity
+    tests need it because plain random weights predict near-uniformly. The directory
+    appears only when complete.
     """
     config = tiny_config(arch, mtp_layers, **overrides)
     if dtype not in _DTYPES:
@@ -159,7 +163,7 @@ def make_tiny(
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
 
-    tensors = _tensor_specs(config, seed, _DTYPES[dtype], fp8_block if fp8 else None)
+    tensors = _tensor_specs(config, seed, _DTYPES[dtype], fp8_block if fp8 else None, confident)
     _write_weights(partial, tensors, shard_bytes)
     (partial / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (partial / "generation_config.json").write_text(json.dumps({"eos_token_id": eos_id}, indent=2) + "\n")
@@ -194,20 +198,20 @@ def tiny_config(arch: str = "llama", mtp_layers: int = 1, **overrides) -> dict:
 # --- weights ----------------------------------------------------------------
 
 
-def _tensor_specs(config: dict, seed: int, dtype, fp8_block: int | None) -> list[TensorSpec]:
+def _tensor_specs(config: dict, seed: int, dtype, fp8_block: int | None, confident: bool) -> list[TensorSpec]:
     """One spec per stored tensor (FP8 weights are followed by their scale grid)."""
     specs = []
     for name, shape in expected_weights(config).items():
         if fp8_block and is_fp8_quantized(name):
             grid = (math.ceil(shape[0] / fp8_block), math.ceil(shape[1] / fp8_block))
             specs.append(TensorSpec(name, np.dtype(ml_dtypes.float8_e4m3fn), shape,
-                                    _fp8_chunks(name, shape, seed, fp8_block, scales=False)))
+                                    _fp8_chunks(name, shape, seed, fp8_block, confident, scales=False)))
             specs.append(TensorSpec(name + "_scale_inv", np.dtype(np.float32), grid,
-                                    _fp8_chunks(name, shape, seed, fp8_block, scales=True)))
+                                    _fp8_chunks(name, shape, seed, fp8_block, confident, scales=True)))
         else:
             # The router's correction bias stays float32, as in DeepSeek-V3.
             tensor_dtype = np.float32 if name.endswith("e_score_correction_bias") else dtype
-            specs.append(TensorSpec(name, np.dtype(tensor_dtype), shape, _value_chunks(name, shape, seed)))
+            specs.append(TensorSpec(name, np.dtype(tensor_dtype), shape, _value_chunks(name, shape, seed, confident)))
     return specs
 
 
@@ -237,18 +241,62 @@ def _random_rows(name: str, shape: tuple[int, ...], seed: int, start: int, stop:
     return values / np.float32(math.sqrt(shape[-1]))
 
 
-def _value_chunks(name: str, shape: tuple[int, ...], seed: int):
+# ``confident``: residual branches (attention and MLP outputs) are scaled by this factor.
+_CONFIDENT_RESIDUAL_SCALE = 0.1
+
+
+def _initial_rows(name: str, shape: tuple[int, ...], seed: int, start: int, stop: int, confident: bool) -> np.ndarray:
+    return _confident_rows(name, shape, seed, start, stop) if confident else _random_rows(name, shape, seed, start, stop)
+
+
+def _confident_rows(name: str, shape: tuple[int, ...], seed: int, start: int, stop: int) -> np.ndarray:
+    """Rows ``start:stop`` of weight ``name`` in a random model that predicts with confidence.
+
+    A trained LM's final hidden state points at the output embedding of the token it
+    predicts, so the top logit stands well clear of the rest; random weights instead give
+    near-uniform predictions (median top-1 margin ~0.2 logits) whose argmax flips under any
+    rounding, which makes top-1 agreement meaningless. (Scaling the logits would not help:
+    the argmax and the relative rounding error are scale-invariant.) Here:
+
+    * every output head (``lm_head``, ``shared_head.head``) equals the token embedding, so the
+      token in the residual stream scores far above the others;
+    * residual branches (``o_proj``, ``down_proj``, experts included) are scaled down so the
+      embedding stays visible in the final hidden state while every layer still moves the
+      logits and often changes the prediction;
+    * the MTP ``eh_proj`` adds an identity on its embedding half, so MTP layers are
+      confident about their input token in the same way.
+    """
+    if name.endswith(("lm_head.weight", "shared_head.head.weight")):
+        return _embedding_rows(shape, seed, start, stop)
+    rows = _random_rows(name, shape, seed, start, stop)
+    if name.endswith(("o_proj.weight", "down_proj.weight")):
+        return rows * np.float32(_CONFIDENT_RESIDUAL_SCALE)
+    if name.endswith("eh_proj.weight"):
+        index = np.arange(start, stop)
+        rows[index - start, index] += 1.0
+    return rows
+
+
+def _embedding_rows(shape: tuple[int, ...], seed: int, start: int, stop: int) -> np.ndarray:
+    """Rows ``start:stop`` of ``model.embed_tokens.weight`` exactly as written (its own chunking)."""
+    name = "model.embed_tokens.weight"
+    pieces = [_random_rows(name, shape, seed, a, b)[max(start, a) - a : min(stop, b) - a]
+              for a, b in _row_chunks(shape) if a < stop and b > start]
+    return np.concatenate(pieces)
+
+
+def _value_chunks(name: str, shape: tuple[int, ...], seed: int, confident: bool):
     def chunks() -> Iterator[np.ndarray]:
         for start, stop in _row_chunks(shape):
-            yield _random_rows(name, shape, seed, start, stop)
+            yield _initial_rows(name, shape, seed, start, stop, confident)
     return chunks
 
 
-def _fp8_chunks(name: str, shape: tuple[int, ...], seed: int, block: int, scales: bool):
+def _fp8_chunks(name: str, shape: tuple[int, ...], seed: int, block: int, confident: bool, scales: bool):
     """Chunks of either the float8 weight or its ``weight_scale_inv`` grid (recomputed, not stored)."""
     def chunks() -> Iterator[np.ndarray]:
         for start, stop in _row_chunks(shape, multiple=block):
-            quantized, scale_inv = quantize_fp8_blocks(_random_rows(name, shape, seed, start, stop), block)
+            quantized, scale_inv = quantize_fp8_blocks(_initial_rows(name, shape, seed, start, stop, confident), block)
             yield scale_inv if scales else quantized
     return chunks
 

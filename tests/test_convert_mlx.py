@@ -1,4 +1,4 @@
-"""HF / GGUF -> MLX directories that mlx-lm loads, with quantization close to float32."""
+"""HF / GGUF -> MLX directories that mlx-lm loads (quantization fidelity: tests/test_fidelity.py)."""
 
 from __future__ import annotations
 
@@ -42,24 +42,6 @@ def test_mlx_lm_loads_and_generates(tiny_checkpoint, tmp_path, arch):
         assert "model.layers.0.self_attn.unembed_out.weight" in trunk
         with safe_open(out / "model.safetensors", framework="numpy") as f:
             assert f.get_tensor("model.layers.1.mlp.switch_mlp.gate_proj.scales").dtype == np.float32
-
-
-def test_quantized_top1_agrees_with_float32_on_smollm2(tmp_path):
-    # A trained model on real text: random tiny models have near-flat logits (median top-1
-    # margin ~0.2), where any rounding flips the argmax, so they cannot measure this.
-    from edgemtp.default_model import gguf_path
-    from edgemtp.tokenizer import Tokenizer
-
-    src = gguf_path()
-    reference_dir = convert(src, tmp_path / "f32", bits=16, dtype="float32", show_progress=False)
-    text = open("/work/shared/data/corpus/tinystories_valid_head.txt", encoding="utf-8").read()[:4000]
-    ids = Tokenizer.from_dir(reference_dir).encode(text)[:512]
-    assert len(ids) == 512
-    reference = _logits(reference_dir, ids).argmax(-1)
-    for bits, floor in ((8, 0.99), (4, 0.95)):
-        out = convert(src, tmp_path / f"q{bits}", bits=bits, group_size=32, dtype="float32", show_progress=False)
-        agreement = float((_logits(out, ids).argmax(-1) == reference).mean())
-        assert agreement >= floor, (bits, agreement)
 
 
 def test_gguf_source_converts_like_its_float32_weights(tiny_checkpoint, tmp_path):

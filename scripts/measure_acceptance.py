@@ -1,0 +1,123 @@
+"""Speculative acceptance of the embedded default model on its held-out prompts: the model card's
+"Measured acceptance" table.
+
+    python scripts/measure_acceptance.py --backend onnx --bits 8 [--prompts 60] [--max-tokens 128]
+
+Every held-out prompt (``models/smollm2-135m-mtp/heldout_prompts.jsonl``, never trained on) is
+answered greedily twice through the public API: with MTP speculation at a fixed k = 3 drafts per
+step (what ``edgemtp generate --json --num-draft 3`` runs) and plainly (``--spec none``). The
+speculative answer must equal the plain one token for token; the script says how many differ.
+
+Acceptance by position is pooled over all prompts: position i's hits divided by the number of
+times position i was verified, summed over every step of every prompt. Averaging per-prompt ratios
+instead would let a prompt that stopped after 3 steps count as much as one that ran 40, and would
+bias the figure toward short, often atypical answers; pooling gives the probability a random
+verified draft at that position is accepted, which is what speed depends on. Mean accepted length
+is pooled the same way: all generated tokens over all trunk steps (the trunk's own token included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from datetime import date
+from pathlib import Path
+
+import edgemtp
+from edgemtp.default_model import DEFAULT_BITS, default_model_path
+
+PROMPTS = Path(__file__).resolve().parents[1] / "models/smollm2-135m-mtp/heldout_prompts.jsonl"
+NUM_DRAFT = 3
+
+
+def heldout_prompts(limit: int) -> list[str]:
+    lines = PROMPTS.read_text().splitlines()
+    return [json.loads(line)["prompt"] for line in lines[:limit]]
+
+
+def check_cli_matches(prompt: str, backend: str, model_dir: Path, max_tokens: int, stats) -> None:
+    """The CLI's ``--json`` must report the same greedy run as the library call it wraps."""
+    command = ["edgemtp", "generate", "--model", str(model_dir), "--backend", backend, "-p", prompt,
+               "-m", str(max_tokens), "--spec", "mtp", "--num-draft", str(NUM_DRAFT), "--json"]
+    cli = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)["stats"]
+    for key in ("drafted", "accepted", "steps", "acceptance_by_position", "generated_tokens"):
+        if cli[key] != getattr(stats, key):
+            sys.exit(f"`edgemtp generate --json` reports {key}={cli[key]}, the library {getattr(stats, key)}")
+
+
+def decode_seconds(stats) -> float:
+    # The engine times decoding only: every token after the first (which comes with the prompt pass).
+    return (stats.generated_tokens - 1) / stats.tokens_per_s if stats.tokens_per_s else 0.0
+
+
+def measure(backend: str, bits: int, num_prompts: int, max_tokens: int, check_cli: bool, json_path: str | None) -> dict:
+    model_dir = default_model_path(backend, bits)
+    model = edgemtp.load(model_dir, backend=backend)
+    reached, hits = [0] * NUM_DRAFT, [0] * NUM_DRAFT
+    steps = tokens = mismatches = plain_tokens = 0
+    spec_seconds = plain_seconds = 0.0  # decoding time only, as the stats time it
+    for n, prompt in enumerate(heldout_prompts(num_prompts), start=1):
+        spec = model.generate(prompt, max_tokens=max_tokens, temperature=0, spec="mtp", num_draft=NUM_DRAFT)
+        plain = model.generate(prompt, max_tokens=max_tokens, temperature=0, spec="none")
+        stats = spec.stats
+        # Stats keeps the counts behind its per-position ratios; pooling needs the counts.
+        for i, (r, h) in enumerate(zip(stats._reached, stats._hits)):
+            reached[i] += r
+            hits[i] += h
+        steps += stats.steps
+        tokens += stats.generated_tokens
+        spec_seconds += decode_seconds(stats)
+        plain_tokens += plain.stats.generated_tokens
+        plain_seconds += decode_seconds(plain.stats)
+        mismatches += spec.tokens != plain.tokens
+        if check_cli and n == 1:
+            check_cli_matches(prompt, backend, model_dir, max_tokens, stats)
+        print(f"[{n}/{num_prompts}] {stats.generated_tokens} tokens, "
+              f"{stats.accepted}/{stats.drafted} drafts accepted", file=sys.stderr, flush=True)
+        result = {
+            "backend": backend, "bits": bits, "prompts": n, "max_tokens": max_tokens,
+            "acceptance_by_position": [h / r if r else 0.0 for h, r in zip(hits, reached)],
+            "drafted_by_position": reached,
+            "mean_accepted_length": tokens / steps,
+            "generated_tokens": tokens, "steps": steps,
+            # Decoding rates pooled over prompts (prompt processing excluded: the plain run of a
+            # prompt reuses the speculative run's prompt cache, so timing whole calls would favour it).
+            "spec_tokens_per_s": (tokens - n) / spec_seconds,
+            "plain_tokens_per_s": (plain_tokens - n) / plain_seconds,
+            "outputs_differing_from_plain": mismatches,
+            "date": date.today().isoformat(),
+        }
+        if json_path:  # after every prompt, so an interrupted run still leaves its figures so far
+            Path(json_path).write_text(json.dumps(result, indent=2))
+    return result
+
+
+def markdown_row(r: dict) -> str:
+    by_position = " / ".join(f"{a:.3f}" for a in r["acceptance_by_position"])
+    return (f"| {r['backend']} | {r['bits']} | {r['prompts']} x {r['max_tokens']} | {by_position} | "
+            f"{r['mean_accepted_length']:.2f} | {r['spec_tokens_per_s']:.1f} / {r['plain_tokens_per_s']:.1f} | "
+            f"{r['prompts'] - r['outputs_differing_from_plain']}/{r['prompts']} |")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--backend", choices=sorted(DEFAULT_BITS), default="onnx")
+    parser.add_argument("--bits", type=int, choices=(4, 8), default=8, help="weight bits of the conversion")
+    parser.add_argument("--prompts", type=int, default=60, help="how many held-out prompts (from the top)")
+    parser.add_argument("--max-tokens", type=int, default=128, help="most tokens per answer")
+    parser.add_argument("--no-cli-check", action="store_true",
+                        help="skip comparing the first prompt with `edgemtp generate --json`")
+    parser.add_argument("--json", help="also write the figures to this file (rewritten after every prompt)")
+    args = parser.parse_args()
+
+    result = measure(args.backend, args.bits, args.prompts, args.max_tokens, not args.no_cli_check, args.json)
+    print("| backend | bits | prompts x max tokens | acceptance by position 1 / 2 / 3 | "
+          "mean accepted length (k=3) | tokens/s spec / plain | same output as plain |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print(markdown_row(result))
+
+
+if __name__ == "__main__":
+    main()

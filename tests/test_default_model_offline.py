@@ -1,0 +1,70 @@
+"""The embedded default model on a fresh machine: no network, no cache, just the installed package.
+
+The generate test runs the installed ``edgemtp`` console script with the Hub forced offline, no
+proxy, and an empty user cache, so it also proves the first-use conversion (GGUF + trained MTP
+layer -> ONNX) needs nothing but what pip installed. It takes about half a minute, most of it
+the conversion.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from edgemtp.default_model import registry
+
+PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "no_proxy", "ftp_proxy")
+COMMON_WORDS = {"the", "a", "and", "to", "of", "was", "in", "he", "she", "it", "his", "her", "cat", "with", "on"}
+
+
+def offline_fresh_environment(cache: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k.lower() not in PROXY_VARIABLES}
+    env["HF_HUB_OFFLINE"] = "1"
+    # platformdirs' user_cache_dir on Linux is $XDG_CACHE_HOME/edgemtp (Hugging Face's cache too).
+    env["XDG_CACHE_HOME"] = cache
+    return env
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    executable = shutil.which("edgemtp")
+    assert executable, "the edgemtp console script is not installed; run `pip install -e .`"
+    return subprocess.run([executable, *args], capture_output=True, text=True, env=env, timeout=600)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the fresh cache is set through XDG_CACHE_HOME")
+def test_default_model_generates_english_offline_from_an_empty_cache(tmp_path):
+    cache = tmp_path / "cache"
+    result = run_cli("generate", "-p", "Tell me a short story about a cat.", "--json", "-m", "48",
+                     "--backend", "onnx", env=offline_fresh_environment(str(cache)))
+    assert result.returncode == 0, result.stderr
+    # The conversion progress precedes the JSON object, which is the last line.
+    output = json.loads(result.stdout.strip().splitlines()[-1])
+
+    # The first use converted the model into the fresh cache, not into some earlier one.
+    converted = list((cache / "edgemtp" / "default").glob("onnx-8bit-*"))
+    assert len(converted) == 1 and (converted[0] / "config.json").is_file()
+
+    text = output["text"]
+    letters = [c for c in text if c.isalpha()]
+    assert len(letters) > 50
+    assert sum(c.isascii() for c in letters) / len(letters) > 0.95
+    words = set(re.findall(r"[a-z]+", text.lower()))
+    assert len(words & COMMON_WORDS) >= 4, text
+    assert 0 < len(output["tokens"]) == output["stats"]["generated_tokens"] <= 48
+    # The trained MTP layer was attached and its drafts were verified and (partly) accepted.
+    assert output["stats"]["drafted"] > 0
+    assert 0 < output["stats"]["accepted"] <= output["stats"]["drafted"]
+
+
+def test_models_command_lists_the_registry():
+    result = run_cli("models", env={**os.environ, "COLUMNS": "400"})
+    assert result.returncode == 0, result.stderr
+    for model in registry():
+        assert model["name"] in result.stdout
+    assert "(default)" in result.stdout

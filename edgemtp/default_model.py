@@ -66,15 +66,18 @@ def cache_root() -> Path:
 
 def default_model_path(backend: str, bits: int | None = None, show_progress: bool = True) -> Path:
     """A converted default model for ``backend``, converting it on first use."""
+    from importlib.metadata import version
+
     from edgemtp.converters.convert import convert
 
     if backend not in DEFAULT_BITS:
         raise UserError(f"backend {backend!r} has no default model; use one of {', '.join(DEFAULT_BITS)}")
     bits = bits or DEFAULT_BITS[backend]
     mtp = mtp_weights_path()
-    # The MTP file's hash is part of the key so that new trained weights trigger a re-conversion.
+    # The MTP file's hash and edgemtp's version are part of the key so that new trained weights,
+    # or a release whose converter writes something different, trigger a re-conversion.
     mtp_key = hashlib.sha256(mtp.read_bytes()).hexdigest()[:12] if mtp else "nomtp"
-    out = cache_root() / "default" / f"{backend}-{bits}bit-{GGUF_SHA256[:12]}-{mtp_key}"
+    out = cache_root() / "default" / f"{backend}-{bits}bit-{GGUF_SHA256[:12]}-{mtp_key}-v{version('edgemtp')}"
     if (out / "config.json").is_file():
         return out
     src = verified_gguf_path()

@@ -14,7 +14,8 @@ from safetensors.numpy import load_file
 from edgemtp.converters.gguf_source import GGUFCheckpoint, permute_rows, unpermute_rows
 from edgemtp.errors import UserError
 
-CORPUS = Path("/work/shared/data/corpus")
+# The shared corpus lies beside the repository (../shared), in CI as in a checkout.
+CORPUS = Path(__file__).resolve().parents[2] / "shared/data/corpus"
 
 # HF llama name suffix -> GGUF name suffix (inverse of gguf_source's table, written out
 # independently here so the test does not trust the code under test).

@@ -5,7 +5,9 @@ MLX backend:
 
 * ``config.json`` — the source config with both RoPE forms, FP8
   ``quantization_config`` dropped (weights are dequantized), and mlx-lm's
-  ``"quantization": {"group_size", "bits"}`` when the trunk is quantized;
+  ``"quantization": {"group_size", "bits"}`` when the trunk is quantized, with
+  mlx-lm's per-module entries (``"model.embed_tokens": {"group_size", "bits": 8}``)
+  for the embedding and heads that a 4-bit model keeps at 8 bits;
   ``num_nextn_predict_layers`` is kept and ``"mtp_quantization"`` records how
   the MTP layers are stored;
 * ``model.safetensors`` — trunk weights under mlx-lm's sanitized names
@@ -16,7 +18,8 @@ MLX backend:
   (``layers.{i}.…``); mlx-lm only loads ``model*.safetensors``, so it ignores them;
 * the tokenizer files.
 
-Quantized tensors use ``mx.quantize`` with float32 scales and biases: MLX's
+Quantized tensors use ``mx.quantize``'s affine layout (written by ``affine_quantize``) with
+float32 scales and biases: MLX's
 CPU quantized matmul is several times faster with float32 scales than bf16.
 Tensors are produced, quantized and written one at a time.
 """
@@ -41,6 +44,8 @@ DTYPES = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16, "float32": np.f
 
 # The MoE router's weight belongs to a plain parameter in mlx-lm, not a quantizable module.
 _NEVER_QUANTIZED = (".mlp.gate.weight",)
+EMBEDDING_AND_HEAD_BITS = 8
+_EMBEDDING_AND_HEADS = ("embed_tokens.weight", "lm_head.weight", "shared_head.head.weight")
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                    "generation_config.json", "chat_template.jinja")
@@ -62,19 +67,53 @@ def _quantizable(name: str, shape: tuple[int, ...], group_size: int) -> bool:
     return name.endswith(".weight") and len(shape) >= 2 and shape[-1] % group_size == 0 and not name.endswith(_NEVER_QUANTIZED)
 
 
+def affine_quantize(weight: np.ndarray, group_size: int, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(packed uint32, scales, biases)`` in ``mx.quantize``'s affine layout, with GGUF Q4_1's rule:
+    per group, scale = (max - min) / (2**bits - 1) and bias = min.
+
+    ``mx.quantize`` instead nudges each group's grid so that 0 is exactly representable, which
+    moves almost every block of an already-quantized Q4_1 source off its grid (a second
+    rounding); this rule reproduces such a block exactly at group size 32.
+    """
+    leading = weight.shape[:-1]  # (out,) or (experts, out)
+    groups = weight.astype(np.float32).reshape(*leading, -1, group_size)
+    low, high = groups.min(-1), groups.max(-1)
+    scales = (high - low) / (2**bits - 1)
+    steps = np.where(scales == 0, 1, scales)  # a constant group: every value is its bias
+    levels = np.round((groups - low[..., None]) / steps[..., None]).clip(0, 2**bits - 1).astype(np.uint32)
+    per_word = 32 // bits
+    shifts = (np.arange(per_word, dtype=np.uint32) * bits)
+    packed = (levels.reshape(*leading, -1, per_word) << shifts).sum(-1, dtype=np.uint32)
+    return packed, scales.astype(np.float32), low.astype(np.float32)
+
+
+def _bits_for(name: str, bits: int) -> int:
+    # A 4-bit model keeps its token embedding and output heads at 8 bits, as llama.cpp's Q4
+    # files (token_embd in Q8_0) and mlx-lm's mixed recipes do: the head's rounding lands
+    # directly on the logits, and on SmolLM2-135M a 4-bit head alone costs several percent of
+    # perplexity. The embedding is the head when they are tied.
+    return EMBEDDING_AND_HEAD_BITS if bits < EMBEDDING_AND_HEAD_BITS and name.endswith(_EMBEDDING_AND_HEADS) else bits
+
+
 def _write_tensors(path: Path, tensors: Iterator[tuple[str, "object"]], bits: int, group_size: int, dtype: str,
-                   progress: Callable[[int], None]) -> None:
+                   progress: Callable[[int], None]) -> dict[str, dict]:
+    """Write ``tensors`` to ``path``; return mlx-lm's per-module overrides (module path ->
+    ``{"group_size", "bits"}``) for the modules stored at other than ``bits``."""
     import mlx.core as mx
 
     out = SafetensorsAppender(path)
+    overrides = {}
     for name, array in tensors:
         source_bytes = array.size * 4
         if bits < 16 and _quantizable(name, array.shape, group_size):
-            weight, scales, biases = mx.quantize(array.astype(mx.float32), group_size=group_size, bits=bits)
             base = name.removesuffix(".weight")
-            out.add(f"{base}.weight", np.array(weight))
-            out.add(f"{base}.scales", np.array(scales))
-            out.add(f"{base}.biases", np.array(biases))
+            tensor_bits = _bits_for(name, bits)
+            if tensor_bits != bits:
+                overrides[base] = {"group_size": group_size, "bits": tensor_bits}
+            weight, scales, biases = affine_quantize(np.array(array.astype(mx.float32)), group_size, tensor_bits)
+            out.add(f"{base}.weight", weight)
+            out.add(f"{base}.scales", scales)
+            out.add(f"{base}.biases", biases)
         elif "e_score_correction_bias" in name:
             out.add(name, np.array(array.astype(mx.float32)))  # routing decisions stay float32, as in mlx-lm
         else:
@@ -82,17 +121,19 @@ def _write_tensors(path: Path, tensors: Iterator[tuple[str, "object"]], bits: in
         del array
         progress(source_bytes)
     out.close()
+    return overrides
 
 
-def _mlx_config(config: dict, bits: int, group_size: int, mtp_bits: int, num_mtp_layers: int) -> dict:
+def _mlx_config(config: dict, bits: int, group_size: int, mtp_bits: int, num_mtp_layers: int,
+                trunk_overrides: dict, mtp_overrides: dict) -> dict:
     config = with_both_rope_forms(config)
     config.pop("quantization_config", None)  # FP8 weights are dequantized on the way
     config.pop("quantization", None)
     config.pop("mtp_quantization", None)
     if bits < 16:
-        config["quantization"] = {"group_size": group_size, "bits": bits}
+        config["quantization"] = {"group_size": group_size, "bits": bits, **trunk_overrides}
     if num_mtp_layers and mtp_bits < 16:
-        config["mtp_quantization"] = {"group_size": group_size, "bits": mtp_bits}
+        config["mtp_quantization"] = {"group_size": group_size, "bits": mtp_bits, **mtp_overrides}
     return config
 
 
@@ -125,10 +166,13 @@ def export_mlx(ckpt, out_dir: str | Path, *, bits: int = 4, group_size: int = 64
 
     check_options(bits, group_size, mtp_bits, dtype)
     out_dir = Path(out_dir)
-    _write_tensors(out_dir / "model.safetensors", iter_trunk_weights(ckpt, mx.float32), bits, group_size, dtype, progress)
+    trunk_overrides = _write_tensors(out_dir / "model.safetensors", iter_trunk_weights(ckpt, mx.float32), bits,
+                                     group_size, dtype, progress)
+    mtp_overrides = {}
     if ckpt.num_mtp_layers:
-        _write_tensors(out_dir / "mtp.safetensors", iter_mtp_weights(ckpt, mx.float32), mtp_bits, group_size, dtype, progress)
-    config = _mlx_config(ckpt.config, bits, group_size, mtp_bits, ckpt.num_mtp_layers)
+        mtp_overrides = _write_tensors(out_dir / "mtp.safetensors", iter_mtp_weights(ckpt, mx.float32), mtp_bits,
+                                       group_size, dtype, progress)
+    config = _mlx_config(ckpt.config, bits, group_size, mtp_bits, ckpt.num_mtp_layers, trunk_overrides, mtp_overrides)
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     copy_tokenizer(ckpt, out_dir)
     return out_dir

@@ -213,9 +213,9 @@ def convert_command(
     src: str = typer.Argument(..., help="Source: a Hugging Face model directory, a .gguf file, or a Hugging Face repo id (owner/name)."),
     out: str = typer.Argument(..., help="Output directory to create (written as OUT.partial, renamed when complete)."),
     to: str = typer.Option("mlx", "--to", help="Target backend: mlx or onnx."),
-    bits: int | None = typer.Option(None, "--bits", help="Trunk weight bits: 4, 8 or 16 (16 = unquantized). Default: 4 for mlx, 8 for onnx."),
+    bits: int | None = typer.Option(None, "--bits", help="Trunk weight bits: 4, 8 or 16 (16 = unquantized); at 4 the token embedding and output head stay at 8 bits, as in llama.cpp's Q4 files. Default: 4 for mlx, 8 for onnx."),
     group_size: int | None = typer.Option(None, "--group-size", help="Quantization group size: 32, 64 or 128. Default: 64 for mlx, 32 for onnx."),
-    mtp_bits: int | None = typer.Option(None, "--mtp-bits", help="MTP layer weight bits: 4, 8 or 16. Default: 8."),
+    mtp_bits: int | None = typer.Option(None, "--mtp-bits", help="MTP layer weight bits: 4, 8 or 16 (at 4 their output heads stay at 8). Default: 8."),
     dtype: str | None = typer.Option(None, "--dtype", help="Dtype of unquantized weights: float16, bfloat16 or float32. Default: float16 for mlx, float32 for onnx."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it already exists."),
 ) -> None:

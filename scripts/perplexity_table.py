@@ -39,7 +39,8 @@ TEXT = Path(__file__).resolve().parents[2] / "shared/data/corpus/gutenberg/auste
 
 def mlx_dir_as_float_checkpoint(mlx_dir: Path, out: Path) -> Path:
     """The weights of a (llama) MLX directory as a float32 HF checkpoint: quantized tensors
-    dequantized with ``mx.dequantize``, the rest cast; mlx-lm's llama names are HF's."""
+    dequantized with ``mx.dequantize`` (at their module's own bits where the config overrides
+    them, as for a 4-bit model's 8-bit embedding), the rest cast; mlx-lm's llama names are HF's."""
     import mlx.core as mx
     from safetensors.numpy import save_file
 
@@ -52,8 +53,9 @@ def mlx_dir_as_float_checkpoint(mlx_dir: Path, out: Path) -> Path:
             continue
         base = name.removesuffix(".weight")
         if f"{base}.scales" in saved:
+            module = quantization.get(base, quantization)
             array = mx.dequantize(array, saved[f"{base}.scales"], saved[f"{base}.biases"],
-                                  group_size=quantization["group_size"], bits=quantization["bits"])
+                                  group_size=module["group_size"], bits=module["bits"])
         weights[name] = np.array(array.astype(mx.float32))
     out.mkdir()
     save_file(weights, str(out / "model.safetensors"))

@@ -23,7 +23,10 @@ def test_mlx_lm_loads_and_generates(tiny_checkpoint, tmp_path, arch):
     src = tiny_checkpoint(arch)
     out = convert(src, tmp_path / "mlx", to="mlx", bits=4, group_size=32, mtp_bits=8, show_progress=False)
     config = json.loads((out / "config.json").read_text())
-    assert config["quantization"] == {"group_size": 32, "bits": 4}
+    # A 4-bit trunk keeps its embedding and (untied) head at 8 bits, in mlx-lm's per-module form.
+    eight_bits = {"group_size": 32, "bits": 8}
+    head = {} if json.loads((src / "config.json").read_text()).get("tie_word_embeddings") else {"lm_head": eight_bits}
+    assert config["quantization"] == {"group_size": 32, "bits": 4, "model.embed_tokens": eight_bits, **head}
     assert config["mtp_quantization"] == {"group_size": 32, "bits": 8}
     assert config["num_nextn_predict_layers"] == 1
     assert "rope_parameters" in config and "rope_theta" in config
@@ -36,12 +39,33 @@ def test_mlx_lm_loads_and_generates(tiny_checkpoint, tmp_path, arch):
     with safe_open(out / "model.safetensors", framework="numpy") as f:
         trunk = set(f.keys())
     assert not any(name.startswith("model.layers.2.") for name in trunk)  # MTP layer stays out of the trunk
+    with safe_open(out / "model.safetensors", framework="numpy") as f:
+        def stored_bits(module):  # a group of 32 values at b bits fills b uint32 words
+            return f.get_tensor(f"{module}.weight").shape[-1] // f.get_tensor(f"{module}.scales").shape[-1]
+
+        assert stored_bits("model.embed_tokens") == 8 and stored_bits("model.layers.0.self_attn.o_proj") == 4
     if arch == "deepseek_v3":
         assert "model.layers.1.mlp.switch_mlp.gate_proj.weight" in trunk
         assert "model.layers.0.self_attn.embed_q.weight" in trunk
         assert "model.layers.0.self_attn.unembed_out.weight" in trunk
         with safe_open(out / "model.safetensors", framework="numpy") as f:
             assert f.get_tensor("model.layers.1.mlp.switch_mlp.gate_proj.scales").dtype == np.float32
+
+
+def test_affine_quantize_matches_mlx_layout_and_keeps_q4_1_blocks_exact():
+    from edgemtp.converters.mlx_export import affine_quantize
+
+    rng = np.random.default_rng(0)
+    # Q4_1-style blocks: level * scale + min, with levels 0 and 15 present in every block.
+    levels = rng.integers(0, 16, (48, 4, 32)).astype(np.float32)
+    levels[..., 0], levels[..., 1] = 0, 15
+    weight = (levels * rng.uniform(0.01, 0.1, (48, 4, 1)) + rng.uniform(-1, 0, (48, 4, 1))).astype(np.float32)
+    weight = weight.reshape(48, 128)
+    for bits in (4, 8):
+        packed, scales, biases = affine_quantize(weight, 32, bits)
+        restored = np.array(mx.dequantize(mx.array(packed), mx.array(scales), mx.array(biases), group_size=32, bits=bits))
+        tolerance = 1e-6 if bits == 4 else np.abs(weight).max() / 255
+        np.testing.assert_allclose(restored, weight, atol=tolerance, rtol=0)
 
 
 def test_gguf_source_converts_like_its_float32_weights(tiny_checkpoint, tmp_path):

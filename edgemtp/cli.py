@@ -161,7 +161,7 @@ def train_mtp_command(
 
 @app.command("bench")
 def bench_command(
-    models: list[str] = typer.Option(..., "--model", help="Model directory to benchmark; repeat to compare several."),
+    models: list[str] = typer.Option([], "--model", help="Model directory to benchmark; repeat to compare several. Default: the embedded default model (at each --bits)."),
     backend: str | None = typer.Option(None, "--backend", help="mlx, onnx or all (default: mlx on Apple Silicon, onnx elsewhere)."),
     bits: list[int] = typer.Option([], "--bits", help="Convert each --model (a Hugging Face directory) to these weight bits (4, 8 or 16; repeatable) for each backend, into a temporary directory, and benchmark every conversion. Without it --model is benchmarked as is."),
     prompts: str | None = typer.Option(None, "--prompts", help="JSON file with a list of prompt strings (default: the bundled chat/story/code set)."),
@@ -191,7 +191,12 @@ def bench_command(
         typer.echo(line, err=True)
 
     with tempfile.TemporaryDirectory(prefix="edgemtp-bench-") as work_dir:
-        if bits:
+        if not models:  # the embedded default model, converted once per backend and bits
+            from edgemtp.default_model import DEFAULT_BITS, default_model_path
+
+            targets = [Target(default_model_path(name, b), name, f"default model {b}-bit ({name})")
+                       for name in choices[backend] for b in (bits or [DEFAULT_BITS[name]])]
+        elif bits:
             targets = [target for model in models
                        for target in convert_targets(Path(model), choices[backend], bits, Path(work_dir) / Path(model).name, say)]
         else:

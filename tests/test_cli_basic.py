@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import struct
 import subprocess
@@ -71,6 +72,19 @@ def test_inspect_rejects_bad_checkpoints_with_one_line(llama_copy, breakage):
     damage, fragment = BREAKAGES[breakage]
     damage(llama_copy)
     assert_user_error(run("inspect", llama_copy), fragment)
+
+
+@pytest.mark.parametrize("backend", ["mlx", "onnx"])
+@pytest.mark.parametrize("breakage", list(BREAKAGES))
+def test_load_rejects_bad_checkpoints_with_one_line(llama_copy, breakage, backend, tmp_path):
+    """``edgemtp.load`` behind ``generate --model``: the same one-line errors, on both backends."""
+    damage, fragment = BREAKAGES[breakage]
+    damage(llama_copy)
+    env_cache = {"XDG_CACHE_HOME": str(tmp_path / "cache")}  # the ONNX path converts into the cache
+    result = subprocess.run([EDGEMTP, "generate", "--model", str(llama_copy), "--backend", backend, "-p", "hi"],
+                            capture_output=True, text=True, timeout=120, env={**os.environ, **env_cache})
+    assert_user_error(result, fragment)
+    assert not any((tmp_path / "cache").rglob("*.onnx")), "nothing half-written may be left behind"
 
 
 def test_inspect_missing_directory(tmp_path):

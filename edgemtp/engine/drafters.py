@@ -114,10 +114,9 @@ class MTPDrafter:
     comes from entry ``L-1``. After verification the entries whose tokens
     turned out right are kept and the rest rolled back.
 
-    Depth 1 is caught up after every step (its newest entry gives the first
-    draft, and a free guess while not drafting). Deeper depths catch up
-    lazily, in the same call that drafts with them: no extra call per step,
-    and nothing spent on depths the draft length does not reach. The hidden
+    Every depth catches up lazily, in the call that drafts (or probes) with
+    it: a step that does not draft costs no MTP work, and a lagging depth
+    catches up on all the positions it missed in one batched call. The hidden
     rows a lagging depth will need are kept until it catches up.
     """
 
@@ -148,7 +147,6 @@ class MTPDrafter:
             self.backend.mtp_rollback(d, self.backend.mtp_len(d) - keep)
             self._trim(d, keep)
         self.seq = list(seq)
-        self._run_depth(1, len(seq) - 2, seq)
         for d in range(self.max_depth):  # drop rows no deeper depth will read again
             if d not in self.rows:  # short sequences: deep depths have no entries yet
                 break
@@ -160,8 +158,7 @@ class MTPDrafter:
         last = len(seq) - 2  # index of the entry whose output predicts the next draft
         drafts, qs = [], []
         for d in range(1, min(k, self.max_depth) + 1):
-            if d > 1:
-                self._run_depth(d, last, self.seq)
+            self._run_depth(d, last, self.seq)
             q = sampler.probs(self.last_logits[d])[0]
             if confidence(self.last_logits[d], q, sampler) < min_prob:
                 break
@@ -172,6 +169,7 @@ class MTPDrafter:
         return drafts, (np.stack(qs) if qs else None)
 
     def peek(self, seq, sampler):
+        self._run_depth(1, len(seq) - 2, seq)
         return sampler.probs(self.last_logits[1])[0]
 
     def measure_step_cost(self) -> float:

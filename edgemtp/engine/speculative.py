@@ -80,7 +80,7 @@ def decode(backend: Backend, drafter, policy, sampler: Sampler, seq: list[int], 
         if room < 0:
             break  # the context is full
         k = min(policy.choose(), room)
-        probe = drafter.peek(seq, sampler) if k == 0 else None
+        probe = drafter.peek(seq, sampler) if k == 0 and policy.wants_probe() else None
         drafts, q = drafter.draft(seq, k, sampler, policy.min_prob) if k else ([], None)
         start = backend.trunk_len()
         accepted, token, hidden, p = speculative_step(backend, sampler, seq, drafts, q)

@@ -31,6 +31,10 @@ import platformdirs
 from edgemtp.engine.backend import Backend
 
 
+PROBE_INTERVAL = 8  # steps between probes while not drafting, when a probe costs a draft step
+CHEAP_DRAFT = 0.05  # a draft step below this fraction of a trunk step counts as free (n-gram lookup)
+
+
 @dataclass
 class Costs:
     trunk: list[float]  # trunk[n-1] = seconds for one trunk step over n tokens
@@ -53,6 +57,9 @@ class FixedDraftLength:
     def update_probe(self, acceptance: float) -> None:
         pass
 
+    def wants_probe(self) -> bool:
+        return False  # k is fixed: nothing to learn from a free guess
+
 
 class AdaptiveDraftLength:
     """Picks ``k`` in ``0..max_k`` each step from measured costs and acceptance.
@@ -69,6 +76,11 @@ class AdaptiveDraftLength:
         self.ema_weight = ema_weight
         self.min_prob = min_prob
         self.acceptance = [1.0] * self.max_k
+        # While not drafting, a guess (probe) keeps the acceptance estimate alive so drafting can
+        # resume. A guess that costs real work (an MTP step) is made only every PROBE_INTERVAL
+        # steps, so that a drafter that does not pay costs next to nothing.
+        self.probe_interval = 1 if costs.draft < CHEAP_DRAFT * costs.trunk[0] else PROBE_INTERVAL
+        self._steps_since_probe = 0
 
     def expected_rate(self, k: int) -> float:
         reach, tokens = 1.0, 1.0
@@ -88,8 +100,16 @@ class AdaptiveDraftLength:
         for i in range(min(drafted, accepted + 1)):
             self._observe(i, float(i < accepted))
 
+    def wants_probe(self) -> bool:
+        """Called on steps that do not draft: whether to guess a first draft anyway."""
+        self._steps_since_probe += 1
+        if self._steps_since_probe < self.probe_interval:
+            return False
+        self._steps_since_probe = 0
+        return True
+
     def update_probe(self, acceptance: float) -> None:
-        """Acceptance probability of a first draft that was guessed for free but not verified."""
+        """Acceptance probability of a first draft that was guessed but not verified."""
         if self.max_k:
             self._observe(0, acceptance)
 

@@ -8,6 +8,7 @@ directory (treat it as read-only). ``FACTORY_VARIANTS`` lists every variant name
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,3 +36,18 @@ def tiny_checkpoint(tmp_path_factory) -> Callable[..., Path]:
         return built[key]
 
     return build
+
+
+@pytest.fixture
+def llama_copy(tiny_checkpoint, tmp_path):
+    """A writable copy of the tiny llama checkpoint, for tests that damage it."""
+    path = tmp_path / "model"
+    shutil.copytree(tiny_checkpoint("llama"), path)
+    return path
+
+
+def edit_config(path, **changes):
+    """Change keys of a checkpoint's config.json in place."""
+    config = json.loads((path / "config.json").read_text())
+    config.update(changes)
+    (path / "config.json").write_text(json.dumps(config))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 
@@ -10,6 +9,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
+
+from conftest import edit_config
 
 from edgemtp.checkpoint import Checkpoint, dequantize_fp8_blocks
 from edgemtp.errors import UserError
@@ -87,17 +88,6 @@ def test_mtp_and_trunk_names_partition_the_weights(tiny_checkpoint):
 # --- refusals ------------------------------------------------------------------
 
 
-@pytest.fixture
-def llama_copy(tiny_checkpoint, tmp_path):
-    path = tmp_path / "model"
-    shutil.copytree(tiny_checkpoint("llama"), path)
-    return path
-
-
-def edit_config(path, **changes):
-    config = json.loads((path / "config.json").read_text())
-    config.update(changes)
-    (path / "config.json").write_text(json.dumps(config))
 
 
 def test_missing_config(llama_copy):

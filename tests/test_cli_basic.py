@@ -12,6 +12,8 @@ import subprocess
 import pytest
 from safetensors.numpy import load_file, save_file
 
+from conftest import edit_config
+
 EDGEMTP = shutil.which("edgemtp")
 
 
@@ -28,17 +30,6 @@ def assert_user_error(result: subprocess.CompletedProcess, fragment: str) -> Non
     assert "Traceback" not in result.stderr + result.stdout
 
 
-@pytest.fixture
-def llama_copy(tiny_checkpoint, tmp_path):
-    path = tmp_path / "model"
-    shutil.copytree(tiny_checkpoint("llama"), path)
-    return path
-
-
-def edit_config(path, **changes):
-    config = json.loads((path / "config.json").read_text())
-    config.update(changes)
-    (path / "config.json").write_text(json.dumps(config))
 
 
 def drop_weight(path, name):

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import re
 import threading
-from typing import NamedTuple
-
+from edgemtp.engine.generate import Chunk, Generation
 from edgemtp.engine.stats import Stats
 
 ANSWER = (
@@ -29,18 +28,6 @@ PROMPT_TOKENS_PER_S = 900.0
 PLAIN_TOKENS_PER_S = 20.0
 WEIGHT_BYTES = 12_500_000
 CACHE_BYTES_PER_TOKEN = 4096
-
-
-class Chunk(NamedTuple):
-    text: str
-    token_ids: list[int]
-    stats: Stats
-
-
-class Generation(NamedTuple):
-    text: str
-    tokens: list[int]
-    stats: Stats
 
 
 class FakeDetokenizer:

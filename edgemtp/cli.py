@@ -37,6 +37,15 @@ def _root(
     """On-device LLM inference with multi-token-prediction (MTP) speculative decoding."""
 
 
+def _require(modules: tuple[str, ...], extra: str, what: str) -> None:
+    """Optional dependencies: a missing one is a one-line error naming the install command."""
+    import importlib.util
+
+    missing = [name for name in modules if importlib.util.find_spec(name) is None]
+    if missing:
+        raise UserError(f"{what} needs {', '.join(missing)}; install it with: pip install 'edgemtp[{extra}]'")
+
+
 # --- commands -------------------------------------------------------------
 # Each command below is a thin wrapper around a library function.
 
@@ -146,6 +155,7 @@ def train_mtp_command(
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
 ) -> None:
     """Train MTP layers for a frozen trunk by self-distillation (needs torch and transformers)."""
+    _require(("torch", "transformers"), "train", "train-mtp")
     from edgemtp.training.recipe import RecipeConfig, train_mtp
 
     if device not in ("cpu", "cuda"):
@@ -174,6 +184,8 @@ def bench_command(
     markdown_out: str | None = typer.Option(None, "--markdown", help="Write the results as README-ready markdown."),
 ) -> None:
     """Measure decoding speed, speculative speedups, step costs and bandwidth use."""
+    if plot_out:  # checked before the long measurements, not after
+        _require(("matplotlib",), "plot", "bench --plot")
     import tempfile
     from pathlib import Path
 

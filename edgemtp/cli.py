@@ -151,6 +151,9 @@ def train_mtp_command(
     sampled_requests: int = typer.Option(2000, "--sampled-requests", help="Of those, how many are answered again with sampling."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Longest trunk-written reply."),
     gen_batch_size: int = typer.Option(512, "--gen-batch-size", help="Prompts per generation batch."),
+    chat_fraction: float = typer.Option(0.75, "--chat-fraction", help="Share of each batch taken from trunk-written chats (the rest is plain corpus text)."),
+    init_from: str | None = typer.Option(None, "--init-from", help="Warm start from an earlier run's mtp.safetensors (one layer can seed two)."),
+    time_limit: float | None = typer.Option(None, "--time-limit", help="Minutes after which training stops early; the weights are still saved."),
     seed: int = typer.Option(0, "--seed", help="Seed for data selection, held-out split and initialisation."),
     device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
 ) -> None:
@@ -160,10 +163,13 @@ def train_mtp_command(
 
     if device not in ("cpu", "cuda"):
         raise UserError(f"--device must be cpu or cuda, got {device!r}")
+    if not 0 <= chat_fraction <= 1:
+        raise UserError(f"--chat-fraction must be between 0 and 1, got {chat_fraction}")
     config = RecipeConfig(
         steps=steps, layers=layers, depths=depths, seq_len=seq_len, batch_size=batch_size, lr=lr,
         chat_requests=chat_requests, sampled_requests=sampled_requests, max_new_tokens=max_new_tokens,
-        gen_batch_size=gen_batch_size, seed=seed, device=device,
+        gen_batch_size=gen_batch_size, seed=seed, device=device, chat_fraction=chat_fraction,
+        init_from=init_from, time_limit_minutes=time_limit,
     )
     log = train_mtp(trunk, out, data, config, progress=typer.echo)
     typer.echo(f"wrote {out}/mtp.safetensors; held-out greedy acceptance {log['heldout_greedy_acceptance']}")

@@ -62,8 +62,7 @@ def measure(backend: str, bits: int, num_prompts: int, max_tokens: int, check_cl
         spec = model.generate(prompt, max_tokens=max_tokens, temperature=0, spec="mtp", num_draft=NUM_DRAFT)
         plain = model.generate(prompt, max_tokens=max_tokens, temperature=0, spec="none")
         stats = spec.stats
-        # Stats keeps the counts behind its per-position ratios; pooling needs the counts.
-        for i, (r, h) in enumerate(zip(stats._reached, stats._hits)):
+        for i, (r, h) in enumerate(zip(stats.verified_by_position, stats.accepted_by_position)):
             reached[i] += r
             hits[i] += h
         steps += stats.steps

@@ -66,3 +66,25 @@ def test_recipe_trains_and_writes_hf_named_weights(tmp_path):
     assert acceptance["positions"] > 0 and len(acceptance["acceptance_by_position"]) == 3
     # Accepting position 2 requires accepting position 1.
     assert acceptance["acceptance_by_position"][0] >= acceptance["acceptance_by_position"][1] >= acceptance["acceptance_by_position"][2]
+
+
+def test_warm_start_seeds_two_layers_from_one(tmp_path):
+    """--init-from: a one-layer run's weights seed both layers of a two-layer run, and a run of
+    zero steps then saves exactly those weights back (under both layer names)."""
+    from safetensors.torch import load_file
+
+    trunk = make_tiny(tmp_path / "trunk", arch="llama", mtp_layers=0, vocab_size=320, hidden_size=32,
+                      intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    corpus = _tiny_corpus(tmp_path / "corpus")
+    small = dict(seq_len=32, batch_size=4, lr=3e-3, warmup_steps=5, chat_requests=6, sampled_requests=2,
+                 max_new_tokens=8, gen_batch_size=4, num_heldout=6, eval_new_tokens=8)
+    train_mtp(trunk, tmp_path / "one", corpus, RecipeConfig(steps=5, **small), progress=lambda _: None)
+    first = load_file(str(tmp_path / "one" / "mtp.safetensors"))
+
+    log = train_mtp(trunk, tmp_path / "two", corpus, RecipeConfig(steps=0, layers=2, init_from=str(tmp_path / "one" / "mtp.safetensors"), **small),
+                    progress=lambda _: None)
+    second = load_file(str(tmp_path / "two" / "mtp.safetensors"))
+    assert log["steps_done"] == 0
+    for name, tensor in first.items():
+        assert torch.equal(second[name], tensor)
+        assert torch.equal(second[name.replace("model.layers.2.", "model.layers.3.")], tensor)

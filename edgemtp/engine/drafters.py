@@ -40,8 +40,8 @@ def confidence(logits: np.ndarray, q: np.ndarray, sampler: Sampler) -> float:
     """Top probability of a draft: q's, or at temperature 0 (q one-hot) the plain softmax's."""
     if not sampler.greedy:
         return float(q.max())
-    logits = np.asarray(logits, dtype=np.float64)
-    return float(1.0 / np.exp(logits - logits.max()).sum())
+    logits = np.asarray(logits, dtype=np.float32)
+    return float(1.0 / np.exp(logits - logits.max()).sum(dtype=np.float64))
 
 
 def _median_seconds(fn, repeats: int = 5) -> float:

@@ -40,11 +40,12 @@ class Sampler:
 
     def probs(self, logits: np.ndarray) -> np.ndarray:
         """Warped probabilities (float64) for logits of shape ``(V,)`` or ``(n, V)``."""
-        logits = np.atleast_2d(np.asarray(logits, dtype=np.float64))
-        if self.greedy:
-            out = np.zeros_like(logits)
+        logits = np.atleast_2d(logits)
+        if self.greedy:  # argmax on the logits as they are: no float64 copy of a (n, V) array
+            out = np.zeros(logits.shape)
             out[np.arange(len(logits)), logits.argmax(axis=-1)] = 1.0
             return out
+        logits = logits.astype(np.float64)
         scaled = logits / self.temperature
         if self.top_k and self.top_k < scaled.shape[-1]:
             kth = np.partition(scaled, -self.top_k, axis=-1)[:, -self.top_k, None]
@@ -57,6 +58,8 @@ class Sampler:
 
     def sample(self, probs: np.ndarray) -> int:
         """Draw one token from a probability vector (need not be normalised)."""
+        if self.greedy:  # every greedy vector is one-hot (or a residual of one): its hot index
+            return int(np.argmax(probs))
         cdf = np.cumsum(probs)
         # side="right" never lands on a zero-probability token, so a one-hot
         # vector always gives its hot index, whatever the random draw.

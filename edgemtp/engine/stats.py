@@ -24,9 +24,10 @@ class Stats:
     # (the target's token after a rejection) or "bonus" (the target's token
     # after every draft was accepted, or a plain step).
     provenance: list[str] = field(default_factory=list)
-    # Counts behind acceptance_by_position: how often position i was verified / accepted.
-    _reached: list[int] = field(default_factory=list, repr=False)
-    _hits: list[int] = field(default_factory=list, repr=False)
+    # Counts behind acceptance_by_position: how often position i was verified / accepted
+    # (what pooling over several generations needs).
+    verified_by_position: list[int] = field(default_factory=list)
+    accepted_by_position: list[int] = field(default_factory=list)
 
     def record_step(self, drafted: int, accepted: int, provenance: list[str]) -> None:
         self.steps += 1
@@ -35,12 +36,12 @@ class Stats:
         self.draft_lengths[drafted] = self.draft_lengths.get(drafted, 0) + 1
         # Positions 1..accepted+1 were looked at (the first rejection ends the step).
         for i in range(min(drafted, accepted + 1)):
-            if i == len(self._reached):
-                self._reached.append(0)
-                self._hits.append(0)
-            self._reached[i] += 1
-            self._hits[i] += i < accepted
-        self.acceptance_by_position = [h / r for h, r in zip(self._hits, self._reached)]
+            if i == len(self.verified_by_position):
+                self.verified_by_position.append(0)
+                self.accepted_by_position.append(0)
+            self.verified_by_position[i] += 1
+            self.accepted_by_position[i] += i < accepted
+        self.acceptance_by_position = [h / r for h, r in zip(self.accepted_by_position, self.verified_by_position)]
         self.mean_accepted_length = 1 + self.accepted / self.steps  # each step adds the target's own token
         self.add_tokens(provenance)
 
@@ -55,8 +56,7 @@ class Stats:
 
     def to_dict(self) -> dict:
         out = asdict(self)
-        for private in ("_reached", "_hits", "provenance"):
-            out.pop(private)
+        out.pop("provenance")
         out["draft_lengths"] = {str(k): v for k, v in sorted(self.draft_lengths.items())}
         return out
 

@@ -83,6 +83,22 @@ class MTPHeads(nn.Module):
             layer.block.load_state_dict(last)
             layer.shared_head.norm.load_state_dict(trunk.model.norm.state_dict())
 
+    def load_hf_state_dict(self, weights: dict[str, torch.Tensor]) -> int:
+        """Warm start from weights named as ``hf_state_dict`` writes them (e.g. an earlier run's
+        ``mtp.safetensors``). Layers missing from ``weights`` copy its last layer, so one trained
+        layer can seed two. Returns the number of layers found."""
+        found = sorted({int(name.split(".")[2]) for name in weights})
+        for i, layer in enumerate(self.layers):
+            prefix = f"model.layers.{found[min(i, len(found) - 1)]}."
+            state = {}
+            for name, tensor in weights.items():
+                if name.startswith(prefix):
+                    short = name[len(prefix):]
+                    top_level = short.split(".")[0] in ("enorm", "hnorm", "eh_proj", "shared_head")
+                    state[short if top_level else "block." + short] = tensor
+            layer.load_state_dict(state)
+        return len(found)
+
     def layer_for_depth(self, depth: int) -> MTPLayer:
         return self.layers[min(depth, len(self.layers)) - 1]
 

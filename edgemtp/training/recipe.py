@@ -45,6 +45,8 @@ class RecipeConfig:
     lr: float = 1e-3
     warmup_steps: int = 100
     chat_fraction: float = 0.75  # share of each batch drawn from trunk-written chats
+    init_from: str | None = None  # warm start from an earlier run's mtp.safetensors
+    time_limit_minutes: float | None = None  # stop training early (and still save) past this
     chat_requests: int = 6000  # user requests the trunk answers (greedy), at most
     sampled_requests: int = 2000  # of those, also answered again with sampling, for variety
     sample_temperature: float = 0.8
@@ -73,7 +75,7 @@ def _depth_terms(heads, trunk, ids: torch.Tensor, mask: torch.Tensor, depths: in
     with torch.no_grad():
         out = trunk.model(input_ids=ids)
         hidden = out.last_hidden_state  # after the final norm, as the backends hand it over
-        teacher = trunk.lm_head(hidden).float()
+        teacher = trunk.lm_head(hidden).float().log_softmax(-1)  # once for every depth
     terms = []
     outputs = heads(hidden.to(heads.layers[0].eh_proj.weight.dtype), ids, trunk.model.embed_tokens, depths)
     for depth, h in enumerate(outputs, start=1):
@@ -84,8 +86,7 @@ def _depth_terms(heads, trunk, ids: torch.Tensor, mask: torch.Tensor, depths: in
         valid = torch.cat([valid, torch.zeros_like(valid[:, :1])], dim=1)
         # KL(trunk || head): the soft-target cross-entropy minus the trunk's own entropy,
         # so 0 means the head reproduces the trunk exactly.
-        target_logp = target.log_softmax(-1)
-        kl = (target_logp.exp() * (target_logp - logits.log_softmax(-1))).sum(-1)
+        kl = F.kl_div(logits.log_softmax(-1), target, log_target=True, reduction="none").sum(-1)
         n = valid.sum().clamp(min=1)
         agree = (logits.argmax(-1) == target.argmax(-1)) & valid
         terms.append(((kl * valid).sum() / n, agree.sum() / n, int(valid.sum())))
@@ -181,6 +182,14 @@ def train_mtp(trunk_path: str | Path, out_dir: str | Path, corpus_dir: str | Pat
     # --- model --------------------------------------------------------------
     heads = MTPHeads(trunk.config, config.layers).to(device)
     heads.init_from_trunk(trunk)
+    if config.init_from:
+        from safetensors.torch import load_file
+
+        init_path = Path(config.init_from)
+        if not init_path.is_file():
+            raise UserError(f"{init_path}: --init-from file not found; pass an earlier run's mtp.safetensors")
+        found = heads.load_hf_state_dict(load_file(str(init_path)))
+        progress(f"warm start from {init_path} ({found} layer(s))")
     heads.to(torch.float32).train()
     optimizer = torch.optim.AdamW(heads.parameters(), lr=config.lr, betas=(0.9, 0.95), weight_decay=0.0)
 
@@ -194,7 +203,12 @@ def train_mtp(trunk_path: str | Path, out_dir: str | Path, corpus_dir: str | Pat
     n_chat = round(config.batch_size * config.chat_fraction)
     curve = []
     t0 = time.time()
+    deadline = started + 60 * config.time_limit_minutes if config.time_limit_minutes else math.inf
+    steps_done = 0
     for step in range(config.steps):
+        if time.time() > deadline:
+            progress(f"time limit reached after {step} steps; stopping early")
+            break
         chat_rows = [chats[k] for k in torch.randint(len(chats), (n_chat,), generator=generator).tolist()]
         text_rows = texts[torch.randint(len(texts), (config.batch_size - n_chat,), generator=generator)].tolist()
         ids, mask = _pad_rows(chat_rows + text_rows, config.seq_len, pad_id)
@@ -208,6 +222,7 @@ def train_mtp(trunk_path: str | Path, out_dir: str | Path, corpus_dir: str | Pat
         loss.backward()
         torch.nn.utils.clip_grad_norm_(heads.parameters(), 1.0)
         optimizer.step()
+        steps_done = step + 1
         if step % config.log_every == 0 or step == config.steps - 1:
             entry = {
                 "step": step,
@@ -246,7 +261,8 @@ def train_mtp(trunk_path: str | Path, out_dir: str | Path, corpus_dir: str | Pat
             "heldout_prompts": len(corpus.heldout),
         },
         "mtp_parameters": sum(p.numel() for p in heads.layers.parameters()),
-        "tokens_seen": config.steps * config.batch_size * config.seq_len,
+        "steps_done": steps_done,
+        "tokens_seen": steps_done * config.batch_size * config.seq_len,
         "seconds": {"generation": round(gen_seconds, 1), "training": round(train_seconds, 1), "total": round(time.time() - started, 1)},
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "torch": torch.__version__,

@@ -27,31 +27,51 @@ def default_backend() -> str:
     return "onnx"
 
 
-def _load_mlx(path: Path, **options) -> Backend:
+# Without an explicit max_kv_size the planner's "longest context that fits" is used, up to this
+# many tokens: caches are preallocated, and a model with a 128k-token window would otherwise
+# reserve gigabytes that a laptop chat never fills.
+DEFAULT_CONTEXT_CAP = 32768
+
+
+def _load_mlx(path: Path, max_kv_size: int, **options) -> Backend:
     from edgemtp.mlx_backend.backend import MLXBackend
 
-    return MLXBackend.load(path, **options)
+    return MLXBackend.load(path, max_kv_size=max_kv_size, **options)
 
 
-def _load_onnx(path: Path, **options) -> Backend:
+def _load_onnx(path: Path, max_kv_size: int, **options) -> Backend:
     # An ONNX export directory is used as is; an HF checkpoint is converted into the user
-    # cache on first use (options: bits, group_size, threads, max_context).
+    # cache on first use (options: bits, group_size, threads).
     from edgemtp.onnx_backend.loading import load_onnx_backend
 
-    return load_onnx_backend(path, **options)
+    return load_onnx_backend(path, max_context=max_kv_size, **options)
+
+
+def planned_context(path: Path, backend: str, max_kv_size: int | None) -> int:
+    """The cache length to preallocate, decided by the memory planner before anything loads.
+
+    Raises ``UserError`` (with the fix: fewer bits or a shorter context) when the model does not
+    fit, or ``max_kv_size`` does not.
+    """
+    from edgemtp.planner import plan_for
+
+    plan = plan_for(path, context=max_kv_size, backend=backend)
+    return plan.max_kv_size if max_kv_size is not None else min(plan.max_kv_size, DEFAULT_CONTEXT_CAP)
 
 
 # Backend name -> function building it from a model directory and load options.
 _BACKEND_LOADERS = {"mlx": _load_mlx, "onnx": _load_onnx}
 
 
-def load(path: str | Path | None = None, backend: str | None = None, **options) -> Model:
+def load(path: str | Path | None = None, backend: str | None = None, max_kv_size: int | None = None,
+         **options) -> Model:
     """Load a model directory for inference.
 
     ``backend`` is ``"mlx"`` or ``"onnx"`` (default: ``default_backend()``).
-    ``options`` go to the backend; for MLX: ``max_kv_size`` (tokens of cache
-    preallocated per layer, default 4096) and ``dtype`` (``"float32"``,
-    ``"float16"`` or ``"bfloat16"``).
+    ``max_kv_size``: tokens of cache preallocated per layer; default: the longest context the
+    memory planner finds room for (at most the model's window and ``DEFAULT_CONTEXT_CAP``).
+    A model that cannot fit is refused before loading. Other ``options`` go to the backend; for
+    MLX: ``dtype`` (``"float32"``, ``"float16"`` or ``"bfloat16"``); for ONNX: ``threads``.
     """
     backend = backend or default_backend()
     if path is None:  # the embedded default model, converted for this backend on first use
@@ -61,7 +81,8 @@ def load(path: str | Path | None = None, backend: str | None = None, **options) 
     path = Path(path)
     if backend not in _BACKEND_LOADERS:
         raise UserError(f"backend {backend!r} is not available; use one of {', '.join(_BACKEND_LOADERS)}")
-    loaded = _BACKEND_LOADERS[backend](path, **options)
+    context = planned_context(path, backend, max_kv_size)
+    loaded = _BACKEND_LOADERS[backend](path, max_kv_size=context, **options)
     return Model(loaded.config, Tokenizer.from_dir(path), loaded)
 
 

@@ -276,6 +276,7 @@ def chat_command(
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling: keep the smallest token set with this much probability."),
     max_tokens: int = typer.Option(512, "--max-tokens", help="Most tokens per answer."),
     resume: bool = typer.Option(False, "--resume", help="Reopen the most recent saved chat (Ctrl+O picks any)."),
+    max_kv_size: int = typer.Option(None, "--max-kv-size", help="Tokens of context to preallocate; default: the longest that fits in memory (up to the model's window, at most 32768)."),
 ) -> None:
     """Chat with a model in the terminal, with live speculative-decoding statistics."""
     from pathlib import Path
@@ -298,7 +299,7 @@ def chat_command(
     # The plain-speed cache is per model and backend.
     model_key = f"{Path(model).resolve() if model else 'default'}|{backend}"
     ChatApp(
-        lambda: edgemtp.load(model, backend=backend),
+        lambda: edgemtp.load(model, backend=backend, max_kv_size=max_kv_size),
         model_key=model_key,
         settings=settings,
         store=store,
@@ -321,6 +322,7 @@ def generate_command(
     backend: str = typer.Option(None, "--backend", help="mlx or onnx; omitted: mlx on Apple Silicon, onnx elsewhere."),
     chat: bool = typer.Option(True, "--chat/--no-chat", help="Wrap the prompt in the model's chat template."),
     as_json: bool = typer.Option(False, "--json", help='Print one JSON object {"text","tokens","stats"} at the end instead of streaming.'),
+    max_kv_size: int = typer.Option(None, "--max-kv-size", help="Tokens of context to preallocate; default: the longest that fits in memory (up to the model's window, at most 32768)."),
 ) -> None:
     """Generate text with speculative decoding; a speed and acceptance summary goes to stderr."""
     import json
@@ -341,8 +343,10 @@ def generate_command(
         raise UserError(f"--max-tokens must be at least 1, got {max_tokens}")
     num_draft_value = "auto" if num_draft == "auto" else parse_num_draft(num_draft)
 
-    target = load(model, backend=backend)
-    drafter_model = load(draft_model, backend=backend) if draft_model else None
+    if max_kv_size is not None and max_kv_size < 1:
+        raise UserError(f"--max-kv-size must be at least 1 token, got {max_kv_size}")
+    target = load(model, backend=backend, max_kv_size=max_kv_size)
+    drafter_model = load(draft_model, backend=backend, max_kv_size=max_kv_size) if draft_model else None
     stream = target.stream(prompt, max_tokens=max_tokens, temperature=temp, top_p=top_p, top_k=top_k, seed=seed,
                            spec=spec, num_draft=num_draft_value, draft_model=drafter_model, chat=chat)
     texts, tokens, stats = [], [], None

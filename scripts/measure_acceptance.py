@@ -32,9 +32,14 @@ PROMPTS = Path(__file__).resolve().parents[1] / "models/smollm2-135m-mtp/heldout
 NUM_DRAFT = 3
 
 
-def heldout_prompts(limit: int) -> list[str]:
-    lines = PROMPTS.read_text().splitlines()
-    return [json.loads(line)["prompt"] for line in lines[:limit]]
+def heldout_prompts(limit: int) -> list[dict]:
+    """The first ``limit`` held-out prompts: ``{"id", "source", "prompt"}``."""
+    return [json.loads(line) for line in PROMPTS.read_text().splitlines()[:limit]]
+
+
+def pooled(reached: list[int], hits: list[int], steps: int, tokens: int) -> dict:
+    return {"acceptance_by_position": [h / r if r else 0.0 for h, r in zip(hits, reached)],
+            "drafted_by_position": reached, "mean_accepted_length": tokens / steps, "steps": steps}
 
 
 def check_cli_matches(prompt: str, backend: str, model_dir: Path, max_tokens: int, stats) -> None:
@@ -58,13 +63,21 @@ def measure(backend: str, bits: int, num_prompts: int, max_tokens: int, check_cl
     reached, hits = [0] * NUM_DRAFT, [0] * NUM_DRAFT
     steps = tokens = mismatches = plain_tokens = 0
     spec_seconds = plain_seconds = 0.0  # decoding time only, as the stats time it
-    for n, prompt in enumerate(heldout_prompts(num_prompts), start=1):
+    by_source: dict[str, dict] = {}  # source -> pooled counts of its prompts
+    for n, entry in enumerate(heldout_prompts(num_prompts), start=1):
+        prompt = entry["prompt"]
         spec = model.generate(prompt, max_tokens=max_tokens, temperature=0, spec="mtp", num_draft=NUM_DRAFT)
         plain = model.generate(prompt, max_tokens=max_tokens, temperature=0, spec="none")
         stats = spec.stats
+        source = by_source.setdefault(entry["source"], {"reached": [0] * NUM_DRAFT, "hits": [0] * NUM_DRAFT,
+                                                        "steps": 0, "tokens": 0})
         for i, (r, h) in enumerate(zip(stats.verified_by_position, stats.accepted_by_position)):
             reached[i] += r
             hits[i] += h
+            source["reached"][i] += r
+            source["hits"][i] += h
+        source["steps"] += stats.steps
+        source["tokens"] += stats.generated_tokens
         steps += stats.steps
         tokens += stats.generated_tokens
         spec_seconds += decode_seconds(stats)
@@ -77,10 +90,9 @@ def measure(backend: str, bits: int, num_prompts: int, max_tokens: int, check_cl
               f"{stats.accepted}/{stats.drafted} drafts accepted", file=sys.stderr, flush=True)
         result = {
             "backend": backend, "bits": bits, "prompts": n, "max_tokens": max_tokens,
-            "acceptance_by_position": [h / r if r else 0.0 for h, r in zip(hits, reached)],
-            "drafted_by_position": reached,
-            "mean_accepted_length": tokens / steps,
-            "generated_tokens": tokens, "steps": steps,
+            **pooled(reached, hits, steps, tokens),
+            "generated_tokens": tokens,
+            "by_source": {name: pooled(c["reached"], c["hits"], c["steps"], c["tokens"]) for name, c in by_source.items()},
             # Decoding rates pooled over prompts (prompt processing excluded: the plain run of a
             # prompt reuses the speculative run's prompt cache, so timing whole calls would favour it).
             "spec_tokens_per_s": (tokens - n) / spec_seconds,
@@ -116,6 +128,10 @@ def main() -> None:
           "mean accepted length (k=3) | tokens/s spec / plain | same output as plain |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     print(markdown_row(result))
+    for name, figures in result["by_source"].items():
+        by_position = " / ".join(f"{a:.3f}" for a in figures["acceptance_by_position"])
+        print(f"{name}: acceptance by position {by_position}, mean accepted length "
+              f"{figures['mean_accepted_length']:.2f} over {figures['steps']} steps")
 
 
 if __name__ == "__main__":

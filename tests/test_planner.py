@@ -183,3 +183,32 @@ def test_mlx_export_layout_counts_mtp_file(tmp_path):
     assert files.total == (tmp_path / "model.safetensors").stat().st_size + mtp_size
     assert (files.mtp, files.embedding) == (mtp_size, 8 * 4 * 4)
     assert files.trunk_stream == files.total - mtp_size - 8 * 4 * 4
+
+
+# --- edgemtp.load plans first ------------------------------------------------------
+
+
+@pytest.mark.parametrize("backend", ["mlx", "onnx"])
+def test_load_sizes_the_cache_to_what_fits(deepseek_dir, monkeypatch, backend):
+    import edgemtp
+
+    config = planner.load_config(deepseek_dir)
+    weights = planner.weight_files(deepseek_dir, config).total
+    usable = planner.estimate(config, weights, 300, "float32").total
+    monkeypatch.setattr(planner, "detect_memory_budget", lambda: MemoryBudget(int(usable / planner.BUDGET_FRACTION) + 2, "test"))
+    model = edgemtp.load(deepseek_dir, backend=backend, **({"bits": None} if backend == "onnx" else {}))
+    assert model.backend.max_context == 300
+    assert edgemtp.load(deepseek_dir, backend=backend, max_kv_size=100).backend.max_context == 100
+
+
+def test_cli_generate_refuses_a_context_that_does_not_fit(deepseek_dir, monkeypatch, capsys):
+    from edgemtp import cli
+
+    monkeypatch.setattr(planner, "detect_memory_budget", lambda: MemoryBudget(1 << 40, "test"))
+    monkeypatch.setattr(sys, "argv", ["edgemtp", "generate", "--model", str(deepseek_dir), "--backend", "mlx",
+                                      "-p", "hi", "--max-kv-size", "5000"])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "--max-kv-size 2048" in err and "Traceback" not in err

@@ -12,6 +12,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from edgemtp.draft_vocab import FILE_NAME as DRAFT_VOCAB_FILE
 from edgemtp.errors import UserError
 
 TARGETS = ("mlx", "onnx")
@@ -24,10 +25,14 @@ DEFAULTS = {
 
 def convert(src, out, to: str = "mlx", bits: int | None = None, group_size: int | None = None,
             mtp_bits: int | None = None, dtype: str | None = None, force: bool = False,
-            show_progress: bool = True, mtp_file: Path | None = None) -> Path:
+            show_progress: bool = True, mtp_file: Path | None = None,
+            draft_vocab: str | Path | None = None) -> Path:
     """Convert ``src`` into ``out`` for backend ``to``; returns ``out``.
 
     ``mtp_file`` attaches MTP layers kept outside the source (the default model's).
+    ``draft_vocab`` is a draft vocabulary file (``edgemtp draft-vocab``) stored with the output,
+    so the MTP draft head scores only its tokens; ``"none"`` stores none; None takes the
+    ``draft_vocab.safetensors`` of the source directory or beside ``mtp_file``, if there is one.
     """
     from edgemtp.converters.sources import WithMTPLayers, open_source
 
@@ -47,13 +52,40 @@ def convert(src, out, to: str = "mlx", bits: int | None = None, group_size: int 
     if mtp_file is not None:
         ckpt = WithMTPLayers(ckpt, mtp_file)
         ckpt.validate()
+    vocab_file = _draft_vocab_file(draft_vocab, ckpt, mtp_file)
 
     with _partial_dir(out, force) as partial:
         if to == "mlx":
             _to_mlx(ckpt, partial, options, show_progress)
+            if vocab_file is not None:  # the MLX backend slices the head rows when it loads
+                shutil.copyfile(vocab_file, partial / DRAFT_VOCAB_FILE)
         else:
-            _to_onnx(ckpt, partial, options, show_progress)
+            _to_onnx(ckpt, partial, options, show_progress, vocab_file)
     return out
+
+
+def _draft_vocab_file(draft_vocab: str | Path | None, ckpt, mtp_file: Path | None) -> Path | None:
+    """The draft vocabulary file to store with the output (checked against the model), or None."""
+    from edgemtp.draft_vocab import read_draft_vocab
+
+    if str(draft_vocab) == "none":
+        return None
+    if draft_vocab is None:
+        beside = [Path(ckpt.path)] if Path(ckpt.path).is_dir() else []
+        beside += [Path(mtp_file).parent] if mtp_file is not None else []
+        found = [folder / DRAFT_VOCAB_FILE for folder in beside if (folder / DRAFT_VOCAB_FILE).is_file()]
+        if not found or not ckpt.num_mtp_layers:  # without MTP layers there is no draft head to prune
+            return None
+        path = found[0]
+    else:
+        path = Path(draft_vocab)
+        if not path.is_file():
+            raise UserError(f"--draft-vocab {path} does not exist; pass a file made by `edgemtp draft-vocab`, or none")
+        if not ckpt.num_mtp_layers:
+            raise UserError("--draft-vocab applies to MTP draft heads and this model has no MTP layers; "
+                            "leave --draft-vocab out")
+    read_draft_vocab(path, int(ckpt.config["vocab_size"]))  # refuse a bad file before converting
+    return path
 
 
 @contextmanager
@@ -73,16 +105,17 @@ def _partial_dir(out: Path, force: bool):
 
 
 @contextmanager
-def _byte_progress(total: int, description: str, show: bool):
-    """A rich progress bar over bytes (with speed and ETA); yields ``advance(n)``."""
+def byte_progress(total: int, description: str, show: bool):
+    """A rich progress bar over bytes (with speed and ETA) on stderr; yields ``advance(n)``."""
     if not show:
         yield lambda n: None
         return
+    from rich.console import Console
     from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
                                TransferSpeedColumn)
 
     with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
-                  TimeRemainingColumn(), transient=True) as bar:
+                  TimeRemainingColumn(), transient=True, console=Console(stderr=True)) as bar:
         task = bar.add_task(description, total=total)
         yield lambda n: bar.advance(task, n)
 
@@ -90,12 +123,12 @@ def _byte_progress(total: int, description: str, show: bool):
 def _to_mlx(ckpt, out: Path, options: dict, show_progress: bool) -> None:
     from edgemtp.converters.mlx_export import export_mlx, total_bytes
 
-    with _byte_progress(total_bytes(ckpt), "converting to MLX", show_progress) as advance:
+    with byte_progress(total_bytes(ckpt), "converting to MLX", show_progress) as advance:
         export_mlx(ckpt, out, bits=options["bits"], group_size=options["group_size"], mtp_bits=options["mtp_bits"],
                    dtype=options["dtype"], progress=advance)
 
 
-def _to_onnx(ckpt, out: Path, options: dict, show_progress: bool) -> None:
+def _to_onnx(ckpt, out: Path, options: dict, show_progress: bool, draft_vocab: Path | None) -> None:
     # The ONNX exporter reads HF directories; other sources are first written as one.
     from edgemtp.checkpoint import Checkpoint
     from edgemtp.converters.onnx_export.export import export_onnx
@@ -109,13 +142,13 @@ def _to_onnx(ckpt, out: Path, options: dict, show_progress: bool) -> None:
 
     if isinstance(ckpt, Checkpoint):
         export_onnx(ckpt.path, out, bits=bits, group_size=options["group_size"], mtp_bits=mtp_bits,
-                    dtype=options["dtype"], progress=step)
+                    dtype=options["dtype"], progress=step, draft_vocab=draft_vocab)
         return
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".hf-") as tmp:
-        with _byte_progress(sum(ckpt.nbytes(n) for n in ckpt.names()), "unpacking to float32", show_progress) as advance:
+        with byte_progress(sum(ckpt.nbytes(n) for n in ckpt.names()), "unpacking to float32", show_progress) as advance:
             write_hf_dir(ckpt, Path(tmp), advance)
         export_onnx(tmp, out, bits=bits, group_size=options["group_size"], mtp_bits=mtp_bits,
-                    dtype=options["dtype"], progress=step)
+                    dtype=options["dtype"], progress=step, draft_vocab=draft_vocab)
 
 
 def write_hf_dir(ckpt, out: Path, advance=lambda n: None) -> Path:

@@ -13,7 +13,10 @@ repeats:
   to the one it gives (measured);
 * a roofline: bytes of weights each decode step reads, and what fraction of the
   machine's measured read bandwidth plain decoding achieves;
-* peak RSS, and on MLX mlx-lm's own ``stream_generate`` side by side.
+* peak RSS, and on MLX mlx-lm's own ``stream_generate`` side by side;
+* for the default model, whose MTP head scores a draft vocabulary (edgemtp/draft_vocab.py),
+  the same model with a full-vocabulary MTP head, MTP drafting only: what the draft
+  vocabulary saves in draft cost and loses in acceptance.
 
 The figures live in plain dataclasses; ``edgemtp.benchreport`` turns them into a table,
 JSON, markdown and a plot.
@@ -76,6 +79,7 @@ class TargetFigures:
     peak_rss_bytes: int  # of the bench process so far (earlier targets included)
     mlx_lm_tokens_per_s: float | None = None
     mlx_lm_note: str = ""
+    draft_vocab_size: int | None = None  # tokens the MTP head scores; None: the full vocabulary
 
     @property
     def mlx_lm_ratio(self) -> float | None:
@@ -87,11 +91,16 @@ class TargetFigures:
 
 @dataclass(frozen=True)
 class Target:
-    """One thing to measure: a model directory on a backend, with a name for the report."""
+    """One thing to measure: a model directory on a backend, with a name for the report.
+
+    ``drafters`` limits the speculative measurements to these drafters (default: every one
+    the model supports).
+    """
 
     model_dir: Path
     backend: str
     label: str
+    drafters: tuple[str, ...] | None = None
 
 
 @dataclass
@@ -291,6 +300,12 @@ def mtp_step_seconds(backend, repeats: int) -> float:
     return _median_seconds(step, repeats)
 
 
+def draft_vocab_size(backend) -> int | None:
+    """Tokens the MTP draft head scores, or None when it scores the full vocabulary."""
+    ids = getattr(backend, "draft_ids", None)  # set by edgemtp's MLX and ONNX backends
+    return None if ids is None else len(ids)
+
+
 def peak_rss_bytes() -> int:
     """This process's peak resident set size (ru_maxrss is KiB on Linux, bytes on macOS)."""
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -332,8 +347,10 @@ def mlx_lm_tokens_per_s(model_dir: Path, prompt_ids: list[list[int]], max_tokens
 
 
 def bench_target(plan, label: str, prompts: list[str], *, max_tokens: int, repeats: int, bandwidth_gb_s: float,
-                 draft_dir: Path | None = None, progress=print) -> TargetFigures:
-    """Measure one planned model directory on its backend (see the module docstring)."""
+                 draft_dir: Path | None = None, drafters_wanted: tuple[str, ...] | None = None,
+                 progress=print) -> TargetFigures:
+    """Measure one planned model directory on its backend (see the module docstring);
+    ``drafters_wanted`` limits which drafters are measured."""
     import edgemtp
     from edgemtp.planner import wired_limit
 
@@ -341,7 +358,11 @@ def bench_target(plan, label: str, prompts: list[str], *, max_tokens: int, repea
     progress(f"[{backend_name}] loading {model_dir}")
     load_options = {"max_kv_size": plan.max_kv_size} if backend_name == "mlx" else {}
     model = edgemtp.load(model_dir, backend=backend_name, **load_options)
-    draft_model = edgemtp.load(draft_dir, backend=backend_name) if draft_dir else None
+
+    def wanted(drafter: str) -> bool:
+        return drafters_wanted is None or drafter in drafters_wanted
+
+    draft_model = edgemtp.load(draft_dir, backend=backend_name) if draft_dir and wanted("draft") else None
 
     with wired_limit():
         progress(f"[{backend_name}] plain decoding")
@@ -351,19 +372,17 @@ def bench_target(plan, label: str, prompts: list[str], *, max_tokens: int, repea
         progress(f"[{backend_name}] cost curve")
         seconds = trunk_cost_curve(model.backend, repeats)
         cost_curve = [s / seconds[0] for s in seconds]
-        # An n-gram draft is a table lookup in Python: negligible next to a forward pass.
-        draft_cost = {"ngram": 0.0}
-        drafters = ["ngram"]
-        if model.backend.num_mtp_layers > 0:
+        draft_cost = {}  # drafter -> cost of one draft step / T(1), in the order measured below
+        if model.backend.num_mtp_layers > 0 and wanted("mtp"):
             draft_cost["mtp"] = mtp_step_seconds(model.backend, repeats) / seconds[0]
-            drafters.insert(0, "mtp")
+        if wanted("ngram"):
+            draft_cost["ngram"] = 0.0  # a table lookup in Python: negligible next to a forward pass
         if draft_model is not None:
             draft_seconds = trunk_cost_curve(draft_model.backend, repeats)[0]
             draft_cost["draft"] = draft_seconds / seconds[0]
-            drafters.append("draft")
 
         speculative = []
-        for drafter in drafters:
+        for drafter in draft_cost:
             for k in DRAFT_LENGTHS:
                 progress(f"[{backend_name}] {drafter} k={k}")
                 figures, _ = measure_decoding(model, prompts, max_tokens=max_tokens, repeats=repeats, spec=drafter,
@@ -386,6 +405,7 @@ def bench_target(plan, label: str, prompts: list[str], *, max_tokens: int, repea
         draft_cost=draft_cost,
         bandwidth_fraction=bandwidth_fraction(plan.weights.trunk_stream, plain.tokens_per_s, bandwidth_gb_s),
         peak_rss_bytes=peak_rss_bytes(),
+        draft_vocab_size=draft_vocab_size(model.backend),
     )
     if backend_name == "mlx":
         progress("[mlx] mlx-lm stream_generate")
@@ -415,13 +435,34 @@ def run_bench(targets: list[Target], prompts: list[str], *, max_tokens: int, rep
     bandwidth = read_bandwidth(bandwidth_bytes or DEFAULT_BUFFER_BYTES, repeats=max(repeats, 3))
     figures = [
         bench_target(plan, target.label, prompts, max_tokens=max_tokens, repeats=repeats,
-                     bandwidth_gb_s=bandwidth.gb_per_s, draft_dir=draft_dir, progress=progress)
+                     bandwidth_gb_s=bandwidth.gb_per_s, draft_dir=draft_dir, drafters_wanted=target.drafters,
+                     progress=progress)
         for plan, target in zip(plans, targets)
     ]
     machine = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                "bandwidth_threads": bandwidth.threads}
     settings = {"max_tokens": max_tokens, "repeats": repeats, "prompts": len(prompts)}
     return BenchResult(machine=machine, bandwidth_gb_s=bandwidth.gb_per_s, targets=figures, settings=settings)
+
+
+def default_model_targets(backends: list[str], bits: list[int]) -> list[Target]:
+    """The embedded default model per backend and bits (default: the backend's default bits).
+
+    When it ships a draft vocabulary, each conversion is followed by one whose MTP head scores
+    the full vocabulary, measured with MTP drafting only: the comparison the draft vocabulary
+    has to win.
+    """
+    from edgemtp.default_model import DEFAULT_BITS, default_model_path, draft_vocab_path
+
+    targets = []
+    for backend in backends:
+        for count in bits or [DEFAULT_BITS[backend]]:
+            label = f"default model {count}-bit ({backend})"
+            targets.append(Target(default_model_path(backend, count), backend, label))
+            if draft_vocab_path() is not None:
+                targets.append(Target(default_model_path(backend, count, draft_vocab=False), backend,
+                                      f"{label}, full-vocabulary MTP head", drafters=("mtp",)))
+    return targets
 
 
 def convert_targets(source: Path, backends: list[str], bits: list[int], work_dir: Path, progress=print) -> list[Target]:

@@ -16,6 +16,9 @@ from edgemtp.bench import BenchResult, DecodeFigures, TargetFigures
 
 # Short headers so the table fits an 80-column terminal.
 DECODE_COLUMNS = ("mode", "k", "tok/s", "TTFT ms", "tok/step", "accept by pos", "ideal ×", "real ×", "= plain")
+# MTP drafting side by side across targets, for the draft vocabulary's comparison.
+DRAFT_VOCAB_COLUMNS = ("model", "MTP head scores", "draft / trunk step", "accept by pos (longest k)",
+                       "tok/s by k", "auto tok/s")
 
 
 def _decode_row(figures: DecodeFigures) -> list[str]:
@@ -57,6 +60,30 @@ def summary_rows(result: BenchResult, target: TargetFigures) -> list[tuple[str, 
     return rows
 
 
+def draft_vocab_rows(result: BenchResult) -> list[list[str]]:
+    """One row per target that drafted with MTP, when some target's MTP head scores a draft
+    vocabulary (edgemtp/draft_vocab.py); else none. Acceptance is the longest fixed k's."""
+    if not any(target.draft_vocab_size for target in result.targets):
+        return []
+    rows = []
+    for target in result.targets:
+        fixed = [f for f in target.speculative if f.spec == "mtp" and isinstance(f.num_draft, int)]
+        auto = [f for f in target.speculative if f.spec == "mtp" and f.num_draft == "auto"]
+        if not fixed:
+            continue
+        longest = max(fixed, key=lambda f: f.num_draft)
+        scored = f"{target.draft_vocab_size:,} tokens" if target.draft_vocab_size else "full vocabulary"
+        rows.append([
+            target.model,
+            scored,
+            f"{target.draft_cost['mtp']:.3f}",
+            " ".join(f"{rate:.2f}" for rate in longest.acceptance_by_position) or "–",
+            " ".join(f"{f.tokens_per_s:.1f}" for f in fixed),
+            f"{auto[0].tokens_per_s:.1f}" if auto else "–",
+        ])
+    return rows
+
+
 def print_report(result: BenchResult, console=None) -> None:
     """Print every target as a summary grid plus a decoding table."""
     from rich.console import Console
@@ -74,6 +101,12 @@ def print_report(result: BenchResult, console=None) -> None:
         for figures in [target.plain, *target.speculative]:
             table.add_row(*_decode_row(figures))
         console.print(table)
+    vocab_rows = draft_vocab_rows(result)
+    if vocab_rows:
+        table = Table(*DRAFT_VOCAB_COLUMNS, title="MTP drafting: draft vocabulary vs full vocabulary")
+        for row in vocab_rows:
+            table.add_row(*row)
+        console.print(table)
 
 
 def to_markdown(result: BenchResult) -> str:
@@ -90,6 +123,14 @@ def to_markdown(result: BenchResult) -> str:
         lines.append("|" + "---|" * len(DECODE_COLUMNS))
         for figures in [target.plain, *target.speculative]:
             lines.append("| " + " | ".join(_decode_row(figures)) + " |")
+        lines.append("")
+    vocab_rows = draft_vocab_rows(result)
+    if vocab_rows:
+        lines.append("**MTP drafting: draft vocabulary vs full vocabulary**")
+        lines.append("")
+        lines.append("| " + " | ".join(DRAFT_VOCAB_COLUMNS) + " |")
+        lines.append("|" + "---|" * len(DRAFT_VOCAB_COLUMNS))
+        lines.extend("| " + " | ".join(row) + " |" for row in vocab_rows)
         lines.append("")
     return "\n".join(lines)
 

@@ -22,6 +22,7 @@ import ml_dtypes
 import numpy as np
 
 from edgemtp.config import check_supported, load_config, num_mtp_layers
+from edgemtp.draft_vocab import FILE_NAME as DRAFT_VOCAB_FILE
 from edgemtp.errors import UserError
 from edgemtp.layout import expected_weights, is_optional, mtp_prefix
 
@@ -225,14 +226,20 @@ def _safetensors_files(path: Path) -> list[Path]:
             if not file.is_file():
                 raise UserError(f"{file.name} is listed in {index_path.name} but missing; download the missing shard")
         return files
-    files = sorted(path.glob("*.safetensors"))
+    # The MTP draft vocabulary may sit beside the weights (edgemtp/draft_vocab.py); it is not one.
+    files = sorted(p for p in path.glob("*.safetensors") if p.name != DRAFT_VOCAB_FILE)
     if files:
         return files
+    refuse_pickles(path)
+    raise UserError(f"{path} has no *.safetensors weights; pass a Hugging Face model directory")
+
+
+def refuse_pickles(path: Path) -> None:
+    """Raise the one-line refusal when ``path`` holds pickle weights (never unpickled)."""
     pickles = sorted({p.name for pattern in PICKLE_PATTERNS for p in path.glob(pattern)})
     if pickles:
         raise UserError(f"{path} holds only pickle weights ({', '.join(pickles)}); edgemtp refuses to unpickle "
                         f"(it can run arbitrary code): convert them to safetensors first")
-    raise UserError(f"{path} has no *.safetensors weights; pass a Hugging Face model directory")
 
 
 def _read_header(file: Path) -> dict[str, TensorEntry]:

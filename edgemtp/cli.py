@@ -197,7 +197,7 @@ def bench_command(
 
     from edgemtp import benchreport
     from edgemtp.api import default_backend
-    from edgemtp.bench import Target, convert_targets, load_prompts, run_bench
+    from edgemtp.bench import Target, convert_targets, default_model_targets, load_prompts, run_bench
 
     choices = {"mlx": ["mlx"], "onnx": ["onnx"], "all": ["mlx", "onnx"]}
     backend = backend or default_backend()
@@ -210,10 +210,7 @@ def bench_command(
 
     with tempfile.TemporaryDirectory(prefix="edgemtp-bench-") as work_dir:
         if not models:  # the embedded default model, converted once per backend and bits
-            from edgemtp.default_model import DEFAULT_BITS, default_model_path
-
-            targets = [Target(default_model_path(name, b), name, f"default model {b}-bit ({name})")
-                       for name in choices[backend] for b in (bits or [DEFAULT_BITS[name]])]
+            targets = default_model_targets(choices[backend], bits)
         elif bits:
             targets = [target for model in models
                        for target in convert_targets(Path(model), choices[backend], bits, Path(work_dir) / Path(model).name, say)]
@@ -241,12 +238,31 @@ def convert_command(
     mtp_bits: int | None = typer.Option(None, "--mtp-bits", help="MTP layer weight bits: 4, 8 or 16 (at 4 their output heads stay at 8). Default: 8."),
     dtype: str | None = typer.Option(None, "--dtype", help="Dtype of unquantized weights: float16, bfloat16 or float32. Default: float16 for mlx, float32 for onnx."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it already exists."),
+    draft_vocab: str | None = typer.Option(None, "--draft-vocab", help="FILE from `edgemtp draft-vocab`: the MTP draft head scores only its tokens (verification stays over the full vocabulary), or none. Default: draft_vocab.safetensors of the source directory, if any."),
 ) -> None:
     """Convert a model (HF directory, GGUF or Hub repo) into an MLX or ONNX model directory."""
     from edgemtp.converters.convert import convert
 
-    path = convert(src, out, to=to, bits=bits, group_size=group_size, mtp_bits=mtp_bits, dtype=dtype, force=force)
+    path = convert(src, out, to=to, bits=bits, group_size=group_size, mtp_bits=mtp_bits, dtype=dtype, force=force,
+                   draft_vocab=draft_vocab)
     typer.echo(f"wrote {path}")
+
+
+@app.command("draft-vocab")
+def draft_vocab_command(
+    model: str = typer.Argument(..., help="Model directory or .gguf file whose tokenizer counts the corpus."),
+    out_file: str = typer.Argument(..., help="File to write (draft_vocab.safetensors); pass it to `edgemtp convert --draft-vocab`."),
+    data: str = typer.Option(..., "--data", help="Corpus directory (topical_chat.jsonl, tinystories_valid_head.txt, gutenberg/*.txt)."),
+    coverage: float | None = typer.Option(None, "--coverage", help="Keep the fewest most frequent tokens that cover this share of the corpus's tokens. Default: 0.95."),
+    size: int | None = typer.Option(None, "--size", help="Keep this many most frequent tokens instead."),
+) -> None:
+    """Choose the tokens the MTP draft head scores, from token counts on a corpus."""
+    from edgemtp.draft_vocab import COVERAGE_STEPS, make_draft_vocab
+
+    ids, counts = make_draft_vocab(model, out_file, data, coverage=coverage, size=size)
+    typer.echo(f"wrote {out_file}: {len(ids):,} of {len(counts.counts):,} tokens, covering "
+               f"{counts.coverage(ids):.2%} of the corpus's {counts.total:,} tokens (special tokens included)")
+    typer.echo("tokens needed per coverage: " + ", ".join(f"{c:.1%} {counts.size_for(c):,}" for c in COVERAGE_STEPS))
 
 
 @app.command("models")

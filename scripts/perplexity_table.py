@@ -1,7 +1,7 @@
 """Perplexity of the default model's trunk (SmolLM2-135M-Instruct, from its Q4_1 GGUF) after
 conversion to each format at 8 and 4 bits, against its fp16 conversion: the README's table.
 
-    python scripts/perplexity_table.py [--tokens 20480]
+    python scripts/perplexity_table.py [--tokens 20480] [--only onnx4 ...]
 
 Text: Jane Austen's *Persuasion* from ../shared/data/corpus (held out: not used for training
 anything here). Every model is scored by ``edgemtp.perplexity.perplexity`` in windows of 512.
@@ -79,8 +79,13 @@ def _score_onnx(workdir: Path, bits: int, ids: list[int]) -> float:
     return perplexity(edgemtp.load(onnx_dir, backend="onnx"), ids, WINDOW)
 
 
-def measure_all(workdir: Path, text: str, tokens: int = TOKENS, report=lambda key, value: None) -> dict:
-    """``{"fp16": ppl, (format, bits): ppl, ...}`` for the default trunk on ``text``'s first ``tokens`` tokens."""
+ROWS = {"mlx8": ("mlx", 8), "mlx4": ("mlx", 4), "onnx8": ("onnx", 8), "onnx4": ("onnx", 4)}
+
+
+def measure_all(workdir: Path, text: str, tokens: int = TOKENS, report=lambda key, value: None,
+                rows: list[str] | None = None) -> dict:
+    """``{"fp16": ppl, (format, bits): ppl, ...}`` for the default trunk on ``text``'s first ``tokens`` tokens;
+    ``rows`` (names from ``ROWS``) limits the quantized conversions measured (the fp16 reference always is)."""
     reference_dir = convert(gguf_path(), workdir / "fp16", to="mlx", bits=16, dtype="float16", show_progress=False)
     ids = Tokenizer.from_dir(reference_dir).encode(text)[:tokens]
     if len(ids) < tokens:
@@ -92,8 +97,9 @@ def measure_all(workdir: Path, text: str, tokens: int = TOKENS, report=lambda ke
                        (("mlx", 4), lambda: _score_mlx(workdir, "mlx4", 4, None, ids)),
                        (("onnx", 8), lambda: _score_onnx(workdir, 8, ids)),
                        (("onnx", 4), lambda: _score_onnx(workdir, 4, ids))]:
-        results[key] = score()
-        report(key, results[key])
+        if key == "fp16" or rows is None or key in [ROWS[row] for row in rows]:
+            results[key] = score()
+            report(key, results[key])
     return results
 
 
@@ -102,11 +108,13 @@ def main() -> None:
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=TOKENS, help="number of held-out tokens to score")
+    parser.add_argument("--only", nargs="+", choices=list(ROWS), help="measure only these conversions (and fp16)")
     args = parser.parse_args()
     print(f"{args.tokens} tokens of {TEXT.name}, windows of {WINDOW}, group size {GROUP_SIZE}", file=sys.stderr)
     with tempfile.TemporaryDirectory() as tmp:
         results = measure_all(Path(tmp), TEXT.read_text(encoding="utf-8"), args.tokens,
-                              report=lambda key, value: print(key, f"{value:.3f}", file=sys.stderr, flush=True))
+                              report=lambda key, value: print(key, f"{value:.3f}", file=sys.stderr, flush=True),
+                              rows=args.only)
     reference = results["fp16"]
     print("| format | bits | perplexity | vs fp16 |")
     print("| --- | --- | --- | --- |")

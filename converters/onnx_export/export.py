@@ -13,6 +13,8 @@ from edgemtp.converters.onnx_export.manifest import MANIFEST, make_manifest
 from edgemtp.converters.onnx_export.model import ARCHS, build_mtp, build_trunk
 from edgemtp.layout import mtp_prefix
 from edgemtp.converters.onnx_export.quantize import quantize
+from edgemtp.draft_vocab import FILE_NAME as DRAFT_VOCAB_FILE
+from edgemtp.draft_vocab import read_draft_vocab
 from edgemtp.errors import UserError
 
 # Files copied next to the graphs so the export loads without the checkpoint.
@@ -25,13 +27,15 @@ Progress = Callable[[str, int, int], None]
 
 
 def export_onnx(checkpoint: str | Path, out_dir: str | Path, bits: int | None = 4, group_size: int = 32,
-                mtp_bits: int | None = None, dtype: str = "float32", progress: Progress | None = None) -> Path:
+                mtp_bits: int | None = None, dtype: str = "float32", progress: Progress | None = None,
+                draft_vocab: str | Path | None = None) -> Path:
     """Convert ``checkpoint`` into ``out_dir``: trunk graph, one graph per MTP layer, manifest.
 
     ``bits`` 4 or 8 quantizes the trunk's MatMuls (MatMulNBits); None keeps float weights.
     ``mtp_bits`` does the same for the MTP graphs (default: same as ``bits``). Activations and
     caches are float32: onnxruntime's CPU kernels are fastest and most complete in float32, so
-    ``dtype`` accepts only "float32" for now.
+    ``dtype`` accepts only "float32" for now. ``draft_vocab`` (a file from ``edgemtp
+    draft-vocab``) makes the MTP graphs score only its tokens; it is copied into the export.
     """
     mtp_bits = bits if mtp_bits is None else mtp_bits
     for value in (bits, mtp_bits):
@@ -45,6 +49,7 @@ def export_onnx(checkpoint: str | Path, out_dir: str | Path, bits: int | None = 
 
     ckpt = Checkpoint.open(checkpoint)
     config = ckpt.config
+    draft_ids = read_draft_vocab(draft_vocab, int(config["vocab_size"])) if draft_vocab is not None else None
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} already exists and is not empty; choose another output directory or delete it")
@@ -55,7 +60,8 @@ def export_onnx(checkpoint: str | Path, out_dir: str | Path, bits: int | None = 
     max_positions = int(config.get("max_position_embeddings", 4096))
     graphs = [("trunk", lambda: build_trunk(config, ckpt.read, max_positions), bits)]
     graphs += [(f"mtp{i}", lambda i=i: build_mtp(config, ckpt.read, i, max_positions,
-                                                 f"{mtp_prefix(config, i)}shared_head.head.weight" in ckpt.names()),
+                                                 f"{mtp_prefix(config, i)}shared_head.head.weight" in ckpt.names(),
+                                                 draft_ids),
                  mtp_bits)
                for i in range(ckpt.num_mtp_layers)]
     for done, (name, build, graph_bits) in enumerate(graphs):
@@ -75,8 +81,11 @@ def export_onnx(checkpoint: str | Path, out_dir: str | Path, bits: int | None = 
     for side in SIDE_FILES:
         if (ckpt.path / side).is_file():
             shutil.copy2(ckpt.path / side, partial / side)
+    if draft_ids is not None:
+        shutil.copyfile(draft_vocab, partial / DRAFT_VOCAB_FILE)
     cache = ARCHS[config["model_type"]][1](config)
-    manifest = make_manifest(config, cache, bits, mtp_bits, group_size, dtype, max_positions)
+    manifest = make_manifest(config, cache, bits, mtp_bits, group_size, dtype, max_positions,
+                             None if draft_ids is None else len(draft_ids))
     (partial / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     if out.exists():
         out.rmdir()

@@ -6,6 +6,11 @@ Layout of an export directory::
     config.json, tokenizer*.json   copied from the checkpoint, so the directory is self-contained
     trunk/model.onnx(.data)        the target model
     mtp0/model.onnx(.data), ...    one graph per MTP layer
+    draft_vocab.safetensors        only with "draft_vocab": the token ids the MTP graphs score
+
+The trunk's logits are always over the full vocabulary. With ``"draft_vocab": {"file", "size"}``
+the MTP graphs' logits are over the draft vocabulary instead: ``(1, n, size)``, column j for the
+j-th id of the file (see edgemtp/draft_vocab.py); without it (null) they are full too.
 """
 
 from __future__ import annotations
@@ -14,16 +19,17 @@ import json
 from pathlib import Path
 
 from edgemtp.converters.onnx_export.graph import OPSET
-from edgemtp.converters.onnx_export.quantize import symmetric
+from edgemtp.converters.onnx_export.quantize import scheme
+from edgemtp.draft_vocab import FILE_NAME as DRAFT_VOCAB_FILE
 from edgemtp.errors import UserError
 
 FORMAT = "edgemtp-onnx"
-VERSION = 1
+VERSION = 2
 MANIFEST = "manifest.json"
 
 
 def make_manifest(config: dict, cache: dict, bits: int | None, mtp_bits: int | None, group_size: int,
-                  dtype: str, max_positions: int) -> dict:
+                  dtype: str, max_positions: int, draft_vocab_size: int | None = None) -> dict:
     # GQA takes explicit lengths; MLA derives positions from the length of its past inputs.
     positions = ["seqlens_k", "total_sequence_length"] if cache["kind"] == "gqa_shared_buffer" else []
 
@@ -43,13 +49,14 @@ def make_manifest(config: dict, cache: dict, bits: int | None, mtp_bits: int | N
         "mtp": [{"path": f"mtp{i}/model.onnx", "cache_slots": 1,
                  "inputs": ["hidden", "input_ids", *positions, *names("inputs", 1)],
                  "outputs": ["logits", "h1", *names("outputs", 1)]} for i in range(num_mtp)],
+        "draft_vocab": None if draft_vocab_size is None else {"file": DRAFT_VOCAB_FILE, "size": draft_vocab_size},
     }
 
 
 def _quant(bits: int | None, group_size: int) -> dict:
     if bits is None:
         return {"method": "none"}
-    return {"method": "MatMulNBits", "bits": bits, "block_size": group_size, "symmetric": symmetric(bits)}
+    return {"method": "MatMulNBits", "bits": bits, "block_size": group_size, "scheme": scheme(bits)}
 
 
 def is_onnx_export(path: Path) -> bool:

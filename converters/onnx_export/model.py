@@ -40,11 +40,13 @@ def _trunk_head(config: dict) -> str:
 
 
 def build_mtp(config: dict, read: Callable[[str], np.ndarray], index: int, max_positions: int,
-              has_own_head: bool = True) -> onnx.ModelProto:
+              has_own_head: bool = True, draft_ids: np.ndarray | None = None) -> onnx.ModelProto:
     """hidden (1, n, H) + input_ids (1, n) + cache -> logits, h1 (before shared_head.norm), cache.
 
     Row j: ``x = eh_proj(concat[enorm(embed(ids[j])), hnorm(hidden[j])])``, ``h1 = block(x)``.
     Without its own ``shared_head.head`` the layer projects with the trunk's output head.
+    With ``draft_ids`` (the draft vocabulary) the logits are ``(1, n, len(draft_ids))``, one
+    per kept token in that order: the head keeps only those rows.
     """
     g = GraphBuilder(f"edgemtp_mtp{index}")
     hidden = g.input("hidden", np.float32, [1, "n", config["hidden_size"]])
@@ -58,8 +60,12 @@ def build_mtp(config: dict, read: Callable[[str], np.ndarray], index: int, max_p
     x = linear(g, joined, read(prefix + "eh_proj.weight"), "mtp.eh_proj")
     block = layers.block(prefix, config["num_hidden_layers"] + index, slot=0)
     normed, h1 = decoder_stack(g, x, [block], read(prefix + "shared_head.norm.weight"), eps, "mtp")
-    head = prefix + "shared_head.head.weight" if has_own_head else _trunk_head(config)
-    logits = linear(g, normed, read(head), "mtp.head")
-    g.output("logits", logits, np.float32, [1, "n", config["vocab_size"]])
+    head = read(prefix + "shared_head.head.weight" if has_own_head else _trunk_head(config))
+    if draft_ids is not None:
+        # The vocabulary head is most of a draft step on a small model; rows are sliced before
+        # ``linear`` so the quantizer still finds (and quantizes) the "mtp.head" MatMul.
+        head = head[draft_ids]
+    logits = linear(g, normed, head, "mtp.head")
+    g.output("logits", logits, np.float32, [1, "n", len(head)])
     g.output("h1", h1, np.float32, [1, "n", config["hidden_size"]])
     return g.to_model()

@@ -160,7 +160,7 @@ class MTPDrafter:
         for d in range(1, min(k, self.max_depth) + 1):
             self._run_depth(d, last, self.seq)
             q = sampler.probs(self.last_logits[d])[0]
-            if confidence(self.last_logits[d], q, sampler) < min_prob:
+            if min_prob > 0 and confidence(self.last_logits[d], q, sampler) < min_prob:
                 break
             token = sampler.sample(q)
             drafts.append(token)
@@ -243,7 +243,7 @@ class DraftModelDrafter:
         drafts, qs = [], []
         while True:
             q = sampler.probs(logits)[0]
-            if confidence(logits, q, sampler) < min_prob:
+            if min_prob > 0 and confidence(logits, q, sampler) < min_prob:
                 break
             drafts.append(sampler.sample(q))
             qs.append(q)

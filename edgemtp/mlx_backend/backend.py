@@ -17,9 +17,10 @@ from mlx.utils import tree_flatten
 
 from edgemtp.checkpoint import Checkpoint
 from edgemtp.config import check_supported, load_config
+from edgemtp.draft_vocab import load_draft_vocab, scatter_logits
 from edgemtp.errors import UserError
 from edgemtp.mlx_backend.cache import PreallocatedKVCache
-from edgemtp.mlx_backend.models import ARCHITECTURES, MTPLayer, MTPStack, output_head, run_trunk
+from edgemtp.mlx_backend.models import ARCHITECTURES, MTPLayer, MTPStack, head_rows, output_head, run_trunk
 from edgemtp.mlx_backend.weights import (
     cast,
     has_own_mtp_head,
@@ -66,8 +67,11 @@ class MLXBackend:
     """Trunk + MTP layers + their caches; see ``edgemtp.engine.backend.Backend``."""
 
     def __init__(
-        self, config: dict, trunk, mtp: MTPStack, *, max_kv_size: int = DEFAULT_MAX_KV_SIZE, dtype: str = "float32"
+        self, config: dict, trunk, mtp: MTPStack, *, max_kv_size: int = DEFAULT_MAX_KV_SIZE, dtype: str = "float32",
+        draft_ids: np.ndarray | None = None,
     ):
+        """``draft_ids`` (a draft vocabulary, see ``edgemtp.draft_vocab``) makes the MTP heads
+        score only those tokens; ``mtp_step`` still returns full-vocabulary logits."""
         if not isinstance(max_kv_size, int) or max_kv_size < 1:
             raise UserError(f"max_kv_size must be a positive number of tokens, got {max_kv_size!r}")
         arch = ARCHITECTURES[config["model_type"]]
@@ -82,6 +86,12 @@ class MLXBackend:
         self._mask_as_array = arch.MASK_AS_ARRAY
         self._cache_dims = arch.cache_dims(arch.model_args(config))
         self._head = output_head(trunk)
+        self.draft_ids = draft_ids if self.num_mtp_layers else None
+        if self.draft_ids is not None:
+            self._prune_mtp_heads(self.draft_ids)
+            # The engine's cost cache is keyed by config (edgemtp/engine/tuning.py): a pruned draft
+            # head is cheaper than the full one, so the two must not share measured costs.
+            self.config = {**config, "draft_vocab_size": len(self.draft_ids)}
         # Arrays built at construction but kept outside parameters() (YaRN's RoPE frequencies)
         # are still lazy and tied to the loading thread's stream; evaluate them now so that any
         # thread (the TUI decodes in a worker) can run the model.
@@ -92,16 +102,22 @@ class MLXBackend:
         self._mtp_caches = {depth: self._new_cache() for depth in range(1, self.num_mtp_layers + 1)}
 
     @classmethod
-    def load(cls, path: str | Path, *, max_kv_size: int = DEFAULT_MAX_KV_SIZE, dtype: str = "float32") -> MLXBackend:
-        """Load a Hugging Face checkpoint directory or an MLX directory (see ``weights.is_mlx_dir``)."""
+    def load(cls, path: str | Path, *, max_kv_size: int = DEFAULT_MAX_KV_SIZE, dtype: str = "float32",
+             draft_vocab: bool = True) -> MLXBackend:
+        """Load a Hugging Face checkpoint directory or an MLX directory (see ``weights.is_mlx_dir``).
+
+        ``draft_vocab``: use the directory's ``draft_vocab.safetensors``, if any (False: MTP heads
+        score the full vocabulary).
+        """
         path = Path(path)
         if is_mlx_dir(path, load_config(path)):
-            return cls.from_mlx_dir(path, max_kv_size=max_kv_size, dtype=dtype)
-        return cls.from_checkpoint(path, max_kv_size=max_kv_size, dtype=dtype)
+            return cls.from_mlx_dir(path, max_kv_size=max_kv_size, dtype=dtype, draft_vocab=draft_vocab)
+        return cls.from_checkpoint(path, max_kv_size=max_kv_size, dtype=dtype, draft_vocab=draft_vocab)
 
     @classmethod
     def from_checkpoint(
-        cls, checkpoint: str | Path | Checkpoint, *, max_kv_size: int = DEFAULT_MAX_KV_SIZE, dtype: str = "float32"
+        cls, checkpoint: str | Path | Checkpoint, *, max_kv_size: int = DEFAULT_MAX_KV_SIZE, dtype: str = "float32",
+        draft_vocab: bool = True,
     ) -> MLXBackend:
         """Build the modules from a Hugging Face checkpoint (directory or opened) and load its weights."""
         ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint.open(checkpoint)
@@ -110,11 +126,13 @@ class MLXBackend:
         trunk.load_weights(list(iter_trunk_weights(ckpt, compute_dtype)), strict=True)
         mtp.load_weights(list(iter_mtp_weights(ckpt, compute_dtype)), strict=True)
         mx.eval(trunk.parameters(), mtp.parameters())
-        return cls(ckpt.config, trunk, mtp, max_kv_size=max_kv_size, dtype=dtype)
+        draft_ids = load_draft_vocab(ckpt.path, int(ckpt.config["vocab_size"])) if draft_vocab else None
+        return cls(ckpt.config, trunk, mtp, max_kv_size=max_kv_size, dtype=dtype, draft_ids=draft_ids)
 
     @classmethod
     def from_mlx_dir(
-        cls, path: str | Path, *, max_kv_size: int = DEFAULT_MAX_KV_SIZE, dtype: str = "float32"
+        cls, path: str | Path, *, max_kv_size: int = DEFAULT_MAX_KV_SIZE, dtype: str = "float32",
+        draft_vocab: bool = True,
     ) -> MLXBackend:
         """Load an MLX directory (mlx-lm's format plus ``mtp.safetensors``), quantized or not."""
         path = Path(path)
@@ -133,7 +151,25 @@ class MLXBackend:
                 quantize_like_saved(module, quantization, weights)
             module.load_weights([(name, cast(name, array, compute_dtype)) for name, array in weights.items()])
         mx.eval(trunk.parameters(), mtp.parameters())
-        return cls(config, trunk, mtp, max_kv_size=max_kv_size, dtype=dtype)
+        draft_ids = load_draft_vocab(path, int(config["vocab_size"])) if draft_vocab else None
+        return cls(config, trunk, mtp, max_kv_size=max_kv_size, dtype=dtype, draft_ids=draft_ids)
+
+    def _prune_mtp_heads(self, draft_ids: np.ndarray) -> None:
+        """Give every MTP layer a head over the draft vocabulary only.
+
+        A layer's own head is replaced by its kept rows; layers that use the trunk's head share
+        one copy of its kept rows (the trunk keeps its full head for verification).
+        """
+        rows = mx.array(draft_ids)
+        trunk_rows = None
+        for layer in self.mtp.layers:
+            if "head" in layer.shared_head:
+                layer.shared_head.head = head_rows(layer.shared_head.head, rows)
+                continue
+            if trunk_rows is None:
+                trunk_rows = head_rows(self.trunk.lm_head if "lm_head" in self.trunk else self.trunk.model.embed_tokens,
+                                       rows)
+            layer.shared_head.head = trunk_rows
 
     def _new_cache(self) -> PreallocatedKVCache:
         keys_dims, values_dims = self._cache_dims
@@ -191,7 +227,10 @@ class MLXBackend:
         h1 = layer(embeddings, mx.array(hidden[None]).astype(self.dtype), cache, self._mask_as_array)
         logits = layer.logits(h1, self._head)
         mx.eval(logits, h1)
-        return self._to_numpy(logits), self._to_numpy(h1)
+        logits = self._to_numpy(logits)
+        if self.draft_ids is not None:
+            logits = scatter_logits(logits, self.draft_ids, self.vocab_size)
+        return logits, self._to_numpy(h1)
 
     def mtp_len(self, depth: int) -> int:
         cache = self._mtp_caches.get(depth)
@@ -205,7 +244,8 @@ class MLXBackend:
 
     def weight_bytes(self) -> int:
         params = tree_flatten(self.trunk.parameters()) + tree_flatten(self.mtp.parameters())
-        return sum(array.nbytes for _, array in params)
+        # By identity: MTP layers may share one draft head (see _prune_mtp_heads).
+        return sum({id(array): array.nbytes for _, array in params}.values())
 
     def cache_bytes(self) -> int:
         return sum(cache.nbytes for cache in self._trunk_caches + list(self._mtp_caches.values()))

@@ -28,6 +28,26 @@ def output_head(trunk: nn.Module) -> Callable[[mx.array], mx.array]:
     return trunk.model.embed_tokens.as_linear
 
 
+def head_rows(head: nn.Module, rows: mx.array) -> nn.Module:
+    """A linear layer computing only the output rows ``rows`` of ``head``.
+
+    ``head`` is a vocabulary head: a ``Linear`` or an ``Embedding`` used as one (tied), plain
+    or quantized. Both store one row per token (quantized: packed ``weight``, ``scales`` and
+    ``biases`` rows), so taking rows gives a layer of the same precision over fewer tokens.
+    """
+    if isinstance(head, (nn.QuantizedLinear, nn.QuantizedEmbedding)):
+        hidden = head.weight.shape[1] * 32 // head.bits
+        layer = nn.QuantizedLinear(hidden, len(rows), bias=False, group_size=head.group_size, bits=head.bits,
+                                   mode=head.mode)
+        layer.weight, layer.scales = head.weight[rows], head.scales[rows]
+        layer.biases = head.biases[rows] if head.get("biases") is not None else None
+    else:
+        layer = nn.Linear(head.weight.shape[1], len(rows), bias=False)
+        layer.weight = head.weight[rows]
+    mx.eval(layer.parameters())  # a copy of the rows; the full head can then be freed
+    return layer
+
+
 def run_trunk(
     trunk: nn.Module, tokens: mx.array, caches: list[PreallocatedKVCache], mask_as_array: bool
 ) -> tuple[mx.array, mx.array]:

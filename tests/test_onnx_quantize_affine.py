@@ -1,0 +1,109 @@
+"""4-bit ONNX weights are affine (scale and float minimum per group, GGUF Q4_1's rule): MatMulNBits
+with integer codes plus a float MatMul of the inputs' group sums (converters/onnx_export/quantize.py)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from edgemtp.converters.onnx_export import export_onnx
+from edgemtp.converters.onnx_export.graph import GraphBuilder, linear
+from edgemtp.converters.onnx_export.quantize import EMBEDDING_NODE, affine_groups, quantize
+
+
+def q4_1_grid_weight(k: int, n: int, group_size: int, seed: int = 0) -> np.ndarray:
+    """A ``(K, N)`` MatMul weight as a GGUF Q4_1 file holds it: per group of ``group_size`` along
+    K, ``minimum + step * q`` with float16 minimum and step and q in 0..15, each group using both
+    0 and 15; one group is constant (step 0)."""
+    rng = np.random.default_rng(seed)
+    groups = -(-k // group_size)
+    minimum = rng.normal(0, 0.05, (groups, n)).astype(np.float16).astype(np.float32)
+    step = rng.uniform(0.002, 0.01, (groups, n)).astype(np.float16).astype(np.float32)
+    step[0, 0] = 0
+    q = rng.integers(0, 16, (groups * group_size, n))
+    q[::group_size] = 0
+    q[1::group_size] = 15
+    group = np.arange(k) // group_size
+    return (minimum[group] + step[group] * q[:k]).astype(np.float32)
+
+
+def dequantize(codes: np.ndarray, scales: np.ndarray, offsets: np.ndarray, k: int) -> np.ndarray:
+    n = codes.shape[0]
+    values = scales[..., None] * (codes.astype(np.float32) - 8) + offsets.T[..., None]
+    return values.reshape(n, -1)[:, :k].T
+
+
+@pytest.mark.parametrize(("k", "group_size"), [(96, 32), (80, 32), (80, 64)])
+def test_affine_groups_reproduce_a_q4_1_grid(k, group_size):
+    weight = q4_1_grid_weight(k, 6, group_size)
+
+    codes, scales, offsets = affine_groups(weight, group_size)
+
+    assert codes.shape == (6, -(-k // group_size), group_size) and codes.max() <= 15
+    np.testing.assert_allclose(dequantize(codes, scales, offsets, k), weight, rtol=0, atol=1e-7)
+
+
+def int8_exact_table(rows: int, k: int, group_size: int) -> np.ndarray:
+    """Embedding rows of integers in -127..127 with 127 in every block: the 8-bit embedding
+    (scale max|x| / 127) and MatMulNBits' int8 activation quantization both keep them exact, so
+    any difference from float is the 4-bit weights'."""
+    table = np.random.default_rng(1).integers(-127, 128, (rows, k)).astype(np.float32)
+    table[:, ::group_size] = 127
+    return table
+
+
+def toy_model(table: np.ndarray, weights: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """``input_ids -> embed -> y = sum of x @ W`` over ``weights`` (name -> (K, N) weight)."""
+    g = GraphBuilder("toy")
+    ids = g.input("input_ids", np.int64, [1, "n"])
+    x = g.node("Gather", [g.weight("embed.weight", table), ids], name=EMBEDDING_NODE, axis=0)
+    outputs = [linear(g, x, weight.T, name) for name, weight in weights.items()]
+    y = outputs[0] if len(outputs) == 1 else g.node("Sum", outputs, name="sum")
+    g.output("y", y, np.float32, [1, "n", next(iter(weights.values())).shape[1]])
+    return g.to_model()
+
+
+def run(model: onnx.ModelProto, ids: list[int]) -> np.ndarray:
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(["y"], {"input_ids": np.asarray([ids], np.int64)})[0]
+
+
+IDS = [3, 0, 5, 2]
+
+
+@pytest.mark.parametrize(("k", "group_size"), [(96, 32), (80, 32), (80, 64)])
+def test_int4_matmul_computes_x_at_a_q4_1_weight_exactly(k, group_size):
+    table, weight = int8_exact_table(6, k, group_size), q4_1_grid_weight(k, 40, group_size)
+
+    quantized = quantize(toy_model(table, {"proj": weight}), bits=4, group_size=group_size)
+
+    assert [node.op_type for node in quantized.graph.node if node.name == "proj"] == ["MatMulNBits"]
+    expected = table[IDS].astype(np.float64) @ weight.astype(np.float64)
+    np.testing.assert_allclose(run(quantized, IDS)[0], expected, rtol=0, atol=1e-6 * np.abs(expected).max())
+
+
+def test_matmuls_reading_one_input_share_its_group_sums():
+    table = int8_exact_table(6, 64, 32)
+    model = toy_model(table, {"a": q4_1_grid_weight(64, 16, 32, seed=2), "b": q4_1_grid_weight(64, 16, 32, seed=3)})
+    expected = run(model, IDS)
+
+    quantized = quantize(model, bits=4, group_size=32)
+
+    group_sums = [node for node in quantized.graph.node if node.name.endswith(".group_sums")]
+    assert len(group_sums) == 1 and group_sums[0].op_type == "MatMul"
+    np.testing.assert_allclose(run(quantized, IDS), expected, rtol=0, atol=1e-6 * np.abs(expected).max())
+
+
+def test_4bit_export_keeps_heads_at_8_bits_and_records_the_scheme(tiny_checkpoint, tmp_path):
+    out = export_onnx(tiny_checkpoint("llama_untied"), tmp_path / "onnx", bits=4)
+
+    trunk = onnx.load(str(out / "trunk" / "model.onnx"), load_external_data=False)
+    bits = {node.name: {a.name: a.i for a in node.attribute}["bits"]
+            for node in trunk.graph.node if node.op_type == "MatMulNBits"}
+    assert bits["lm_head_Q8"] == 8 and bits["slot0.attn.qkv"] == 4 and bits["slot0.mlp.down"] == 4
+    quantization = json.loads((out / "manifest.json").read_text())["quantization"]["trunk"]
+    assert quantization == {"method": "MatMulNBits", "bits": 4, "block_size": 32, "scheme": "affine"}

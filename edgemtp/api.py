@@ -71,7 +71,9 @@ def load(path: str | Path | None = None, backend: str | None = None, max_kv_size
     ``max_kv_size``: tokens of cache preallocated per layer; default: the longest context the
     memory planner finds room for (at most the model's window and ``DEFAULT_CONTEXT_CAP``).
     A model that cannot fit is refused before loading. Other ``options`` go to the backend; for
-    MLX: ``dtype`` (``"float32"``, ``"float16"`` or ``"bfloat16"``); for ONNX: ``threads``.
+    MLX: ``dtype`` (``"float32"``, ``"float16"`` or ``"bfloat16"``) and ``draft_vocab`` (False: the
+    MTP head scores the full vocabulary even when the model stores a draft vocabulary); for ONNX:
+    ``threads``.
     """
     backend = backend or default_backend()
     if path is None:  # the embedded default model, converted for this backend on first use

@@ -166,16 +166,19 @@ def write_plot(result: BenchResult, path: str | Path) -> None:
 
     figure, (speed, cost) = plt.subplots(1, 2, figsize=(11, 4.2))
     for target in result.targets:
+        # Several targets on one backend (e.g. the default model with and without its draft
+        # vocabulary) need their model names to be told apart.
+        name = target.model if len(result.targets) > 1 else target.backend
         drafters = dict.fromkeys(f.spec for f in target.speculative)
         for drafter in drafters:
             fixed = [f for f in target.speculative if f.spec == drafter and isinstance(f.num_draft, int)]
             line, = speed.plot([f.num_draft for f in fixed], [f.tokens_per_s for f in fixed], marker="o",
-                               label=f"{target.backend} {drafter}")
+                               label=f"{name}: {drafter}")
             for auto in (f for f in target.speculative if f.spec == drafter and f.num_draft == "auto"):
                 speed.axhline(auto.tokens_per_s, color=line.get_color(), linestyle=":", linewidth=1)
-        speed.axhline(target.plain.tokens_per_s, color="grey", linestyle="--", label=f"{target.backend} plain")
+        speed.axhline(target.plain.tokens_per_s, color="grey", linestyle="--", label=f"{name}: plain")
         n = range(1, len(target.cost_curve) + 1)
-        cost.plot(n, target.cost_curve, marker="o", label=target.backend)
+        cost.plot(n, target.cost_curve, marker="o", label=name)
     speed.set(xlabel="draft length k (dotted: auto)", ylabel="tokens/s", title="Decoding speed")
     speed.set_xticks([1, 2, 3, 4])
     speed.legend(fontsize="small")

@@ -281,6 +281,8 @@ def test_a_checkpoint_directory_can_hold_its_draft_vocabulary(tiny_checkpoint, t
     assert edgemtp.load(source, backend="mlx").backend.draft_ids.tolist() == _kept_ids().tolist()
     out = convert(source, tmp_path / "mlx", to="mlx", bits=8, show_progress=False)
     assert edgemtp.load(out, backend="mlx").backend.draft_ids.tolist() == _kept_ids().tolist()
+    # The ONNX backend converts a checkpoint directory on first use, pruning its MTP head too.
+    assert edgemtp.load(source, backend="onnx", bits=8).backend.draft_ids.tolist() == _kept_ids().tolist()
 
 
 def test_a_model_without_mtp_layers_refuses_a_draft_vocabulary(tiny_checkpoint, tmp_path):

@@ -10,6 +10,7 @@ from pathlib import Path
 import platformdirs
 
 from edgemtp.converters.onnx_export.manifest import VERSION, is_onnx_export
+from edgemtp.draft_vocab import FILE_NAME as DRAFT_VOCAB_FILE
 from edgemtp.onnx_backend.backend import OnnxBackend
 
 
@@ -33,7 +34,10 @@ def _convert_with_progress(checkpoint: Path, out: Path, bits: int | None, group_
         def report(stage: str, done: int, total: int) -> None:
             bar.update(task, description=f"ONNX export: {stage}", completed=done, total=total)
 
-        export_onnx(checkpoint, out, bits=bits, group_size=group_size, progress=report)
+        # A draft vocabulary kept in the checkpoint directory prunes the MTP head, as `edgemtp convert` does.
+        vocab = checkpoint / DRAFT_VOCAB_FILE
+        export_onnx(checkpoint, out, bits=bits, group_size=group_size, progress=report,
+                    draft_vocab=vocab if vocab.is_file() else None)
 
 
 def load_onnx_backend(path: str | Path, bits: int | None = 4, group_size: int = 32, threads: int | None = None,

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -106,9 +105,8 @@ def held_out_text() -> str:
 
 @pytest.fixture(scope="module")
 def smollm2_perplexities(tmp_path_factory):
-    """Perplexity of every conversion of the default trunk, computed once for the module."""
-    if not os.environ.get("EDGEMTP_SLOW_TESTS"):
-        pytest.skip("SmolLM2 perplexity over 20k tokens takes ~10 CPU-minutes; set EDGEMTP_SLOW_TESTS=1 to run it")
+    """Perplexity of every conversion of the default trunk, computed once for the module
+    (about 6 minutes on 2 cores; deselect with ``-k 'not perplexity'`` for quick local runs)."""
     from scripts.perplexity_table import TOKENS, measure_all
 
     text = held_out_text()

@@ -117,6 +117,7 @@ def make_tiny_command(
     vocab_size: int | None = typer.Option(None, "--vocab-size", help="Override vocab_size (>= 259)."),
     intermediate_size: int | None = typer.Option(None, "--intermediate-size", help="Override the dense MLP width."),
     experts: int | None = typer.Option(None, "--experts", help="Override n_routed_experts (deepseek_v3 only)."),
+    dense_layers: int | None = typer.Option(None, "--dense-layers", help="Override first_k_dense_replace: how many leading layers use the dense MLP instead of MoE (deepseek_v3 only). Set it to --layers for a bandwidth-bound bench model."),
     shard_mb: float | None = typer.Option(None, "--shard-mb", help="Split the weights into shards of about this many MB."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it already exists."),
 ) -> None:
@@ -129,7 +130,10 @@ def make_tiny_command(
         "vocab_size": vocab_size,
         "intermediate_size": intermediate_size,
         "n_routed_experts": experts,
+        "first_k_dense_replace": dense_layers,
     }.items() if value is not None}
+    if dense_layers is not None and not arch.startswith("deepseek_v3"):
+        raise UserError(f"--dense-layers applies to deepseek_v3 variants only, not {arch!r}; leave it out")
     shard_bytes = int(shard_mb * 1e6) if shard_mb else None
     path = make_tiny(out, arch, mtp_layers=mtp_layers, fp8=fp8, seed=seed, dtype=dtype, fp8_block=fp8_block,
                      shard_bytes=shard_bytes, force=force, **overrides)

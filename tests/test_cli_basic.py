@@ -87,7 +87,22 @@ def test_make_tiny_refusals(tmp_path, llama_copy):
     assert_user_error(run("make-tiny", tmp_path / "a", "--arch", "mistral"), "unknown tiny-model variant")
     assert_user_error(run("make-tiny", tmp_path / "b", "--vocab-size", "100"), "vocab_size 100 is too small")
     assert_user_error(run("make-tiny", tmp_path / "c", "--dtype", "int8"), "unknown dtype")
+    assert_user_error(run("make-tiny", tmp_path / "d", "--dense-layers", "2"), "deepseek_v3 variants only")
     assert not any(p.name != "model" for p in tmp_path.iterdir())
+
+
+def test_make_tiny_dense_layers_makes_a_dense_deepseek(tmp_path):
+    """The bench model's shape: every trunk layer dense, so a decode step streams all its weights."""
+    from safetensors import safe_open
+
+    out = tmp_path / "dense"
+    result = run("make-tiny", out, "--arch", "deepseek_v3", "--layers", "3", "--dense-layers", "3", "--mtp-layers", "0")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((out / "config.json").read_text())["first_k_dense_replace"] == 3
+    with safe_open(str(out / "model.safetensors"), "np") as f:
+        names = list(f.keys())
+    assert not [n for n in names if ".experts." in n]
+    assert all(f"model.layers.{i}.mlp.gate_proj.weight" in names for i in range(3))
 
 
 def stored_tensor_bytes(path) -> int:

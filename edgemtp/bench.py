@@ -302,8 +302,7 @@ def mtp_step_seconds(backend, repeats: int) -> float:
 
 def draft_vocab_size(backend) -> int | None:
     """Tokens the MTP draft head scores, or None when it scores the full vocabulary."""
-    ids = getattr(backend, "draft_ids", None)  # set by edgemtp's MLX and ONNX backends
-    return None if ids is None else len(ids)
+    return None if backend.draft_ids is None else len(backend.draft_ids)
 
 
 def peak_rss_bytes() -> int:

@@ -53,6 +53,7 @@ class FakeBackend:
         self.hidden_size = 2
         self.num_mtp_layers = num_mtp_layers
         self.max_context = max_context
+        self.draft_ids = None
         self.config = {"fake": [vocab_size, num_mtp_layers, mtp_accuracy, mtp_blur, order, sharpness, noise, seed]}
         self.mtp_accuracy, self.mtp_blur, self.order = mtp_accuracy, mtp_blur, order
         self.sharpness, self.noise, self.seed = sharpness, noise, seed

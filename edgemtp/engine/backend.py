@@ -23,6 +23,9 @@ class Backend(Protocol):
     hidden_size: int
     num_mtp_layers: int
     max_context: int
+    # The token ids the MTP heads score (edgemtp/draft_vocab.py), or None for the full
+    # vocabulary; mtp_step returns full-vocabulary logits either way.
+    draft_ids: np.ndarray | None
 
     def reset(self) -> None:
         """Empty every cache (trunk and all MTP depths)."""

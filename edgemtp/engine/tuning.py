@@ -126,7 +126,9 @@ def config_digest(config: dict) -> str:
 def cost_key(backend: Backend, drafter_name: str) -> str:
     """Identifies what the costs depend on: architecture, backend, drafter and machine."""
     machine = f"{platform.node()}/{platform.machine()}/{os.cpu_count()}"
-    return f"{config_digest(backend.config)}|{type(backend).__name__}|{drafter_name}|{machine}"
+    # A draft head over a draft vocabulary is cheaper than the full one: its own entry.
+    draft_vocab = "full" if backend.draft_ids is None else len(backend.draft_ids)
+    return f"{config_digest(backend.config)}|{type(backend).__name__}|{drafter_name}|{draft_vocab}|{machine}"
 
 
 def measure_trunk_costs(backend: Backend, max_tokens: int, repeats: int = 5) -> list[float]:

@@ -89,9 +89,6 @@ class MLXBackend:
         self.draft_ids = draft_ids if self.num_mtp_layers else None
         if self.draft_ids is not None:
             self._prune_mtp_heads(self.draft_ids)
-            # The engine's cost cache is keyed by config (edgemtp/engine/tuning.py): a pruned draft
-            # head is cheaper than the full one, so the two must not share measured costs.
-            self.config = {**config, "draft_vocab_size": len(self.draft_ids)}
         # Arrays built at construction but kept outside parameters() (YaRN's RoPE frequencies)
         # are still lazy and tied to the loading thread's stream; evaluate them now so that any
         # thread (the TUI decodes in a worker) can run the model.

@@ -89,10 +89,6 @@ class OnnxBackend:
         self._mtp = [_Graph(path / entry["path"], threads, "h1", spin=False) for entry in manifest["mtp"]]
         self.num_mtp_layers = len(self._mtp)
         self.draft_ids = self._read_draft_vocab(path)
-        if self.draft_ids is not None:
-            # The engine's cost cache is keyed by config (edgemtp/engine/tuning.py): a pruned draft
-            # head is cheaper than the full one, so the two must not share measured costs.
-            self.config = {**self.config, "draft_vocab_size": len(self.draft_ids)}
         self._cache_kind = CACHE_KINDS[manifest["cache"]["kind"]]
         self._trunk_cache = self._new_cache(manifest["trunk"]["cache_slots"])
         self._mtp_caches: dict[int, object] = {}  # depth -> cache, created on first use

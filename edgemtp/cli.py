@@ -153,6 +153,8 @@ def train_mtp_command(
     lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate (linear warm-up, cosine decay to 10%)."),
     chat_requests: int = typer.Option(6000, "--chat-requests", help="User requests the trunk answers greedily to make chat data."),
     sampled_requests: int = typer.Option(2000, "--sampled-requests", help="Of those, how many are answered again with sampling."),
+    self_instruct: int = typer.Option(4000, "--self-instruct", help="User requests the trunk writes itself (code, explanations, general questions the corpus lacks), then answers greedily."),
+    chats_file: str | None = typer.Option(None, "--chats-file", help="Cache of the trunk-written chats: reused when it was written for the same trunk and data settings, else written."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Longest trunk-written reply."),
     gen_batch_size: int = typer.Option(512, "--gen-batch-size", help="Prompts per generation batch."),
     chat_fraction: float = typer.Option(0.75, "--chat-fraction", help="Share of each batch taken from trunk-written chats (the rest is plain corpus text)."),
@@ -173,7 +175,7 @@ def train_mtp_command(
         steps=steps, layers=layers, depths=depths, seq_len=seq_len, batch_size=batch_size, lr=lr,
         chat_requests=chat_requests, sampled_requests=sampled_requests, max_new_tokens=max_new_tokens,
         gen_batch_size=gen_batch_size, seed=seed, device=device, chat_fraction=chat_fraction,
-        init_from=init_from, time_limit_minutes=time_limit,
+        init_from=init_from, time_limit_minutes=time_limit, self_instruct_requests=self_instruct, chats_file=chats_file,
     )
     log = train_mtp(trunk, out, data, config, progress=typer.echo)
     typer.echo(f"wrote {out}/mtp.safetensors; held-out greedy acceptance {log['heldout_greedy_acceptance']}")

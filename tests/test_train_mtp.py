@@ -42,8 +42,8 @@ def test_recipe_trains_and_writes_hf_named_weights(tmp_path):
     trunk = make_tiny(tmp_path / "trunk", arch="llama", mtp_layers=0, vocab_size=320, hidden_size=32,
                       intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
     config = RecipeConfig(steps=40, seq_len=32, batch_size=4, lr=3e-3, warmup_steps=5, chat_requests=6,
-                          sampled_requests=2, max_new_tokens=8, gen_batch_size=4, num_heldout=6,
-                          eval_new_tokens=8, log_every=1)
+                          sampled_requests=2, self_instruct_requests=8, max_new_tokens=8, gen_batch_size=4,
+                          num_heldout=6, eval_new_tokens=8, log_every=1)
     log = train_mtp(trunk, tmp_path / "out", _tiny_corpus(tmp_path / "corpus"), config, progress=lambda _: None)
 
     losses = [entry["loss"] for entry in log["loss_curve"]]
@@ -77,7 +77,7 @@ def test_warm_start_seeds_two_layers_from_one(tmp_path):
                       intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
     corpus = _tiny_corpus(tmp_path / "corpus")
     small = dict(seq_len=32, batch_size=4, lr=3e-3, warmup_steps=5, chat_requests=6, sampled_requests=2,
-                 max_new_tokens=8, gen_batch_size=4, num_heldout=6, eval_new_tokens=8)
+                 self_instruct_requests=8, max_new_tokens=8, gen_batch_size=4, num_heldout=6, eval_new_tokens=8)
     train_mtp(trunk, tmp_path / "one", corpus, RecipeConfig(steps=5, **small), progress=lambda _: None)
     first = load_file(str(tmp_path / "one" / "mtp.safetensors"))
 
@@ -88,3 +88,41 @@ def test_warm_start_seeds_two_layers_from_one(tmp_path):
     for name, tensor in first.items():
         assert torch.equal(second[name], tensor)
         assert torch.equal(second[name.replace("model.layers.2.", "model.layers.3.")], tensor)
+
+
+def test_trunk_writes_its_own_requests(tmp_path):
+    """Self-instruct requests start with their opening, are complete user turns and are distinct."""
+    from edgemtp.training.trunk_torch import build_trunk, load_tokenizer, open_reader
+
+    path = make_tiny(tmp_path / "trunk", arch="llama", mtp_layers=0, vocab_size=320, hidden_size=32,
+                     intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    reader = open_reader(path)
+    trunk, tokenizer = build_trunk(reader), load_tokenizer(path, reader)
+    torch.manual_seed(0)
+    # A random tiny trunk rarely ends a turn by itself; a high temperature over 320 tokens with
+    # 64 new tokens still gives some complete ones.
+    requests = data.self_instruct_requests(trunk, tokenizer, 64, temperature=1.0, max_new_tokens=64, batch_size=64,
+                                           eos_id=tokenizer.eos_token_id, pad_id=tokenizer.eos_token_id, seed=0)
+    assert requests and len(requests) == len(set(requests))
+    assert all(r == r.strip() and "<|im_end|>" not in r for r in requests)
+
+
+def test_chats_file_is_reused_only_for_the_same_settings(tmp_path):
+    trunk = make_tiny(tmp_path / "trunk", arch="llama", mtp_layers=0, vocab_size=320, hidden_size=32,
+                      intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    corpus = _tiny_corpus(tmp_path / "corpus")
+    cache = tmp_path / "chats.safetensors"
+    small = dict(steps=1, seq_len=32, batch_size=4, warmup_steps=1, chat_requests=6, sampled_requests=2,
+                 self_instruct_requests=8, max_new_tokens=8, gen_batch_size=4, num_heldout=6, eval_new_tokens=8,
+                 chats_file=str(cache))
+    messages = []
+    first = train_mtp(trunk, tmp_path / "a", corpus, RecipeConfig(**small), progress=messages.append)
+    assert cache.is_file() and not any("read from" in m for m in messages)
+    messages.clear()
+    second = train_mtp(trunk, tmp_path / "b", corpus, RecipeConfig(**small, lr=1e-4), progress=messages.append)
+    assert any("read from" in m for m in messages)
+    assert second["data"] == first["data"]
+    messages.clear()
+    third = train_mtp(trunk, tmp_path / "c", corpus, RecipeConfig(**{**small, "chat_requests": 4}), progress=messages.append)
+    assert any("other data settings" in m for m in messages)
+    assert third["data"]["chat_requests"] == 4

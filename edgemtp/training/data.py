@@ -10,6 +10,10 @@ Every file is optional except that at least one must be there. User requests for
 chat data come from Topical-Chat turns and from TinyStories openings; a seeded
 random set of those conversations and stories is held out entirely (neither its
 request nor its text is trained on) and becomes the held-out prompt list.
+
+The corpus has no code, explanations or how-to questions, which is much of what people
+ask a chat model. ``self_instruct_requests`` fills that gap without outside data: the
+trunk writes user turns itself, sampled from its own chat template.
 """
 
 from __future__ import annotations
@@ -28,6 +32,13 @@ STORY_REQUESTS = (
     'Write a short story that begins with: "{opening}"',
     "Continue this story: {opening}",
     "Tell me a bedtime story that starts like this: {opening}",
+)
+# Openings of self-written requests. Empty ones leave the trunk its own idea of a user turn;
+# the others steer it toward kinds of request the corpus lacks (code, explanations, lists).
+SELF_INSTRUCT_OPENINGS = (
+    "", "", "", "", "Write a Python function", "Write a function", "Write a program", "Explain", "What is",
+    "What are", "How do I", "How can I", "Why", "Can you", "Give me", "Write a short", "Summarize", "List",
+    "Write a SQL query", "Write a JavaScript", "Fix this code:", "def ", "Translate", "Compare",
 )
 BOOK_PIECE_CHARS = 4000
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s")
@@ -164,3 +175,29 @@ def generate_replies(trunk, prompts: list[list[int]], *, max_new_tokens: int, ba
                 reply = reply[: reply.index(eos_id) + 1]
             results[k] = prompts[k] + reply
     return results
+
+
+def self_instruct_requests(trunk, tokenizer, count: int, *, temperature: float, max_new_tokens: int, batch_size: int,
+                           eos_id: int, pad_id: int, seed: int) -> list[str]:
+    """Up to ``count`` distinct user requests written by the trunk itself.
+
+    The trunk's chat template up to the user's text, plus an opening from
+    ``SELF_INSTRUCT_OPENINGS``, is sampled until the turn ends; turns cut off by
+    ``max_new_tokens`` are dropped, as are duplicates.
+    """
+    marker = "\x00"
+    template = tokenizer.apply_chat_template([{"role": "user", "content": marker}], tokenize=False)
+    head = template[: template.index(marker)]
+    rng = random.Random(seed)
+    openings = [rng.choice(SELF_INSTRUCT_OPENINGS) for _ in range(count)]
+    prompts = [tokenizer(head + opening, add_special_tokens=False)["input_ids"] for opening in openings]
+    written = generate_replies(trunk, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                               temperature=temperature, eos_id=eos_id, pad_id=pad_id)
+    requests: dict[str, None] = {}  # ordered set
+    for opening, prompt, turn in zip(openings, prompts, written):
+        tail = turn[len(prompt):]
+        if tail and tail[-1] == eos_id:
+            text = (opening + tokenizer.decode(tail[:-1])).strip()
+            if text:
+                requests[text] = None
+    return list(requests)

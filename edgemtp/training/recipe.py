@@ -6,10 +6,13 @@ head at position ``i`` predicts token ``i+d+1`` and learns the trunk's softmax a
 position ``i+d`` (loss: KL(trunk || head), i.e. soft-target cross-entropy minus a constant). Depths
 ``1..depths`` are trained together (with one layer, the same layer chained).
 
-Data, in every batch: trunk-written chats (the trunk answers user requests from
-the corpus in its own chat template, so the heads see what they will draft at run
-time) and plain corpus text. Everything is seeded; the run records its settings,
-data, loss curve and held-out greedy acceptance in ``training_log.json``.
+Data, in every batch: trunk-written chats (the trunk answers user requests in its
+own chat template, so the heads see what they will draft at run time) and plain
+corpus text. The requests come from the corpus and from the trunk itself
+(``data.self_instruct_requests``: code, explanations and other general requests the
+corpus lacks). Everything is seeded; the run records its settings, data, loss curve
+and greedy acceptance, on the held-out prompts and on the bench prompts (general
+chat, stories and code, never trained on), in ``training_log.json``.
 
 Outputs in ``out_dir``: ``mtp.safetensors`` (HF names ``model.layers.{N+i}.*``,
 float16, no ``shared_head.head``: the trunk's tied output head is used),
@@ -29,6 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from edgemtp.bench import load_prompts
 from edgemtp.errors import UserError
 from edgemtp.training import data
 from edgemtp.training.mtp_torch import MTPHeads
@@ -50,6 +54,8 @@ class RecipeConfig:
     chat_requests: int = 6000  # user requests the trunk answers (greedy), at most
     sampled_requests: int = 2000  # of those, also answered again with sampling, for variety
     sample_temperature: float = 0.8
+    self_instruct_requests: int = 4000  # user requests the trunk writes itself (sampled), then answers greedily
+    chats_file: str | None = None  # cache of the trunk-written chats, reused by a later run with the same data settings
     max_new_tokens: int = 256
     gen_batch_size: int = 512
     num_heldout: int = 60
@@ -138,6 +144,52 @@ def measure_acceptance(heads, trunk, sequences: list[tuple[int, list[int]]], dep
     }
 
 
+def _trunk_written_chats(trunk, tokenizer, corpus, trunk_name: str, config: RecipeConfig, progress) -> tuple[list[list[int]], dict]:
+    """Chats whose assistant turns the trunk wrote, and how many requests of each kind went in.
+
+    Corpus requests are answered greedily (and the first ``sampled_requests`` again with
+    sampling, for variety); requests the trunk writes itself are answered greedily. With
+    ``config.chats_file``, the chats are read from there when it was written for the same
+    trunk and data settings, and written there otherwise, so that a chain of warm-started
+    runs generates them once.
+    """
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    settings = {"trunk": trunk_name, "corpus_files": corpus.files,
+                **{k: getattr(config, k) for k in ("chat_requests", "sampled_requests", "sample_temperature",
+                                                   "self_instruct_requests", "max_new_tokens", "num_heldout", "seed")}}
+    key = json.dumps(settings, sort_keys=True)
+    cache = Path(config.chats_file) if config.chats_file else None
+    if cache and cache.is_file():
+        with safe_open(str(cache), "pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("settings") == key:
+                tokens, lengths = f.get_tensor("tokens"), f.get_tensor("lengths")
+                progress(f"trunk-written chats read from {cache}")
+                chats = [row.tolist() for row in torch.split(tokens, lengths.tolist())]
+                return chats, json.loads(meta["counts"])
+        progress(f"{cache} was written for other data settings; generating the chats again")
+
+    gen = dict(max_new_tokens=config.max_new_tokens, batch_size=config.gen_batch_size,
+               eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+    requests = corpus.requests[: config.chat_requests]
+    prompts = [data.chat_prompt_ids(tokenizer, r) for r in requests]
+    chats = data.generate_replies(trunk, prompts, temperature=0.0, **gen)
+    chats += data.generate_replies(trunk, prompts[: config.sampled_requests], temperature=config.sample_temperature, **gen)
+    own = data.self_instruct_requests(trunk, tokenizer, config.self_instruct_requests, temperature=config.sample_temperature,
+                                      seed=config.seed, **{**gen, "max_new_tokens": 96})
+    chats += data.generate_replies(trunk, [data.chat_prompt_ids(tokenizer, r) for r in own], temperature=0.0, **gen)
+    counts = {"chat_requests": len(requests), "sampled_requests": min(len(prompts), config.sampled_requests),
+              "self_written_requests": len(own), "self_written_request_examples": own[:20]}
+    if cache:
+        lengths = torch.tensor([len(c) for c in chats], dtype=torch.int64)
+        tokens = torch.tensor([t for c in chats for t in c], dtype=torch.int32)
+        meta = {"settings": key, "counts": json.dumps(counts)}
+        _write_atomic(cache, lambda p: save_file({"tokens": tokens, "lengths": lengths}, str(p), metadata=meta))
+    return chats, counts
+
+
 def _write_atomic(path: Path, write) -> None:
     tmp = path.with_name(path.name + ".partial")
     write(tmp)
@@ -169,12 +221,8 @@ def train_mtp(trunk_path: str | Path, out_dir: str | Path, corpus_dir: str | Pat
     # --- data ---------------------------------------------------------------
     corpus = data.load_corpus(corpus_dir, num_heldout=config.num_heldout, seed=config.seed)
     texts = data.text_chunks(tokenizer, corpus.texts, config.seq_len)
-    requests = corpus.requests[: config.chat_requests]
-    prompts = [data.chat_prompt_ids(tokenizer, r) for r in requests]
     t0 = time.time()
-    gen = dict(max_new_tokens=config.max_new_tokens, batch_size=config.gen_batch_size, eos_id=eos_id, pad_id=pad_id)
-    chats = data.generate_replies(trunk, prompts, temperature=0.0, **gen)
-    chats += data.generate_replies(trunk, prompts[: config.sampled_requests], temperature=config.sample_temperature, **gen)
+    chats, chat_counts = _trunk_written_chats(trunk, tokenizer, corpus, Path(trunk_path).name, config, progress)
     gen_seconds = time.time() - t0
     chat_tokens = sum(min(len(c), config.seq_len) for c in chats)
     progress(f"data: {len(texts)} text windows, {len(chats)} trunk-written chats ({chat_tokens} tokens) in {gen_seconds:.0f}s")
@@ -242,8 +290,14 @@ def train_mtp(trunk_path: str | Path, out_dir: str | Path, corpus_dir: str | Pat
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         heldout = measure_acceptance(heads, trunk, [(len(p), s) for p, s in zip(heldout_prompts, greedy)], config.depths)
     progress(f"held-out greedy acceptance: {heldout}")
+    general_prompts = [data.chat_prompt_ids(tokenizer, p) for p in load_prompts()]
+    greedy = data.generate_replies(trunk, general_prompts, temperature=0.0, max_new_tokens=config.eval_new_tokens, batch_size=config.gen_batch_size, eos_id=eos_id, pad_id=pad_id)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        general = measure_acceptance(heads, trunk, [(len(p), s) for p, s in zip(general_prompts, greedy)], config.depths)
+    progress(f"bench-prompt greedy acceptance: {general}")
 
     # --- outputs ---------------------------------------------------------------
+    precision = "bf16 torch, teacher forced" if device.type == "cuda" else "fp32 torch, teacher forced"
     weights = heads.hf_state_dict(torch.float16)
     metadata = {"format": "pt", "num_nextn_predict_layers": str(config.layers), "trunk": Path(trunk_path).name}
     _write_atomic(out_dir / "mtp.safetensors", lambda p: save_file(weights, str(p), metadata=metadata))
@@ -255,7 +309,7 @@ def train_mtp(trunk_path: str | Path, out_dir: str | Path, corpus_dir: str | Pat
         "data": {
             "corpus_files": corpus.files,
             "text_windows": len(texts),
-            "chat_requests": len(requests),
+            **chat_counts,
             "trunk_written_chats": len(chats),
             "trunk_written_chat_tokens": chat_tokens,
             "heldout_prompts": len(corpus.heldout),
@@ -267,7 +321,8 @@ def train_mtp(trunk_path: str | Path, out_dir: str | Path, corpus_dir: str | Pat
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
         "loss_curve": curve,
-        "heldout_greedy_acceptance": {**heldout, "precision": "bf16 torch, teacher forced" if device.type == "cuda" else "fp32 torch, teacher forced"},
+        "heldout_greedy_acceptance": {**heldout, "precision": precision},
+        "bench_prompts_greedy_acceptance": {**general, "precision": precision},
     }
     _write_atomic(out_dir / "training_log.json", lambda p: p.write_text(json.dumps(log, indent=1) + "\n", encoding="utf-8"))
     return log

@@ -258,16 +258,17 @@ def convert_command(
 def draft_vocab_command(
     model: str = typer.Argument(..., help="Model directory or .gguf file whose tokenizer counts the corpus."),
     out_file: str = typer.Argument(..., help="File to write (draft_vocab.safetensors); pass it to `edgemtp convert --draft-vocab`."),
-    data: str = typer.Option(..., "--data", help="Corpus directory (topical_chat.jsonl, tinystories_valid_head.txt, gutenberg/*.txt)."),
-    coverage: float | None = typer.Option(None, "--coverage", help="Keep the fewest most frequent tokens that cover this share of the corpus's tokens. Default: 0.95."),
+    data: str | None = typer.Option(None, "--data", help="Corpus directory (topical_chat.jsonl, tinystories_valid_head.txt, gutenberg/*.txt) to count."),
+    chats: str | None = typer.Option(None, "--chats", help="Trunk-written chats to count (a `train-mtp --chats-file` file): what the model writes, hence what its head drafts. The better source; with --data, both are counted."),
+    coverage: float | None = typer.Option(None, "--coverage", help="Keep the fewest most frequent tokens that cover this share of the counted tokens. Default: 0.95."),
     size: int | None = typer.Option(None, "--size", help="Keep this many most frequent tokens instead."),
 ) -> None:
-    """Choose the tokens the MTP draft head scores, from token counts on a corpus."""
+    """Choose the tokens the MTP draft head scores, from token counts on trunk-written chats and/or a corpus."""
     from edgemtp.draft_vocab import COVERAGE_STEPS, make_draft_vocab
 
-    ids, counts = make_draft_vocab(model, out_file, data, coverage=coverage, size=size)
+    ids, counts = make_draft_vocab(model, out_file, data, chats, coverage=coverage, size=size)
     typer.echo(f"wrote {out_file}: {len(ids):,} of {len(counts.counts):,} tokens, covering "
-               f"{counts.coverage(ids):.2%} of the corpus's {counts.total:,} tokens (special tokens included)")
+               f"{counts.coverage(ids):.2%} of the {counts.total:,} tokens counted (special tokens included)")
     typer.echo("tokens needed per coverage: " + ", ".join(f"{c:.1%} {counts.size_for(c):,}" for c in COVERAGE_STEPS))
 
 

@@ -117,7 +117,44 @@ def test_command_writes_a_valid_file_with_its_provenance(corpus, tokenizer_dir, 
     assert f"{len(ids):,} of {VOCAB:,} tokens" in result.stdout
 
 
+def _chats_file(path, chats) -> None:
+    """A file in the layout `train-mtp --chats-file` writes: every chat's ids concatenated, and their lengths."""
+    save_file({"tokens": np.concatenate(chats).astype(np.int32), "lengths": np.array([len(c) for c in chats])}, str(path))
+
+
+def test_trunk_written_chats_are_counted_alone_or_with_the_corpus(corpus, tokenizer_dir, tmp_path):
+    chats = tmp_path / "chats.safetensors"
+    _chats_file(chats, [np.array([5, 7, 7, 9]), np.array([7, 300])])
+    only = tmp_path / "only.safetensors"
+    result = run_cli("draft-vocab", tokenizer_dir, only, "--chats", chats, "--coverage", "0.5")
+    assert result.returncode == 0, result.stderr
+    # Token 7 alone covers half of the 6 counted tokens; the special and chat-template tokens join it.
+    tokenizer = Tokenizer.from_dir(tokenizer_dir)
+    assert set(draft_vocab.read_draft_vocab(only, VOCAB).tolist()) == {7} | draft_vocab.always_kept(tokenizer, tokenizer_dir)
+
+    both_ids, both = draft_vocab.make_draft_vocab(tokenizer_dir, tmp_path / "both.safetensors", corpus, chats, show_progress=False)
+    corpus_counts = draft_vocab.count_tokens(tokenizer, VOCAB, corpus).counts
+    assert np.array_equal(both.counts, corpus_counts + np.bincount([5, 7, 7, 9, 7, 300], minlength=VOCAB))
+    assert both.files[0] == "chats.safetensors" and "topical_chat.jsonl" in both.files
+
+
 # --- bad input ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case, fragment", [("missing", "nothing to count"), ("garbage", "not a readable safetensors"),
+                                            ("no tokens", "no 1-D integer 'tokens'"), ("past vocabulary", "past the model's vocabulary")])
+def test_draft_vocab_refuses_bad_chats(tokenizer_dir, tmp_path, case, fragment):
+    chats = tmp_path / "chats.safetensors"
+    if case == "garbage":
+        chats.write_bytes(b"not safetensors")
+    elif case == "no tokens":
+        save_file({"ids": np.arange(4, dtype=np.int32)}, str(chats))
+    elif case == "past vocabulary":
+        _chats_file(chats, [np.array([1, VOCAB])])
+    args = [] if case == "missing" else ["--chats", chats]
+    result = run_cli("draft-vocab", tokenizer_dir, tmp_path / "v.safetensors", *args)
+    assert_user_error(result, fragment)
+    assert not (tmp_path / "v.safetensors").exists()
 
 
 @pytest.mark.parametrize(("ids", "fragment"), [([1, 2, VOCAB + 5], f"token id {VOCAB + 5} is outside"),

@@ -106,17 +106,23 @@ def _documents(path: Path) -> Iterator[str]:
                             "fix the line or remove the file from the corpus") from None
 
 
+def _token_ids(path: Path, name: str, fix: str) -> np.ndarray | None:
+    """Tensor ``name`` of a safetensors file, or None when the file has none; ``fix`` ends the
+    one-line error for an unreadable file."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as f:
+            return f.get_tensor(name) if name in f.keys() else None
+    except Exception as exc:  # safetensors raises its own error types on bad files
+        raise UserError(f"{path} is not a readable safetensors file ({exc}); {fix}") from None
+
+
 def count_chat_tokens(chats_file: Path, vocab_size: int) -> TokenCounts:
     """Count the tokens of trunk-written chats: the ``tokens`` tensor (every chat's token ids,
     concatenated) of a file written by ``edgemtp train-mtp --chats-file``."""
-    from safetensors import safe_open
-
     chats_file = Path(chats_file)
-    try:
-        with safe_open(str(chats_file), framework="numpy") as f:
-            ids = f.get_tensor(CHAT_TOKENS) if CHAT_TOKENS in f.keys() else None
-    except Exception as exc:  # safetensors raises its own error types on bad files
-        raise UserError(f"{chats_file} is not a readable safetensors file ({exc}); pass a `train-mtp --chats-file` file") from None
+    ids = _token_ids(chats_file, CHAT_TOKENS, "pass a `train-mtp --chats-file` file")
     if ids is None or ids.ndim != 1 or ids.dtype.kind not in "iu":
         raise UserError(f"{chats_file} has no 1-D integer {CHAT_TOKENS!r} tensor; pass a `train-mtp --chats-file` file")
     if ids.size and ids.max() >= vocab_size:
@@ -240,14 +246,8 @@ def save_draft_vocab(path: Path, ids: np.ndarray, counts: TokenCounts) -> Path:
 
 def read_draft_vocab(path: Path, vocab_size: int) -> np.ndarray:
     """The token ids of a draft vocabulary file, checked against a vocabulary of ``vocab_size``."""
-    from safetensors import safe_open
-
     path = Path(path)
-    try:
-        with safe_open(str(path), framework="numpy") as f:
-            ids = f.get_tensor(TENSOR) if TENSOR in f.keys() else None
-    except Exception as exc:  # safetensors raises its own error types on bad files
-        raise UserError(f"{path} is not a readable safetensors file ({exc}); {RECREATE}") from None
+    ids = _token_ids(path, TENSOR, RECREATE)
     if ids is None:
         raise UserError(f"{path} has no {TENSOR!r} tensor; {RECREATE}")
     if ids.ndim != 1 or ids.size == 0 or ids.dtype.kind not in "iu":

@@ -17,6 +17,15 @@ from edgemtp.errors import UserError
 # The shared corpus lies beside the repository (../shared), in CI as in a checkout.
 CORPUS = Path(__file__).resolve().parents[2] / "shared/data/corpus"
 
+
+def corpus_text(name: str, chars: int) -> str:
+    """The first ``chars`` characters of a shared-corpus file; the test is skipped (not failed)
+    where the corpus is absent, as the perplexity tests are."""
+    path = CORPUS / name
+    if not path.is_file():
+        pytest.skip(f"corpus file {path} is absent (it lives outside the repository, in ../shared/data/corpus)")
+    return path.read_text(encoding="utf-8")[:chars]
+
 # HF llama name suffix -> GGUF name suffix (inverse of gguf_source's table, written out
 # independently here so the test does not trust the code under test).
 _TO_GGUF = {
@@ -191,7 +200,7 @@ def test_tokenizer_from_tiny_gguf_matches_source_tokenizer(tiny_llama, tmp_path)
     GGUFCheckpoint.open(path).write_tokenizer(tmp_path / "tok")
     ours = Tokenizer.from_file(str(tmp_path / "tok" / "tokenizer.json"))
     source = Tokenizer.from_file(str(tiny_llama / "tokenizer.json"))
-    text = (CORPUS / "tinyshakespeare.txt").read_text()[:5000] + " <|im_start|>user\nhé ✓ 你好<|im_end|>"
+    text = corpus_text("tinyshakespeare.txt", 5000) + " <|im_start|>user\nhé ✓ 你好<|im_end|>"
     assert ours.encode(text).ids == source.encode(text).ids
     source_cfg = json.loads((tiny_llama / "tokenizer_config.json").read_text())
     cfg = json.loads((tmp_path / "tok" / "tokenizer_config.json").read_text())
@@ -240,7 +249,7 @@ def test_smollm2_tokenizer_matches_transformers_gguf_tokenizer(smollm2_gguf, smo
     ours, cfg = smollm2_tokenizer
     reference = AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
     assert ours.encode("Hello world").ids == reference("Hello world")["input_ids"] == [19556, 905]
-    text = (CORPUS / "tinystories_valid_head.txt").read_text()[:20000]
+    text = corpus_text("tinystories_valid_head.txt", 20000)
     text = "".join(c for c in text if not c.isdigit()) + "<|im_start|>user\nHi!<|im_end|>\n"
     assert ours.encode(text).ids == reference(text)["input_ids"]
     assert cfg["eos_token"] == "<|im_end|>" and cfg["bos_token"] == "<|im_start|>"
@@ -256,9 +265,9 @@ def test_smollm2_tokenizer_splits_digits_like_llama_cpp(smollm2_tokenizer):
 def test_smollm2_tokenizer_round_trips_corpus(smollm2_tokenizer):
     ours, _ = smollm2_tokenizer
     samples = [
-        (CORPUS / "tinyshakespeare.txt").read_text()[:30000],
-        (CORPUS / "tinystories_valid_head.txt").read_text()[:30000],
-        (CORPUS / "topical_chat.jsonl").read_text(encoding="utf-8")[:30000],
+        corpus_text("tinyshakespeare.txt", 30000),
+        corpus_text("tinystories_valid_head.txt", 30000),
+        corpus_text("topical_chat.jsonl", 30000),
     ]
     for text in samples:
         assert ours.decode(ours.encode(text).ids) == text

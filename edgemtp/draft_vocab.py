@@ -9,7 +9,7 @@ The counts come from a text corpus, from chats the trunk wrote itself (the ``--c
 ``edgemtp train-mtp``), or both. The trunk's own chats are the better source: the head drafts
 what the trunk writes, and a corpus of stories and dialogue misses most of a chat model's code
 and explanations (on the default model, the corpus's 95% vocabulary covers 76% of the trunk's
-replies to the bench prompts; the same number of tokens counted on its chats covers 94%).
+replies to the bench prompts; about as many tokens counted on its chats cover 94%).
 
 The vocabulary is stored with the model as ``draft_vocab.safetensors``: one int32 tensor
 ``token_ids`` (sorted, unique), and metadata saying how it was chosen (size, coverage, files

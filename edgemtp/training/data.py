@@ -40,6 +40,7 @@ SELF_INSTRUCT_OPENINGS = (
     "What are", "How do I", "How can I", "Why", "Can you", "Give me", "Write a short", "Summarize", "List",
     "Write a SQL query", "Write a JavaScript", "Fix this code:", "def ", "Translate", "Compare",
 )
+REQUEST_MAX_TOKENS = 96  # a self-written request longer than this is cut off, hence dropped
 BOOK_PIECE_CHARS = 4000
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s")
 

@@ -144,22 +144,38 @@ def measure_acceptance(heads, trunk, sequences: list[tuple[int, list[int]]], dep
     }
 
 
+def _greedy_acceptance(heads, trunk, tokenizer, requests: list[str], config: RecipeConfig) -> dict:
+    """``measure_acceptance`` on the trunk's greedy replies to ``requests``."""
+    prompts = [data.chat_prompt_ids(tokenizer, r) for r in requests]
+    replies = data.generate_replies(trunk, prompts, temperature=0.0, max_new_tokens=config.eval_new_tokens,
+                                    batch_size=config.gen_batch_size, **_special_ids(tokenizer))
+    device = next(trunk.parameters()).device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        return measure_acceptance(heads, trunk, [(len(p), s) for p, s in zip(prompts, replies)], config.depths)
+
+
+def _special_ids(tokenizer) -> dict:
+    """``eos_id`` and ``pad_id`` (the EOS token where the tokenizer has no padding token)."""
+    eos_id = tokenizer.eos_token_id
+    return {"eos_id": eos_id, "pad_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id}
+
+
 def _trunk_written_chats(trunk, tokenizer, corpus, trunk_name: str, config: RecipeConfig, progress) -> tuple[list[list[int]], dict]:
     """Chats whose assistant turns the trunk wrote, and how many requests of each kind went in.
 
     Corpus requests are answered greedily (and the first ``sampled_requests`` again with
     sampling, for variety); requests the trunk writes itself are answered greedily. With
     ``config.chats_file``, the chats are read from there when it was written for the same
-    trunk and data settings, and written there otherwise, so that a chain of warm-started
-    runs generates them once.
+    trunk (file name and config) and data settings, and written there otherwise, so that a
+    chain of warm-started runs generates them once.
     """
     from safetensors import safe_open
     from safetensors.torch import save_file
 
-    settings = {"trunk": trunk_name, "corpus_files": corpus.files,
+    settings = {"trunk": trunk_name, "trunk_config": trunk.config.to_dict(), "corpus_files": corpus.files,
                 **{k: getattr(config, k) for k in ("chat_requests", "sampled_requests", "sample_temperature",
                                                    "self_instruct_requests", "max_new_tokens", "num_heldout", "seed")}}
-    key = json.dumps(settings, sort_keys=True)
+    key = json.dumps(settings, sort_keys=True, default=str)
     cache = Path(config.chats_file) if config.chats_file else None
     if cache and cache.is_file():
         with safe_open(str(cache), "pt") as f:
@@ -171,14 +187,13 @@ def _trunk_written_chats(trunk, tokenizer, corpus, trunk_name: str, config: Reci
                 return chats, json.loads(meta["counts"])
         progress(f"{cache} was written for other data settings; generating the chats again")
 
-    gen = dict(max_new_tokens=config.max_new_tokens, batch_size=config.gen_batch_size,
-               eos_id=tokenizer.eos_token_id, pad_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id)
+    gen = dict(max_new_tokens=config.max_new_tokens, batch_size=config.gen_batch_size, **_special_ids(tokenizer))
     requests = corpus.requests[: config.chat_requests]
     prompts = [data.chat_prompt_ids(tokenizer, r) for r in requests]
     chats = data.generate_replies(trunk, prompts, temperature=0.0, **gen)
     chats += data.generate_replies(trunk, prompts[: config.sampled_requests], temperature=config.sample_temperature, **gen)
     own = data.self_instruct_requests(trunk, tokenizer, config.self_instruct_requests, temperature=config.sample_temperature,
-                                      seed=config.seed, **{**gen, "max_new_tokens": 96})
+                                      seed=config.seed, **{**gen, "max_new_tokens": data.REQUEST_MAX_TOKENS})
     chats += data.generate_replies(trunk, [data.chat_prompt_ids(tokenizer, r) for r in own], temperature=0.0, **gen)
     counts = {"chat_requests": len(requests), "sampled_requests": min(len(prompts), config.sampled_requests),
               "self_written_requests": len(own), "self_written_request_examples": own[:20]}
@@ -215,8 +230,7 @@ def train_mtp(trunk_path: str | Path, out_dir: str | Path, corpus_dir: str | Pat
     reader = open_reader(trunk_path)
     trunk = build_trunk(reader, device=config.device, dtype=trunk_dtype)
     tokenizer = load_tokenizer(trunk_path, reader)
-    eos_id = tokenizer.eos_token_id
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_id
+    pad_id = _special_ids(tokenizer)["pad_id"]
 
     # --- data ---------------------------------------------------------------
     corpus = data.load_corpus(corpus_dir, num_heldout=config.num_heldout, seed=config.seed)
@@ -285,15 +299,9 @@ def train_mtp(trunk_path: str | Path, out_dir: str | Path, corpus_dir: str | Pat
 
     # --- held-out greedy acceptance ---------------------------------------------
     heads.eval()
-    heldout_prompts = [data.chat_prompt_ids(tokenizer, h["prompt"]) for h in corpus.heldout]
-    greedy = data.generate_replies(trunk, heldout_prompts, temperature=0.0, max_new_tokens=config.eval_new_tokens, batch_size=config.gen_batch_size, eos_id=eos_id, pad_id=pad_id)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        heldout = measure_acceptance(heads, trunk, [(len(p), s) for p, s in zip(heldout_prompts, greedy)], config.depths)
+    heldout = _greedy_acceptance(heads, trunk, tokenizer, [h["prompt"] for h in corpus.heldout], config)
     progress(f"held-out greedy acceptance: {heldout}")
-    general_prompts = [data.chat_prompt_ids(tokenizer, p) for p in load_prompts()]
-    greedy = data.generate_replies(trunk, general_prompts, temperature=0.0, max_new_tokens=config.eval_new_tokens, batch_size=config.gen_batch_size, eos_id=eos_id, pad_id=pad_id)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        general = measure_acceptance(heads, trunk, [(len(p), s) for p, s in zip(general_prompts, greedy)], config.depths)
+    general = _greedy_acceptance(heads, trunk, tokenizer, load_prompts(), config)
     progress(f"bench-prompt greedy acceptance: {general}")
 
     # --- outputs ---------------------------------------------------------------

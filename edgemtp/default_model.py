@@ -108,8 +108,27 @@ def default_model_path(backend: str, bits: int | None = None, show_progress: boo
     out.parent.mkdir(parents=True, exist_ok=True)
     if show_progress:
         print(f"Preparing the default model for {backend} (first use only) in {out}", flush=True)
-    return convert(src, out, to=backend, bits=bits, mtp_bits=bits, force=out.exists(),
-                   show_progress=show_progress, mtp_file=mtp, draft_vocab=vocab or "none")
+    out = convert(src, out, to=backend, bits=bits, mtp_bits=bits, force=out.exists(),
+                  show_progress=show_progress, mtp_file=mtp, draft_vocab=vocab or "none")
+    _remove_superseded(out, show_progress)
+    return out
+
+
+def _remove_superseded(current: Path, show_progress: bool) -> None:
+    """Delete the conversions ``current`` replaces: same backend, bits and head kind (draft or full
+    vocabulary), made from older shipped weights or an older edgemtp. Without this every upgrade
+    would leave a few hundred MB behind in the cache, for good."""
+    import shutil
+
+    backend_bits = current.name.split("-", 2)[:2]
+    full_vocab = "-fullvocab-" in current.name
+    stale = [path for path in current.parent.iterdir()
+             if path != current and path.is_dir() and path.name.split("-", 2)[:2] == backend_bits
+             and ("-fullvocab-" in path.name) == full_vocab]
+    for path in stale:
+        shutil.rmtree(path, ignore_errors=True)
+    if stale and show_progress:
+        print(f"Removed {len(stale)} superseded conversion(s) of the default model from {current.parent}", flush=True)
 
 
 def registry() -> list[dict]:

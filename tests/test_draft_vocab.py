@@ -351,6 +351,32 @@ def test_default_model_has_a_separate_full_vocabulary_conversion(monkeypatch, tm
     assert draft_vocab.read_draft_vocab(default_model.draft_vocab_path(), 49152).size > 1000
 
 
+def test_a_new_default_conversion_removes_the_ones_it_supersedes(monkeypatch, tmp_path):
+    """Only conversions of the same backend, bits and head kind go: older weights or versions."""
+    from edgemtp import default_model
+
+    def fake_convert(src, out, **options):
+        out.mkdir()
+        (out / "config.json").write_text("{}")
+        return out
+
+    monkeypatch.setattr(default_model, "cache_root", lambda: tmp_path)
+    monkeypatch.setattr(default_model, "verified_gguf_path", lambda: tmp_path / "model.gguf")
+    monkeypatch.setattr("edgemtp.converters.convert.convert", fake_convert)
+    root = tmp_path / "default"
+    older = ["onnx-8bit-b179c9523d0e-aaaaaaaaaaaa-bbbbbbbbbbbb-v0.1.0", "onnx-8bit-b179c9523d0e-5daeb91380f3-v0.1.0"]
+    kept = ["onnx-8bit-b179c9523d0e-aaaaaaaaaaaa-fullvocab-v0.1.0", "onnx-4bit-b179c9523d0e-aaaaaaaaaaaa-bbbbbbbbbbbb-v0.1.0",
+            "mlx-8bit-b179c9523d0e-aaaaaaaaaaaa-bbbbbbbbbbbb-v0.1.0"]
+    for name in older + kept:
+        (root / name).mkdir(parents=True)
+        (root / name / "config.json").write_text("{}")
+    current = default_model.default_model_path("onnx", show_progress=False)
+    assert sorted(path.name for path in root.iterdir()) == sorted(kept + [current.name])
+    # Reusing a conversion removes nothing.
+    assert default_model.default_model_path("onnx", show_progress=False) == current
+    assert len(list(root.iterdir())) == len(kept) + 1
+
+
 # --- bench: with and without the draft vocabulary ------------------------------------------------------------
 
 

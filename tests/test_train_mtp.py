@@ -8,6 +8,7 @@ from safetensors import safe_open
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
+from edgemtp.errors import UserError  # noqa: E402
 from edgemtp.factory import make_tiny  # noqa: E402
 from edgemtp.layout import expected_weights  # noqa: E402
 from edgemtp.training import data  # noqa: E402
@@ -126,3 +127,15 @@ def test_chats_file_is_reused_only_for_the_same_settings(tmp_path):
     third = train_mtp(trunk, tmp_path / "c", corpus, RecipeConfig(**{**small, "chat_requests": 4}), progress=messages.append)
     assert any("other data settings" in m for m in messages)
     assert third["data"]["chat_requests"] == 4
+
+
+def test_a_chats_file_that_is_not_one_is_refused(tmp_path):
+    trunk = make_tiny(tmp_path / "trunk", arch="llama", mtp_layers=0, vocab_size=320, hidden_size=32,
+                      intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    bad = tmp_path / "chats.safetensors"
+    bad.write_bytes(b"not safetensors")
+    config = RecipeConfig(steps=1, seq_len=32, batch_size=4, chat_requests=6, sampled_requests=0, self_instruct_requests=0,
+                          max_new_tokens=8, gen_batch_size=4, num_heldout=6, eval_new_tokens=8, chats_file=str(bad))
+    with pytest.raises(UserError, match="not a chats file written by train-mtp"):
+        train_mtp(trunk, tmp_path / "out", _tiny_corpus(tmp_path / "corpus"), config, progress=lambda _: None)
+    assert bad.read_bytes() == b"not safetensors" and not (tmp_path / "out" / "mtp.safetensors").exists()

@@ -177,14 +177,18 @@ def _trunk_written_chats(trunk, tokenizer, corpus, trunk_name: str, config: Reci
                                                    "self_instruct_requests", "max_new_tokens", "num_heldout", "seed")}}
     key = json.dumps(settings, sort_keys=True, default=str)
     cache = Path(config.chats_file) if config.chats_file else None
-    if cache and cache.is_file():
-        with safe_open(str(cache), "pt") as f:
-            meta = f.metadata() or {}
-            if meta.get("settings") == key:
-                tokens, lengths = f.get_tensor("tokens"), f.get_tensor("lengths")
-                progress(f"trunk-written chats read from {cache}")
-                chats = [row.tolist() for row in torch.split(tokens, lengths.tolist())]
-                return chats, json.loads(meta["counts"])
+    if cache and cache.exists():
+        try:
+            with safe_open(str(cache), "pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("settings") == key:
+                    tokens, lengths = f.get_tensor("tokens"), f.get_tensor("lengths")
+                    progress(f"trunk-written chats read from {cache}")
+                    chats = [row.tolist() for row in torch.split(tokens, lengths.tolist())]
+                    return chats, json.loads(meta["counts"])
+        except Exception as exc:  # safetensors raises its own error types on bad files
+            raise UserError(f"{cache} is not a chats file written by train-mtp ({exc}); "
+                            "delete it or pass another --chats-file") from None
         progress(f"{cache} was written for other data settings; generating the chats again")
 
     gen = dict(max_new_tokens=config.max_new_tokens, batch_size=config.gen_batch_size, **_special_ids(tokenizer))

@@ -2,10 +2,13 @@
 "Measured acceptance" table.
 
     python scripts/measure_acceptance.py --backend onnx --bits 8 [--prompts 60] [--max-tokens 128]
+        [--num-draft 3] [--full-head]
 
 Every held-out prompt (``models/smollm2-135m-mtp/heldout_prompts.jsonl``, never trained on) is
-answered greedily twice through the public API: with MTP speculation at a fixed k = 3 drafts per
-step (what ``edgemtp generate --json --num-draft 3`` runs) and plainly (``--spec none``). The
+answered greedily twice through the public API: with MTP speculation at a fixed k drafts per
+step (default 3, what ``edgemtp generate --json --num-draft 3`` runs) and plainly (``--spec none``).
+``--full-head`` measures the conversion whose MTP head scores the full vocabulary instead of the
+shipped draft vocabulary. The
 speculative answer must equal the plain one token for token; the script says how many differ.
 
 Acceptance by position is pooled over all prompts: position i's hits divided by the number of
@@ -29,7 +32,6 @@ import edgemtp
 from edgemtp.default_model import DEFAULT_BITS, default_model_path
 
 PROMPTS = Path(__file__).resolve().parents[1] / "models/smollm2-135m-mtp/heldout_prompts.jsonl"
-NUM_DRAFT = 3
 
 
 def heldout_prompts(limit: int) -> list[dict]:
@@ -42,10 +44,10 @@ def pooled(reached: list[int], hits: list[int], steps: int, tokens: int) -> dict
             "drafted_by_position": reached, "mean_accepted_length": tokens / steps, "steps": steps}
 
 
-def check_cli_matches(prompt: str, backend: str, model_dir: Path, max_tokens: int, stats) -> None:
+def check_cli_matches(prompt: str, backend: str, model_dir: Path, max_tokens: int, num_draft: int, stats) -> None:
     """The CLI's ``--json`` must report the same greedy run as the library call it wraps."""
     command = ["edgemtp", "generate", "--model", str(model_dir), "--backend", backend, "-p", prompt,
-               "-m", str(max_tokens), "--spec", "mtp", "--num-draft", str(NUM_DRAFT), "--json"]
+               "-m", str(max_tokens), "--spec", "mtp", "--num-draft", str(num_draft), "--json"]
     cli = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)["stats"]
     for key in ("drafted", "accepted", "steps", "acceptance_by_position", "generated_tokens"):
         if cli[key] != getattr(stats, key):
@@ -57,19 +59,20 @@ def decode_seconds(stats) -> float:
     return (stats.generated_tokens - 1) / stats.tokens_per_s if stats.tokens_per_s else 0.0
 
 
-def measure(backend: str, bits: int, num_prompts: int, max_tokens: int, check_cli: bool, json_path: str | None) -> dict:
-    model_dir = default_model_path(backend, bits)
+def measure(backend: str, bits: int, num_prompts: int, max_tokens: int, num_draft: int, full_head: bool,
+            check_cli: bool, json_path: str | None) -> dict:
+    model_dir = default_model_path(backend, bits, draft_vocab=not full_head)
     model = edgemtp.load(model_dir, backend=backend)
-    reached, hits = [0] * NUM_DRAFT, [0] * NUM_DRAFT
+    reached, hits = [0] * num_draft, [0] * num_draft
     steps = tokens = mismatches = plain_tokens = 0
     spec_seconds = plain_seconds = 0.0  # decoding time only, as the stats time it
     by_source: dict[str, dict] = {}  # source -> pooled counts of its prompts
     for n, entry in enumerate(heldout_prompts(num_prompts), start=1):
         prompt = entry["prompt"]
-        spec = model.generate(prompt, max_tokens=max_tokens, temperature=0, spec="mtp", num_draft=NUM_DRAFT)
+        spec = model.generate(prompt, max_tokens=max_tokens, temperature=0, spec="mtp", num_draft=num_draft)
         plain = model.generate(prompt, max_tokens=max_tokens, temperature=0, spec="none")
         stats = spec.stats
-        source = by_source.setdefault(entry["source"], {"reached": [0] * NUM_DRAFT, "hits": [0] * NUM_DRAFT,
+        source = by_source.setdefault(entry["source"], {"reached": [0] * num_draft, "hits": [0] * num_draft,
                                                         "steps": 0, "tokens": 0})
         for i, (r, h) in enumerate(zip(stats.verified_by_position, stats.accepted_by_position)):
             reached[i] += r
@@ -85,11 +88,12 @@ def measure(backend: str, bits: int, num_prompts: int, max_tokens: int, check_cl
         plain_seconds += decode_seconds(plain.stats)
         mismatches += spec.tokens != plain.tokens
         if check_cli and n == 1:
-            check_cli_matches(prompt, backend, model_dir, max_tokens, stats)
+            check_cli_matches(prompt, backend, model_dir, max_tokens, num_draft, stats)
         print(f"[{n}/{num_prompts}] {stats.generated_tokens} tokens, "
               f"{stats.accepted}/{stats.drafted} drafts accepted", file=sys.stderr, flush=True)
         result = {
-            "backend": backend, "bits": bits, "prompts": n, "max_tokens": max_tokens,
+            "backend": backend, "bits": bits, "prompts": n, "max_tokens": max_tokens, "num_draft": num_draft,
+            "draft_head": "full vocabulary" if full_head else "draft vocabulary",
             **pooled(reached, hits, steps, tokens),
             "generated_tokens": tokens,
             "by_source": {name: pooled(c["reached"], c["hits"], c["steps"], c["tokens"]) for name, c in by_source.items()},
@@ -118,14 +122,21 @@ def main() -> None:
     parser.add_argument("--bits", type=int, choices=(4, 8), default=8, help="weight bits of the conversion")
     parser.add_argument("--prompts", type=int, default=60, help="how many held-out prompts (from the top)")
     parser.add_argument("--max-tokens", type=int, default=128, help="most tokens per answer")
+    parser.add_argument("--num-draft", type=int, default=3, help="fixed drafts per step (k)")
+    parser.add_argument("--full-head", action="store_true",
+                        help="measure the conversion whose MTP head scores the full vocabulary")
     parser.add_argument("--no-cli-check", action="store_true",
                         help="skip comparing the first prompt with `edgemtp generate --json`")
     parser.add_argument("--json", help="also write the figures to this file (rewritten after every prompt)")
     args = parser.parse_args()
 
-    result = measure(args.backend, args.bits, args.prompts, args.max_tokens, not args.no_cli_check, args.json)
-    print("| backend | bits | prompts x max tokens | acceptance by position 1 / 2 / 3 | "
-          "mean accepted length (k=3) | tokens/s spec / plain | same output as plain |")
+    if args.num_draft < 1:
+        parser.error(f"--num-draft must be at least 1, got {args.num_draft}")
+    result = measure(args.backend, args.bits, args.prompts, args.max_tokens, args.num_draft, args.full_head,
+                     not args.no_cli_check, args.json)
+    positions = " / ".join(str(i) for i in range(1, args.num_draft + 1))
+    print(f"| backend | bits | prompts x max tokens | acceptance by position {positions} | "
+          f"mean accepted length (k={args.num_draft}) | tokens/s spec / plain | same output as plain |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
     print(markdown_row(result))
     for name, figures in result["by_source"].items():

@@ -262,3 +262,15 @@ def test_bench_command_end_to_end(tmp_path, monkeypatch, tiny_checkpoint):
     assert target["model"].endswith("(mlx 4-bit)") and target["mlx_lm_tokens_per_s"] > 0
     assert (out / "b.png").read_bytes()[:4] == b"\x89PNG"
     assert "| plain |" in (out / "b.md").read_text()
+
+
+def test_mlx_lm_rate_counts_tokens_after_the_first_like_edgemtp():
+    """stream_generate reports 24 tokens over the 23 intervals after the first token; the side by
+    side must compare 23 tokens over that time, as edgemtp's own rate does."""
+    from types import SimpleNamespace
+
+    last = SimpleNamespace(generation_tokens=24, generation_tps=24 / 2.3)
+    decoded, seconds = bench.mlx_lm_decode(last)
+    assert decoded == 23 and seconds == pytest.approx(2.3)
+    assert bench.mlx_lm_decode(None) == (0, 0.0)
+    assert bench.mlx_lm_decode(SimpleNamespace(generation_tokens=1, generation_tps=0.0)) == (0, 0.0)

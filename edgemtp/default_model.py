@@ -101,7 +101,8 @@ def default_model_path(backend: str, bits: int | None = None, show_progress: boo
     # The shipped files' hashes and edgemtp's version are part of the key so that new trained
     # weights, or a release whose converter writes something different, trigger a re-conversion.
     key = f"{GGUF_SHA256[:12]}-{_file_key(mtp, 'nomtp')}-{_file_key(vocab, 'fullvocab')}-v{version('edgemtp')}"
-    out = cache_root() / "default" / f"{backend}-{bits}bit-{key}"
+    kind = f"{backend}-{bits}bit-"
+    out = cache_root() / "default" / f"{kind}{key}"
     if (out / "config.json").is_file():
         return out
     src = verified_gguf_path()
@@ -110,21 +111,21 @@ def default_model_path(backend: str, bits: int | None = None, show_progress: boo
         print(f"Preparing the default model for {backend} (first use only) in {out}", flush=True)
     out = convert(src, out, to=backend, bits=bits, mtp_bits=bits, force=out.exists(),
                   show_progress=show_progress, mtp_file=mtp, draft_vocab=vocab or "none")
-    _remove_superseded(out, show_progress)
+    _remove_superseded(out, kind, show_progress)
     return out
 
 
-def _remove_superseded(current: Path, show_progress: bool) -> None:
-    """Delete the conversions ``current`` replaces: same backend, bits and head kind (draft or full
-    vocabulary), made from older shipped weights or an older edgemtp. Without this every upgrade
-    would leave a few hundred MB behind in the cache, for good."""
+def _remove_superseded(current: Path, kind: str, show_progress: bool) -> None:
+    """Delete the conversions ``current`` replaces: same ``kind`` (backend and bits) and head
+    (draft or full vocabulary), made from older shipped weights or an older edgemtp. Without this
+    every upgrade would leave a few hundred MB behind in the cache, for good. ``*.partial``
+    directories are conversions still being written (by another process), so they stay."""
     import shutil
 
-    backend_bits = current.name.split("-", 2)[:2]
     full_vocab = "-fullvocab-" in current.name
     stale = [path for path in current.parent.iterdir()
-             if path != current and path.is_dir() and path.name.split("-", 2)[:2] == backend_bits
-             and ("-fullvocab-" in path.name) == full_vocab]
+             if path != current and path.is_dir() and path.name.startswith(kind)
+             and not path.name.endswith(".partial") and ("-fullvocab-" in path.name) == full_vocab]
     for path in stale:
         shutil.rmtree(path, ignore_errors=True)
     if stale and show_progress:

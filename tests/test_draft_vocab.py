@@ -366,7 +366,8 @@ def test_a_new_default_conversion_removes_the_ones_it_supersedes(monkeypatch, tm
     root = tmp_path / "default"
     older = ["onnx-8bit-b179c9523d0e-aaaaaaaaaaaa-bbbbbbbbbbbb-v0.1.0", "onnx-8bit-b179c9523d0e-5daeb91380f3-v0.1.0"]
     kept = ["onnx-8bit-b179c9523d0e-aaaaaaaaaaaa-fullvocab-v0.1.0", "onnx-4bit-b179c9523d0e-aaaaaaaaaaaa-bbbbbbbbbbbb-v0.1.0",
-            "mlx-8bit-b179c9523d0e-aaaaaaaaaaaa-bbbbbbbbbbbb-v0.1.0"]
+            "mlx-8bit-b179c9523d0e-aaaaaaaaaaaa-bbbbbbbbbbbb-v0.1.0",
+            "onnx-8bit-b179c9523d0e-aaaaaaaaaaaa-cccccccccccc-v0.1.0.partial"]  # another process converting
     for name in older + kept:
         (root / name).mkdir(parents=True)
         (root / name / "config.json").write_text("{}")

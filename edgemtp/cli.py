@@ -157,7 +157,7 @@ def train_mtp_command(
     chats_file: str | None = typer.Option(None, "--chats-file", help="Cache of the trunk-written chats: reused when it was written for the same trunk and data settings, else written."),
     max_new_tokens: int = typer.Option(256, "--max-new-tokens", help="Longest trunk-written reply."),
     gen_batch_size: int = typer.Option(512, "--gen-batch-size", help="Prompts per generation batch."),
-    chat_fraction: float = typer.Option(0.75, "--chat-fraction", help="Share of each batch taken from trunk-written chats (the rest is plain corpus text)."),
+    chat_fraction: float = typer.Option(0.75, "--chat-fraction", help="Share of each step taken by trunk-written chats, as the token budget of that many rows (chats of similar length are batched together up to it); the rest is rows of plain corpus text."),
     init_from: str | None = typer.Option(None, "--init-from", help="Warm start from an earlier run's mtp.safetensors (one layer can seed two)."),
     time_limit: float | None = typer.Option(None, "--time-limit", help="Minutes after which training stops early; the weights are still saved."),
     seed: int = typer.Option(0, "--seed", help="Seed for data selection, held-out split and initialisation."),

@@ -12,7 +12,7 @@ from edgemtp.errors import UserError  # noqa: E402
 from edgemtp.factory import make_tiny  # noqa: E402
 from edgemtp.layout import expected_weights  # noqa: E402
 from edgemtp.training import data  # noqa: E402
-from edgemtp.training.recipe import RecipeConfig, train_mtp  # noqa: E402
+from edgemtp.training.recipe import RecipeConfig, chat_batches, train_mtp  # noqa: E402
 
 WORDS = "the cat dog sun ran saw big red happy tree ball park little girl boy played jumped home".split()
 
@@ -37,6 +37,38 @@ def test_heldout_prompts_are_never_trained_on(tmp_path):
     assert not held & set(corpus.requests)
     # The held-out conversations' and stories' text is excluded from the text data too.
     assert not any(h["prompt"] in text for h in corpus.heldout if h["source"] == "topical_chat" for text in corpus.texts)
+
+
+def test_every_turn_is_a_request_once(tmp_path):
+    corpus = data.load_corpus(_tiny_corpus(tmp_path / "corpus"), num_heldout=6, seed=0)
+    turns = [json.loads(line)["turns"] for line in (tmp_path / "corpus/topical_chat.jsonl").read_text().splitlines()]
+    held = {h["prompt"] for h in corpus.heldout}
+    trained_turns = {t["text"] for conv in turns if conv[0]["text"] not in held for t in conv}
+    assert trained_turns <= set(corpus.requests)
+    assert len(corpus.requests) == len(set(corpus.requests))
+
+
+def test_chat_batches_visit_every_chat_once_per_epoch_within_the_budget():
+    lengths = [5 + (k * 37) % 60 for k in range(300)]
+    batches = chat_batches(lengths, token_budget=200, generator=torch.Generator().manual_seed(0), pool=64)
+    seen = []
+    while len(seen) < len(lengths):
+        batch = next(batches)
+        assert len(batch) * max(lengths[k] for k in batch) <= 200 or len(batch) == 1
+        seen += batch
+    assert sorted(seen) == list(range(len(lengths)))
+    # Batching by length wastes little on padding: chats are 5..64 tokens, batches cut at 200.
+    padded = sum(len(b) * max(lengths[k] for k in b) for b in _epoch(lengths))
+    assert sum(lengths) / padded > 0.85
+
+
+def _epoch(lengths):
+    batches = chat_batches(lengths, token_budget=200, generator=torch.Generator().manual_seed(1), pool=64)
+    seen, out = 0, []
+    while seen < len(lengths):
+        out.append(next(batches))
+        seen += len(out[-1])
+    return out
 
 
 def test_recipe_trains_and_writes_hf_named_weights(tmp_path):

@@ -93,8 +93,9 @@ def load_corpus(corpus_dir: str | Path, num_heldout: int = 60, seed: int = 0) ->
         for conv in conversations[heldout_chats:]:
             turns = [t["text"].strip() for t in conv["turns"] if t["text"].strip()]
             corpus.texts.append("\n".join(turns))
-            # The opening turn and every question make natural standalone requests.
-            corpus.requests += [t for j, t in enumerate(turns) if j == 0 or t.endswith("?")]
+            # Every turn is something a person said in a chat, so each one is a request the
+            # trunk may be given (held-out prompts are opening turns; most turns are remarks).
+            corpus.requests += turns
 
     stories_path = corpus_dir / "tinystories_valid_head.txt"
     if stories_path.is_file():
@@ -121,6 +122,7 @@ def load_corpus(corpus_dir: str | Path, num_heldout: int = 60, seed: int = 0) ->
         )
     if len(corpus.heldout) < num_heldout:
         raise UserError(f"{corpus_dir}: too little dialogue/story data to hold out {num_heldout} prompts; use a larger corpus")
+    corpus.requests = list(dict.fromkeys(corpus.requests))  # "Hi!" and the like, once
     rng.shuffle(corpus.requests)
     return corpus
 

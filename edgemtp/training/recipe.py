@@ -21,6 +21,7 @@ float16, no ``shared_head.head``: the trunk's tied output head is used),
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -48,7 +49,7 @@ class RecipeConfig:
     batch_size: int = 32
     lr: float = 1e-3
     warmup_steps: int = 100
-    chat_fraction: float = 0.75  # share of each batch drawn from trunk-written chats
+    chat_fraction: float = 0.75  # share of each step's rows (as tokens: rows x seq_len) given to trunk-written chats
     init_from: str | None = None  # warm start from an earlier run's mtp.safetensors
     time_limit_minutes: float | None = None  # stop training early (and still save) past this
     chat_requests: int = 6000  # user requests the trunk answers (greedy), at most
@@ -76,8 +77,30 @@ def _pad_rows(rows: list[list[int]], width: int, pad_id: int) -> tuple[torch.Ten
     return ids, mask
 
 
+def chat_batches(lengths: list[int], token_budget: int, generator: torch.Generator, pool: int = 1024):
+    """Endless batches of chat indices, each padded to its longest chat within ``token_budget`` tokens.
+
+    Chats are a few hundred tokens long, so padding every row to ``seq_len`` would spend most
+    of a step on padding. Each epoch visits every chat once, in a random order; every
+    ``pool`` chats are sorted by length and cut into batches of similar lengths (the
+    batches of a pool are shuffled, so consecutive steps do not grow steadily longer).
+    """
+    while True:
+        order = torch.randperm(len(lengths), generator=generator).tolist()
+        for start in range(0, len(order), pool):
+            batches, batch = [], []
+            for k in sorted(order[start : start + pool], key=lambda k: lengths[k]):
+                if batch and (len(batch) + 1) * lengths[k] > token_budget:
+                    batches.append(batch)
+                    batch = []
+                batch.append(k)
+            batches.append(batch)
+            for j in torch.randperm(len(batches), generator=generator).tolist():
+                yield batches[j]
+
+
 def _depth_terms(heads, trunk, ids: torch.Tensor, mask: torch.Tensor, depths: int):
-    """Per depth: (KL from the trunk, top-1 agreement with trunk, positions), teacher forced."""
+    """Per depth: (summed KL from the trunk, top-1 agreements, positions), teacher forced."""
     with torch.no_grad():
         out = trunk.model(input_ids=ids)
         hidden = out.last_hidden_state  # after the final norm, as the backends hand it over
@@ -93,9 +116,8 @@ def _depth_terms(heads, trunk, ids: torch.Tensor, mask: torch.Tensor, depths: in
         # KL(trunk || head): the soft-target cross-entropy minus the trunk's own entropy,
         # so 0 means the head reproduces the trunk exactly.
         kl = F.kl_div(logits.log_softmax(-1), target, log_target=True, reduction="none").sum(-1)
-        n = valid.sum().clamp(min=1)
         agree = (logits.argmax(-1) == target.argmax(-1)) & valid
-        terms.append(((kl * valid).sum() / n, agree.sum() / n, int(valid.sum())))
+        terms.append(((kl * valid).sum(), agree.sum(), int(valid.sum())))
     return terms
 
 
@@ -172,7 +194,12 @@ def _trunk_written_chats(trunk, tokenizer, corpus, trunk_name: str, config: Reci
     from safetensors import safe_open
     from safetensors.torch import save_file
 
+    requests = corpus.requests[: config.chat_requests]
+    # The requests themselves are part of the key: a change in how the corpus is read into
+    # requests must not reuse chats answering the old ones.
+    requests_hash = hashlib.sha256("\x00".join(requests).encode()).hexdigest()
     settings = {"trunk": trunk_name, "trunk_config": trunk.config.to_dict(), "corpus_files": corpus.files,
+                "requests_sha256": requests_hash,
                 **{k: getattr(config, k) for k in ("chat_requests", "sampled_requests", "sample_temperature",
                                                    "self_instruct_requests", "max_new_tokens", "num_heldout", "seed")}}
     key = json.dumps(settings, sort_keys=True, default=str)
@@ -192,7 +219,6 @@ def _trunk_written_chats(trunk, tokenizer, corpus, trunk_name: str, config: Reci
         progress(f"{cache} was written for other data settings; generating the chats again")
 
     gen = dict(max_new_tokens=config.max_new_tokens, batch_size=config.gen_batch_size, **_special_ids(tokenizer))
-    requests = corpus.requests[: config.chat_requests]
     prompts = [data.chat_prompt_ids(tokenizer, r) for r in requests]
     chats = data.generate_replies(trunk, prompts, temperature=0.0, **gen)
     chats += data.generate_replies(trunk, prompts[: config.sampled_requests], temperature=config.sample_temperature, **gen)
@@ -267,6 +293,8 @@ def train_mtp(trunk_path: str | Path, out_dir: str | Path, corpus_dir: str | Pat
 
     generator = torch.Generator().manual_seed(config.seed)
     n_chat = round(config.batch_size * config.chat_fraction)
+    # Chats fill the token budget of n_chat full rows, packed by length (chat_batches).
+    batches = chat_batches([min(len(c), config.seq_len) for c in chats], n_chat * config.seq_len, generator)
     curve = []
     t0 = time.time()
     deadline = started + 60 * config.time_limit_minutes if config.time_limit_minutes else math.inf
@@ -275,13 +303,17 @@ def train_mtp(trunk_path: str | Path, out_dir: str | Path, corpus_dir: str | Pat
         if time.time() > deadline:
             progress(f"time limit reached after {step} steps; stopping early")
             break
-        chat_rows = [chats[k] for k in torch.randint(len(chats), (n_chat,), generator=generator).tolist()]
+        chat_rows = [chats[k] for k in next(batches)] if n_chat else []
         text_rows = texts[torch.randint(len(texts), (config.batch_size - n_chat,), generator=generator)].tolist()
-        ids, mask = _pad_rows(chat_rows + text_rows, config.seq_len, pad_id)
-        ids, mask = ids.to(device), mask.to(device)
+        parts = [(rows, width) for rows, width in ((chat_rows, max(map(len, chat_rows), default=0)),
+                                                   (text_rows, config.seq_len)) if rows]
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            terms = _depth_terms(heads, trunk, ids, mask, config.depths)
-        loss = sum(kl for kl, _, _ in terms) / len(terms)
+            per_part = [_depth_terms(heads, trunk, *(t.to(device) for t in _pad_rows(rows, min(width, config.seq_len), pad_id)),
+                                     config.depths) for rows, width in parts]
+        # Per depth, means over every predicted position of the step (chats and text alike).
+        terms = [(sum(kl for kl, _, _ in d) / max(1, sum(n for _, _, n in d)),
+                  sum(a for _, a, _ in d) / max(1, sum(n for _, _, n in d))) for d in zip(*per_part)]
+        loss = sum(kl for kl, _ in terms) / len(terms)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
         optimizer.zero_grad(set_to_none=True)
@@ -293,8 +325,8 @@ def train_mtp(trunk_path: str | Path, out_dir: str | Path, corpus_dir: str | Pat
             entry = {
                 "step": step,
                 "loss": loss.item(),
-                "kl_by_depth": [kl.item() for kl, _, _ in terms],
-                "top1_agreement_by_depth": [a.item() for _, a, _ in terms],
+                "kl_by_depth": [kl.item() for kl, _ in terms],
+                "top1_agreement_by_depth": [a.item() for _, a in terms],
                 "lr": lr_at(step),
             }
             curve.append(entry)

@@ -13,7 +13,7 @@ repeats:
   to the one it gives (measured);
 * a roofline: bytes of weights each decode step reads, and what fraction of the
   machine's measured read bandwidth plain decoding achieves;
-* peak RSS, and on MLX mlx-lm's own ``stream_generate`` side by side;
+* peak RSS from loading the model on (a conversion before it not counted, on Linux), and on MLX mlx-lm's own ``stream_generate`` side by side;
 * for the default model, whose MTP head scores a draft vocabulary (edgemtp/draft_vocab.py),
   the same model with a full-vocabulary MTP head, MTP drafting only: what the draft
   vocabulary saves in draft cost and loses in acceptance.
@@ -27,14 +27,13 @@ from __future__ import annotations
 import gc
 import json
 import platform
-import resource
 import statistics
-import sys
 import time
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from edgemtp.engine.stats import peak_rss_bytes, reset_peak_rss
 from edgemtp.errors import UserError
 
 DRAFT_LENGTHS: tuple[int | str, ...] = (1, 2, 3, 4, "auto")
@@ -76,7 +75,7 @@ class TargetFigures:
     trunk_step_s: float  # T(1) in seconds
     draft_cost: dict[str, float]  # drafter -> cost of one drafted token / T(1)
     bandwidth_fraction: float  # bytes/token x plain tokens/s / measured bandwidth
-    peak_rss_bytes: int  # of the bench process so far (earlier targets included)
+    peak_rss_bytes: int  # from loading this target on (Linux); elsewhere of the whole bench process
     mlx_lm_tokens_per_s: float | None = None
     mlx_lm_note: str = ""
     draft_vocab_size: int | None = None  # tokens the MTP head scores; None: the full vocabulary
@@ -305,12 +304,6 @@ def draft_vocab_size(backend) -> int | None:
     return None if backend.draft_ids is None else len(backend.draft_ids)
 
 
-def peak_rss_bytes() -> int:
-    """This process's peak resident set size (ru_maxrss is KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
-
-
 # --- mlx-lm side by side -----------------------------------------------------------------------
 
 
@@ -367,6 +360,7 @@ def bench_target(plan, label: str, prompts: list[str], *, max_tokens: int, repea
 
     model_dir, backend_name = plan.model_dir, plan.backend
     progress(f"[{backend_name}] loading {model_dir}")
+    reset_peak_rss()  # from here on: this target's inference (not an earlier conversion or target)
     load_options = {"max_kv_size": plan.max_kv_size} if backend_name == "mlx" else {}
     model = edgemtp.load(model_dir, backend=backend_name, **load_options)
 

@@ -350,9 +350,9 @@ def generate_command(
     """Generate text with speculative decoding; a speed and acceptance summary goes to stderr."""
     import json
 
-    from edgemtp.api import load
+    from edgemtp.api import default_backend, load
     from edgemtp.engine.generate import SPECS, parse_num_draft
-    from edgemtp.engine.stats import format_summary
+    from edgemtp.engine.stats import format_summary, reset_peak_rss
 
     if prompt is None:
         raise UserError("no prompt given; pass -p TEXT, or -p - to read the prompt from stdin")
@@ -368,6 +368,12 @@ def generate_command(
 
     if max_kv_size is not None and max_kv_size < 1:
         raise UserError(f"--max-kv-size must be at least 1 token, got {max_kv_size}")
+    backend = backend or default_backend()
+    if model is None:  # converted on first use; that conversion's memory is not the summary's peak
+        from edgemtp.default_model import default_model_path
+
+        model = str(default_model_path(backend))
+    reset_peak_rss()
     target = load(model, backend=backend, max_kv_size=max_kv_size)
     drafter_model = load(draft_model, backend=backend, max_kv_size=max_kv_size) if draft_model else None
     stream = target.stream(prompt, max_tokens=max_tokens, temperature=temp, top_p=top_p, top_k=top_k, seed=seed,

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pytest
 
 from edgemtp import bench, benchreport
-from edgemtp.engine.stats import Stats
+from edgemtp.engine.stats import Stats, peak_rss_bytes, reset_peak_rss
 from edgemtp.errors import UserError
 from edgemtp.membw import read_bandwidth
 
@@ -20,6 +21,17 @@ def test_bandwidth_reads_every_element():
     assert result.bytes_read == 8 << 20
     assert result.checksum == (8 << 20) // 8  # a sum of float64 ones: every element was read
     assert result.threads == 2 and result.gb_per_s > 0
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the peak RSS can be reset on Linux only")
+def test_peak_rss_restarts_after_a_conversion_sized_allocation():
+    """What bench and generate report as peak memory leaves out an earlier, larger peak
+    (converting the default model on first use)."""
+    block = np.ones(400 << 20, np.uint8)  # 400 MiB, touched
+    block_peak = peak_rss_bytes()
+    del block
+    reset_peak_rss()
+    assert peak_rss_bytes() < block_peak - (300 << 20)
 
 
 # --- speedup model --------------------------------------------------------------------------

@@ -5,6 +5,24 @@ from __future__ import annotations
 import resource
 import sys
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024
+
+
+def reset_peak_rss() -> None:
+    """Start the peak RSS afresh from the current RSS, so that converting a model first (which
+    needs more memory than running it) does not count as inference memory. Linux only
+    (``/proc/self/clear_refs`` "5" resets the high-water mark ru_maxrss reads); elsewhere the
+    peak stays the whole process's."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
 
 
 @dataclass
@@ -50,9 +68,7 @@ class Stats:
         self.generated_tokens = len(self.provenance)
 
     def record_memory(self) -> None:
-        # ru_maxrss is KiB on Linux and bytes on macOS.
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        self.peak_memory_bytes = peak if sys.platform == "darwin" else peak * 1024
+        self.peak_memory_bytes = peak_rss_bytes()
 
     def to_dict(self) -> dict:
         out = asdict(self)

@@ -151,6 +151,7 @@ def train_mtp_command(
     seq_len: int = typer.Option(512, "--seq-len", help="Tokens per training sequence."),
     batch_size: int = typer.Option(32, "--batch-size", help="Sequences per optimizer step."),
     lr: float = typer.Option(1e-3, "--lr", help="Peak learning rate (linear warm-up, cosine decay to 10%)."),
+    warmup_steps: int = typer.Option(100, "--warmup-steps", help="Steps of linear learning-rate warm-up (a short one suits a warm start that continues a run)."),
     chat_requests: int = typer.Option(6000, "--chat-requests", help="User requests the trunk answers greedily to make chat data."),
     sampled_requests: int = typer.Option(2000, "--sampled-requests", help="Of those, how many are answered again with sampling."),
     self_instruct: int = typer.Option(4000, "--self-instruct", help="User requests the trunk writes itself (code, explanations, general questions the corpus lacks), then answers greedily."),
@@ -171,8 +172,10 @@ def train_mtp_command(
         raise UserError(f"--device must be cpu or cuda, got {device!r}")
     if not 0 <= chat_fraction <= 1:
         raise UserError(f"--chat-fraction must be between 0 and 1, got {chat_fraction}")
+    if warmup_steps < 1:
+        raise UserError(f"--warmup-steps must be at least 1, got {warmup_steps}")
     config = RecipeConfig(
-        steps=steps, layers=layers, depths=depths, seq_len=seq_len, batch_size=batch_size, lr=lr,
+        steps=steps, layers=layers, depths=depths, seq_len=seq_len, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
         chat_requests=chat_requests, sampled_requests=sampled_requests, max_new_tokens=max_new_tokens,
         gen_batch_size=gen_batch_size, seed=seed, device=device, chat_fraction=chat_fraction,
         init_from=init_from, time_limit_minutes=time_limit, self_instruct_requests=self_instruct, chats_file=chats_file,

@@ -155,3 +155,10 @@ def test_inspect_names_mlx_quantization(llama_copy):
     edit_config(llama_copy, quantization={"group_size": 64, "bits": 4})
     summary = json.loads(run("inspect", llama_copy, "--json").stdout)
     assert summary["storage"] == "mlx 4-bit, group 64"
+
+
+def test_train_mtp_refusals(tmp_path):
+    args = ("train-mtp", tmp_path / "trunk", tmp_path / "out", "--data", tmp_path)
+    assert_user_error(run(*args, "--warmup-steps", "0"), "--warmup-steps must be at least 1")
+    assert_user_error(run(*args, "--chat-fraction", "2"), "--chat-fraction must be between 0 and 1")
+    assert not (tmp_path / "out").exists()

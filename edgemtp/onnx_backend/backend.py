@@ -35,7 +35,12 @@ def session_options(threads: int | None, spin: bool = True) -> ort.SessionOption
 
 
 class _Graph:
-    """A session plus its binding; runs one step against a cache."""
+    """A session plus its binding; runs one step against a cache.
+
+    The binding is kept between steps: a cache's buffers (60 for SmolLM2's trunk) are bound
+    once while the graph keeps running against that cache, and each step binds only its token
+    ids, positions and two fresh output arrays, which come back without a copy.
+    """
 
     def __init__(self, path: Path, threads: int | None, hidden_output: str, spin: bool = True):
         if not path.is_file():
@@ -43,7 +48,9 @@ class _Graph:
         options = session_options(threads, spin)
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.binding = self.session.io_binding()
-        self.output_names = ["logits", hidden_output]
+        widths = {output.name: output.shape[-1] for output in self.session.get_outputs()}
+        self.outputs = [("logits", widths["logits"]), (hidden_output, widths[hidden_output])]
+        self._bound_cache = None  # the cache whose buffers the binding holds
 
     def run(self, cache, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         n = feeds["input_ids"].shape[1]
@@ -58,17 +65,22 @@ class _Graph:
             feeds = {name: np.concatenate([value, value[:, -1:]], axis=1) for name, value in feeds.items()}
         rows = feeds["input_ids"].shape[1]
         binding = self.binding
-        binding.clear_binding_inputs()
-        binding.clear_binding_outputs()
+        if cache is not self._bound_cache:
+            binding.clear_binding_inputs()
+            binding.clear_binding_outputs()
+            cache.bind_buffers(binding)
+            self._bound_cache = cache
+        cache.bind_step(binding, rows)
         for name, value in feeds.items():
             binding.bind_cpu_input(name, value)
-        for name in self.output_names:  # first, so they come back first (bind order)
-            binding.bind_output(name, "cpu")
-        cache.bind(binding, rows)
+        # New arrays every step: callers may keep what an earlier step returned.
+        results = [np.empty((1, rows, width), np.float32) for _, width in self.outputs]
+        for (name, _), array in zip(self.outputs, results):
+            binding.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(array))
         self.session.run_with_iobinding(binding)
         cache.advance(n)
-        logits, hidden = binding.get_outputs()[:2]
-        return logits.numpy()[0, :n], hidden.numpy()[0, :n]
+        logits, hidden = results
+        return logits[0, :n], hidden[0, :n]
 
 
 class OnnxBackend:

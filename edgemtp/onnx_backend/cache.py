@@ -1,7 +1,9 @@
 """Preallocated cache buffers bound to onnxruntime through IO binding.
 
 A cache never moves: each graph step writes its new rows in place, and rolling back ``n``
-positions only lowers ``length`` (the next step overwrites the dropped rows).
+positions only lowers ``length`` (the next step overwrites the dropped rows). ``bind_buffers``
+binds what stays bound from step to step (once, while a graph keeps using the same cache);
+``bind_step`` what changes every step.
 
 * ``SharedKVCache`` (llama, GroupQueryAttention): per slot one ``(1, kv_heads, max_context,
   head_dim)`` OrtValue bound as both past and present; GQA appends at ``seqlens_k``.
@@ -52,13 +54,15 @@ class SharedKVCache(_Cache):
                 self._pairs.append((past.format(slot=slot), present.format(slot=slot), buffer))
         self.nbytes = len(self._pairs) * int(np.prod(shape)) * 4
 
-    def bind(self, binding: ort.IOBinding, n: int) -> None:
-        total = self.length + n
-        binding.bind_cpu_input("seqlens_k", np.array([total - 1], np.int32))
-        binding.bind_cpu_input("total_sequence_length", np.array(total, np.int32))
+    def bind_buffers(self, binding: ort.IOBinding) -> None:
         for past, present, buffer in self._pairs:
             binding.bind_ortvalue_input(past, buffer)
             binding.bind_ortvalue_output(present, buffer)
+
+    def bind_step(self, binding: ort.IOBinding, n: int) -> None:
+        total = self.length + n
+        binding.bind_cpu_input("seqlens_k", np.array([total - 1], np.int32))
+        binding.bind_cpu_input("total_sequence_length", np.array(total, np.int32))
 
 
 class LatentCache(_Cache):
@@ -72,7 +76,10 @@ class LatentCache(_Cache):
         self.nbytes = sum(buffer.nbytes for _, _, buffer in self._buffers)
         self._keep_alive: list[ort.OrtValue] = []
 
-    def bind(self, binding: ort.IOBinding, n: int) -> None:
+    def bind_buffers(self, binding: ort.IOBinding) -> None:
+        pass  # the bound views move with ``length``: bind_step
+
+    def bind_step(self, binding: ort.IOBinding, n: int) -> None:
         # OrtValues made from numpy views share the buffer's memory (no copy); keep them alive
         # until the run that uses them is over.
         self._keep_alive = []

@@ -19,6 +19,25 @@ from edgemtp.factory import VARIANTS, make_tiny
 FACTORY_VARIANTS = list(VARIANTS)  # "llama", "llama_untied", "deepseek_v3", "deepseek_v3_no_qlora"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _session_cache(tmp_path_factory):
+    """Keep the user's cache directory free of test conversions (ONNX exports of temporary
+    checkpoints, step costs): the session runs with its own ``XDG_CACHE_HOME`` (platformdirs
+    reads it on Linux). Only the default model's conversions, minutes of work that do not
+    depend on the test, stay shared with the real cache through a link. Tests that set
+    ``XDG_CACHE_HOME`` themselves still get their own directory."""
+    from edgemtp.default_model import cache_root
+
+    real_default = cache_root() / "default"
+    real_default.mkdir(parents=True, exist_ok=True)
+    cache = tmp_path_factory.mktemp("cache")
+    (cache / "edgemtp").mkdir()
+    (cache / "edgemtp" / "default").symlink_to(real_default, target_is_directory=True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("XDG_CACHE_HOME", str(cache))
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Callable[..., Path]:
     """Factory fixture: ``tiny_checkpoint("deepseek_v3", mtp_layers=2, fp8=True) -> Path``.

@@ -66,3 +66,7 @@ class Backend(Protocol):
 
     def cache_bytes(self) -> int:
         """Bytes held by all caches (trunk and MTP)."""
+
+    # Optional (the engine checks with hasattr): ``greedy_tokens(token, count)`` yields up to
+    # ``count`` plain greedy tokens after the pending ``token``, leaving the trunk as the same
+    # ``trunk_step`` calls would; a backend whose steps are asynchronous (MLX) pipelines them.

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from edgemtp.engine.backend import Backend
+from edgemtp.engine.drafters import NoDrafter
 from edgemtp.engine.sampling import Sampler
 from edgemtp.engine.stats import Stats
 
@@ -75,6 +76,9 @@ def decode(backend: Backend, drafter, policy, sampler: Sampler, seq: list[int], 
 
     if seq[-1] in stop_ids:
         return
+    if isinstance(drafter, NoDrafter) and sampler.greedy and hasattr(backend, "greedy_tokens"):
+        yield from _plain_greedy(backend, seq, max_tokens, stop_ids, stats, decode_began)
+        return
     while stats.generated_tokens < max_tokens:
         room = min(max_tokens - stats.generated_tokens, backend.max_context - backend.trunk_len()) - 1
         if room < 0:
@@ -100,3 +104,22 @@ def decode(backend: Backend, drafter, policy, sampler: Sampler, seq: list[int], 
         yield new, provenance
         if stop is not None:
             return
+
+
+def _plain_greedy(backend, seq: list[int], max_tokens: int, stop_ids: set[int], stats: Stats,
+                  decode_began: float) -> Iterator[tuple[list[int], list[str]]]:
+    """Plain greedy decoding through the backend's own (pipelined) loop: the same tokens and
+    stats as the loop in ``decode`` with no drafts."""
+    count = min(max_tokens - stats.generated_tokens, backend.max_context - backend.trunk_len())
+    tokens = backend.greedy_tokens(seq[-1], count)
+    try:
+        for token in tokens:
+            seq.append(token)
+            stats.record_step(0, 0, ["bonus"])
+            stats.tokens_per_s = (stats.generated_tokens - 1) / (time.perf_counter() - decode_began)
+            stats.record_memory()
+            yield [token], ["bonus"]
+            if token in stop_ids:
+                return
+    finally:
+        tokens.close()  # rolls back a step queued ahead

@@ -7,7 +7,7 @@ it, and hands numpy float32 back to the engine.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import mlx.core as mx
@@ -194,6 +194,37 @@ class MLXBackend:
         logits, hidden = run_trunk(self.trunk, ids, self._trunk_caches, self._mask_as_array)
         mx.eval(logits, hidden)
         return self._to_numpy(logits), self._to_numpy(hidden)
+
+    def greedy_tokens(self, token: int, count: int) -> Iterator[int]:
+        """Plain greedy decoding after the pending ``token``: yields up to ``count`` tokens.
+
+        Pipelined the way mlx-lm's ``generate_step`` is: the step that consumes a token is built
+        and queued (``mx.async_eval``) before that token is read back, so Python builds the next
+        graph while the model computes instead of after it. Each yielded token is the pending
+        one; when the consumer stops, the step already queued for it is rolled back, so the trunk
+        holds what ``trunk_step`` calls would have left.
+        """
+        self._check_room(self.trunk_len(), count)
+
+        def step(y: mx.array) -> mx.array:
+            logits, _ = run_trunk(self.trunk, y.reshape(1, 1), self._trunk_caches, self._mask_as_array)
+            return mx.argmax(logits[0, -1], keepdims=True)
+
+        y = step(mx.array([token], dtype=mx.int32))
+        mx.async_eval(y)
+        ahead = False  # whether a step for the last yielded token is queued
+        try:
+            for i in range(count):
+                ahead = i + 1 < count
+                if ahead:
+                    next_y = step(y)
+                    mx.async_eval(next_y)
+                yield int(y.item())
+                if ahead:
+                    y = next_y
+        finally:
+            if ahead:
+                self.trunk_rollback(1)
 
     def trunk_len(self) -> int:
         return self._trunk_caches[0].offset

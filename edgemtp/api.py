@@ -61,6 +61,8 @@ def planned_context(path: Path, backend: str, max_kv_size: int | None) -> int:
 
 # Backend name -> function building it from a model directory and load options.
 _BACKEND_LOADERS = {"mlx": _load_mlx, "onnx": _load_onnx}
+# The load options each backend takes (besides max_kv_size), checked before anything loads.
+_BACKEND_OPTIONS = {"mlx": ("dtype", "draft_vocab"), "onnx": ("bits", "group_size", "threads")}
 
 
 def load(path: str | Path | None = None, backend: str | None = None, max_kv_size: int | None = None,
@@ -83,6 +85,10 @@ def load(path: str | Path | None = None, backend: str | None = None, max_kv_size
     path = Path(path)
     if backend not in _BACKEND_LOADERS:
         raise UserError(f"backend {backend!r} is not available; use one of {', '.join(_BACKEND_LOADERS)}")
+    unknown = sorted(set(options) - set(_BACKEND_OPTIONS[backend]))
+    if unknown:
+        raise UserError(f"the {backend} backend has no load option {', '.join(unknown)}; "
+                        f"its options are {', '.join(_BACKEND_OPTIONS[backend])} (and max_kv_size)")
     context = planned_context(path, backend, max_kv_size)
     loaded = _BACKEND_LOADERS[backend](path, max_kv_size=context, **options)
     return Model(loaded.config, Tokenizer.from_dir(path), loaded)

@@ -134,6 +134,11 @@ def test_public_load_gives_the_backend_logits_and_a_tokenizer(tiny_checkpoint):
         edgemtp.load(path, backend="tpu")
     with pytest.raises(UserError, match="dtype"):
         edgemtp.load(path, backend="mlx", dtype="int3")
+    # An option of the other backend is named as such, not a TypeError from deep inside.
+    with pytest.raises(UserError, match="the onnx backend has no load option draft_vocab"):
+        edgemtp.load(path, backend="onnx", draft_vocab=False)
+    with pytest.raises(UserError, match="the mlx backend has no load option bits"):
+        edgemtp.load(path, backend="mlx", bits=4)
 
 
 def test_import_edgemtp_stays_light():

@@ -102,15 +102,16 @@ class AdaptiveDraftLength:
             estimates.append(prior)
         return estimates
 
-    def expected_rate(self, k: int, acceptance: list[float] | None = None) -> float:
+    def expected_rate(self, k: int, acceptance: list[float]) -> float:
+        """Tokens per second of drafting ``k`` at these per-position acceptance estimates."""
         reach, tokens = 1.0, 1.0
-        for a in (self.acceptance if acceptance is None else acceptance)[:k]:
+        for a in acceptance[:k]:
             reach *= a
             tokens += reach
         return tokens / (self.costs.trunk[k] + k * self.costs.draft)
 
     def choose(self) -> int:
-        acceptance = self.acceptance
+        acceptance = self.acceptance  # computed once: a property over every position
         return max(range(self.max_k + 1), key=lambda k: self.expected_rate(k, acceptance))
 
     def _observe(self, position: int, value: float) -> None:

@@ -305,14 +305,17 @@ def train_mtp(trunk_path: str | Path, out_dir: str | Path, corpus_dir: str | Pat
             break
         chat_rows = [chats[k] for k in next(batches)] if n_chat else []
         text_rows = texts[torch.randint(len(texts), (config.batch_size - n_chat,), generator=generator)].tolist()
-        parts = [(rows, width) for rows, width in ((chat_rows, max(map(len, chat_rows), default=0)),
-                                                   (text_rows, config.seq_len)) if rows]
+        per_part = []  # chats and text are padded separately: each to its own longest row
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            per_part = [_depth_terms(heads, trunk, *(t.to(device) for t in _pad_rows(rows, min(width, config.seq_len), pad_id)),
-                                     config.depths) for rows, width in parts]
+            for rows in (chat_rows, text_rows):
+                if rows:
+                    ids, mask = _pad_rows(rows, min(max(map(len, rows)), config.seq_len), pad_id)
+                    per_part.append(_depth_terms(heads, trunk, ids.to(device), mask.to(device), config.depths))
         # Per depth, means over every predicted position of the step (chats and text alike).
-        terms = [(sum(kl for kl, _, _ in d) / max(1, sum(n for _, _, n in d)),
-                  sum(a for _, a, _ in d) / max(1, sum(n for _, _, n in d))) for d in zip(*per_part)]
+        terms = []
+        for by_part in zip(*per_part):
+            positions = max(1, sum(n for _, _, n in by_part))
+            terms.append((sum(kl for kl, _, _ in by_part) / positions, sum(a for _, a, _ in by_part) / positions))
         loss = sum(kl for kl, _ in terms) / len(terms)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)

@@ -161,4 +161,5 @@ def test_train_mtp_refusals(tmp_path):
     args = ("train-mtp", tmp_path / "trunk", tmp_path / "out", "--data", tmp_path)
     assert_user_error(run(*args, "--warmup-steps", "0"), "--warmup-steps must be at least 1")
     assert_user_error(run(*args, "--chat-fraction", "2"), "--chat-fraction must be between 0 and 1")
+    assert_user_error(run(*args, "--hard-label-weight", "-1"), "--hard-label-weight must be 0 or more")
     assert not (tmp_path / "out").exists()

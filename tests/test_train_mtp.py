@@ -101,6 +101,24 @@ def test_recipe_trains_and_writes_hf_named_weights(tmp_path):
     assert acceptance["acceptance_by_position"][0] >= acceptance["acceptance_by_position"][1] >= acceptance["acceptance_by_position"][2]
 
 
+def test_hard_label_term_is_added_to_the_kl_and_falls(tmp_path):
+    """--hard-label-weight w: the loss is the mean over depths of KL + w * (cross-entropy on the
+    trunk's argmax), and training lowers that cross-entropy."""
+    trunk = make_tiny(tmp_path / "trunk", arch="llama", mtp_layers=0, vocab_size=320, hidden_size=32,
+                      intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    config = RecipeConfig(steps=30, seq_len=32, batch_size=4, lr=3e-3, warmup_steps=5, chat_requests=6,
+                          sampled_requests=2, self_instruct_requests=8, max_new_tokens=8, gen_batch_size=4,
+                          num_heldout=6, eval_new_tokens=8, log_every=1, hard_label_weight=0.5)
+    log = train_mtp(trunk, tmp_path / "out", _tiny_corpus(tmp_path / "corpus"), config, progress=lambda _: None)
+    curve = log["loss_curve"]
+    for entry in curve:
+        combined = [kl + 0.5 * ce for kl, ce in zip(entry["kl_by_depth"], entry["argmax_ce_by_depth"])]
+        assert entry["loss"] == pytest.approx(sum(combined) / len(combined), rel=1e-5)
+        assert all(ce > 0 for ce in entry["argmax_ce_by_depth"])
+    mean_ce = [sum(entry["argmax_ce_by_depth"]) for entry in curve]
+    assert sum(mean_ce[-5:]) < 0.85 * sum(mean_ce[:5])
+
+
 def test_warm_start_seeds_two_layers_from_one(tmp_path):
     """--init-from: a one-layer run's weights seed both layers of a two-layer run, and a run of
     zero steps then saves exactly those weights back (under both layer names)."""

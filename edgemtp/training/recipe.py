@@ -50,6 +50,8 @@ class RecipeConfig:
     lr: float = 1e-3
     warmup_steps: int = 100
     chat_fraction: float = 0.75  # share of each step's rows (as tokens: rows x seq_len) given to trunk-written chats
+    hard_label_weight: float = 0.0  # weight of a cross-entropy on the trunk's argmax, added to the KL
+    fp32: bool = False  # on CUDA, train and evaluate in float32 (TF32 matmuls) instead of bfloat16
     init_from: str | None = None  # warm start from an earlier run's mtp.safetensors
     time_limit_minutes: float | None = None  # stop training early (and still save) past this
     chat_requests: int = 6000  # user requests the trunk answers (greedy), at most
@@ -100,7 +102,8 @@ def chat_batches(lengths: list[int], token_budget: int, generator: torch.Generat
 
 
 def _depth_terms(heads, trunk, ids: torch.Tensor, mask: torch.Tensor, depths: int):
-    """Per depth: (summed KL from the trunk, top-1 agreements, positions), teacher forced."""
+    """Per depth: (summed KL from the trunk, summed cross-entropy on the trunk's argmax,
+    top-1 agreements, positions), teacher forced."""
     with torch.no_grad():
         out = trunk.model(input_ids=ids)
         hidden = out.last_hidden_state  # after the final norm, as the backends hand it over
@@ -115,9 +118,14 @@ def _depth_terms(heads, trunk, ids: torch.Tensor, mask: torch.Tensor, depths: in
         valid = torch.cat([valid, torch.zeros_like(valid[:, :1])], dim=1)
         # KL(trunk || head): the soft-target cross-entropy minus the trunk's own entropy,
         # so 0 means the head reproduces the trunk exactly.
-        kl = F.kl_div(logits.log_softmax(-1), target, log_target=True, reduction="none").sum(-1)
-        agree = (logits.argmax(-1) == target.argmax(-1)) & valid
-        terms.append(((kl * valid).sum(), agree.sum(), int(valid.sum())))
+        log_probs = logits.log_softmax(-1)
+        kl = F.kl_div(log_probs, target, log_target=True, reduction="none").sum(-1)
+        # Greedy acceptance counts only the argmax; this term (weighted by hard_label_weight)
+        # spends the head's capacity on the trunk's top token rather than its whole distribution.
+        top = target.argmax(-1)
+        ce = -log_probs.gather(-1, top.unsqueeze(-1)).squeeze(-1)
+        agree = (logits.argmax(-1) == top) & valid
+        terms.append(((kl * valid).sum(), (ce * valid).sum(), agree.sum(), int(valid.sum())))
     return terms
 
 
@@ -172,8 +180,13 @@ def _greedy_acceptance(heads, trunk, tokenizer, requests: list[str], config: Rec
     replies = data.generate_replies(trunk, prompts, temperature=0.0, max_new_tokens=config.eval_new_tokens,
                                     batch_size=config.gen_batch_size, **_special_ids(tokenizer))
     device = next(trunk.parameters()).device
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=_bf16(device, config)):
         return measure_acceptance(heads, trunk, [(len(p), s) for p, s in zip(prompts, replies)], config.depths)
+
+
+def _bf16(device: torch.device, config: RecipeConfig) -> bool:
+    """Whether training and evaluation run under bfloat16 autocast (CUDA, unless ``fp32``)."""
+    return device.type == "cuda" and not config.fp32
 
 
 def _special_ids(tokenizer) -> dict:
@@ -270,6 +283,12 @@ def train_mtp(trunk_path: str | Path, out_dir: str | Path, corpus_dir: str | Pat
     gen_seconds = time.time() - t0
     chat_tokens = sum(min(len(c), config.seq_len) for c in chats)
     progress(f"data: {len(texts)} text windows, {len(chats)} trunk-written chats ({chat_tokens} tokens) in {gen_seconds:.0f}s")
+    if device.type == "cuda" and config.fp32:
+        # The chats above come from the bfloat16 trunk (fast; they are only text). The teacher
+        # and the evaluation use float32 like the runtimes' activations, so the head learns the
+        # argmax it will be checked against; TF32 keeps the matmuls fast.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        trunk.float()
 
     # --- model --------------------------------------------------------------
     heads = MTPHeads(trunk.config, config.layers).to(device)
@@ -306,17 +325,17 @@ def train_mtp(trunk_path: str | Path, out_dir: str | Path, corpus_dir: str | Pat
         chat_rows = [chats[k] for k in next(batches)] if n_chat else []
         text_rows = texts[torch.randint(len(texts), (config.batch_size - n_chat,), generator=generator)].tolist()
         per_part = []  # chats and text are padded separately: each to its own longest row
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=_bf16(device, config)):
             for rows in (chat_rows, text_rows):
                 if rows:
                     ids, mask = _pad_rows(rows, min(max(map(len, rows)), config.seq_len), pad_id)
                     per_part.append(_depth_terms(heads, trunk, ids.to(device), mask.to(device), config.depths))
         # Per depth, means over every predicted position of the step (chats and text alike).
-        terms = []
+        terms = []  # per depth: (mean KL, mean cross-entropy on the argmax, agreement)
         for by_part in zip(*per_part):
-            positions = max(1, sum(n for _, _, n in by_part))
-            terms.append((sum(kl for kl, _, _ in by_part) / positions, sum(a for _, a, _ in by_part) / positions))
-        loss = sum(kl for kl, _ in terms) / len(terms)
+            positions = max(1, sum(part[3] for part in by_part))
+            terms.append(tuple(sum(part[j] for part in by_part) / positions for j in range(3)))
+        loss = sum(kl + config.hard_label_weight * ce for kl, ce, _ in terms) / len(terms)
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step)
         optimizer.zero_grad(set_to_none=True)
@@ -328,8 +347,9 @@ def train_mtp(trunk_path: str | Path, out_dir: str | Path, corpus_dir: str | Pat
             entry = {
                 "step": step,
                 "loss": loss.item(),
-                "kl_by_depth": [kl.item() for kl, _ in terms],
-                "top1_agreement_by_depth": [a.item() for _, a in terms],
+                "kl_by_depth": [kl.item() for kl, _, _ in terms],
+                "argmax_ce_by_depth": [ce.item() for _, ce, _ in terms],
+                "top1_agreement_by_depth": [a.item() for _, _, a in terms],
                 "lr": lr_at(step),
             }
             curve.append(entry)
@@ -344,7 +364,7 @@ def train_mtp(trunk_path: str | Path, out_dir: str | Path, corpus_dir: str | Pat
     progress(f"bench-prompt greedy acceptance: {general}")
 
     # --- outputs ---------------------------------------------------------------
-    precision = "bf16 torch, teacher forced" if device.type == "cuda" else "fp32 torch, teacher forced"
+    precision = "bf16 torch, teacher forced" if _bf16(device, config) else "fp32 torch, teacher forced"
     weights = heads.hf_state_dict(torch.float16)
     metadata = {"format": "pt", "num_nextn_predict_layers": str(config.layers), "trunk": Path(trunk_path).name}
     _write_atomic(out_dir / "mtp.safetensors", lambda p: save_file(weights, str(p), metadata=metadata))

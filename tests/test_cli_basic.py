@@ -71,7 +71,7 @@ def test_load_rejects_bad_checkpoints_with_one_line(llama_copy, breakage, backen
     """``edgemtp.load`` behind ``generate --model``: the same one-line errors, on both backends."""
     damage, fragment = BREAKAGES[breakage]
     damage(llama_copy)
-    env_cache = {"XDG_CACHE_HOME": str(tmp_path / "cache")}  # the ONNX path converts into the cache
+    env_cache = {"EDGEMTP_CACHE": str(tmp_path / "cache")}  # the ONNX path converts into the cache
     result = subprocess.run([EDGEMTP, "generate", "--model", str(llama_copy), "--backend", backend, "-p", "hi"],
                             capture_output=True, text=True, timeout=120, env={**os.environ, **env_cache})
     assert_user_error(result, fragment)

@@ -19,7 +19,7 @@ def _invoke(args: list[str], stdin: str | None):
 
 @pytest.fixture
 def model_dir(tiny_checkpoint, tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the auto policy caches step costs there
+    monkeypatch.setenv("EDGEMTP_CACHE", str(tmp_path / "cache"))  # the auto policy caches step costs there
     return str(tiny_checkpoint("deepseek_v3", mtp_layers=1))
 
 

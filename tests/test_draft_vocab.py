@@ -341,7 +341,7 @@ def test_default_model_has_a_separate_full_vocabulary_conversion(monkeypatch, tm
         calls.append(options)
         return out
 
-    monkeypatch.setattr(default_model, "cache_root", lambda: tmp_path)
+    monkeypatch.setenv("EDGEMTP_CACHE", str(tmp_path))
     monkeypatch.setattr(default_model, "verified_gguf_path", lambda: tmp_path / "model.gguf")
     monkeypatch.setattr("edgemtp.converters.convert.convert", fake_convert)
     pruned = default_model.default_model_path("onnx", show_progress=False)
@@ -360,7 +360,7 @@ def test_a_new_default_conversion_removes_the_ones_it_supersedes(monkeypatch, tm
         (out / "config.json").write_text("{}")
         return out
 
-    monkeypatch.setattr(default_model, "cache_root", lambda: tmp_path)
+    monkeypatch.setenv("EDGEMTP_CACHE", str(tmp_path))
     monkeypatch.setattr(default_model, "verified_gguf_path", lambda: tmp_path / "model.gguf")
     monkeypatch.setattr("edgemtp.converters.convert.convert", fake_convert)
     root = tmp_path / "default"
@@ -384,7 +384,7 @@ def test_a_new_default_conversion_removes_the_ones_it_supersedes(monkeypatch, tm
 def test_bench_compares_mtp_drafting_with_and_without_the_draft_vocabulary(tiny_checkpoint, tmp_path, monkeypatch):
     from edgemtp import bench, benchreport
 
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # the auto policy caches step costs there
+    monkeypatch.setenv("EDGEMTP_CACHE", str(tmp_path / "cache"))  # the auto policy caches step costs there
     vocab_file = tmp_path / "vocab.safetensors"
     _write_ids(vocab_file, _kept_ids())
     source = tiny_checkpoint("llama", mtp_layers=1, confident=True)

@@ -30,8 +30,7 @@ def available(backend: str) -> bool:
 
 @pytest.fixture(params=[pytest.param(b, marks=pytest.mark.skipif(not available(b), reason=f"{b} backend missing"))
                         for b in BACKENDS])
-def load(request, tiny_checkpoint, tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.getbasetemp() / "cache"))  # ONNX exports
+def load(request, tiny_checkpoint):
     options = {"bits": None} if request.param == "onnx" else {}
 
     def load_model(**make_options):

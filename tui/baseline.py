@@ -12,14 +12,14 @@ import json
 import os
 from pathlib import Path
 
-import platformdirs
+from edgemtp.paths import cache_root
 
 BASELINE_PROMPT = "Write one sentence about the sea."
 BASELINE_TOKENS = 32
 
 
 def default_cache_file() -> Path:
-    return Path(platformdirs.user_cache_dir("edgemtp")) / "plain_tokens_per_s.json"
+    return cache_root() / "plain_tokens_per_s.json"
 
 
 class BaselineCache:

@@ -26,9 +26,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import platformdirs
 
 from edgemtp.engine.backend import Backend
+from edgemtp.paths import cache_root
 
 
 PROBE_INTERVAL = 8  # steps between probes while not drafting, when a probe costs a draft step
@@ -138,7 +138,7 @@ class AdaptiveDraftLength:
 
 
 def cost_cache_path() -> Path:
-    return Path(platformdirs.user_cache_dir("edgemtp")) / "costs.json"
+    return cache_root() / "costs.json"
 
 
 def config_digest(config: dict) -> str:

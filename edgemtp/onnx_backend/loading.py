@@ -7,11 +7,10 @@ import hashlib
 import json
 from pathlib import Path
 
-import platformdirs
-
 from edgemtp.converters.onnx_export.manifest import VERSION, is_onnx_export
 from edgemtp.draft_vocab import FILE_NAME as DRAFT_VOCAB_FILE
 from edgemtp.onnx_backend.backend import OnnxBackend
+from edgemtp.paths import cache_root
 
 
 def cached_export_dir(checkpoint: Path, bits: int | None, group_size: int) -> Path:
@@ -20,7 +19,7 @@ def cached_export_dir(checkpoint: Path, bits: int | None, group_size: int) -> Pa
     stamp = [str(checkpoint.resolve()), VERSION, bits, group_size,
              [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files]]
     key = hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:16]
-    return Path(platformdirs.user_cache_dir("edgemtp")) / "onnx" / f"{checkpoint.name}-{key}"
+    return cache_root() / "onnx" / f"{checkpoint.name}-{key}"
 
 
 def _convert_with_progress(checkpoint: Path, out: Path, bits: int | None, group_size: int) -> None:

@@ -281,20 +281,33 @@ def draft_vocab_command(
 
 
 @app.command("models")
-def models_command() -> None:
+def models_command(
+    as_json: bool = typer.Option(False, "--json", help="Print the registry as JSON instead of text."),
+) -> None:
     """List the known models (the embedded default and recommended Hub models) and how to convert them."""
+    import json
+
     from rich.console import Console
     from rich.table import Table
 
     from edgemtp.default_model import registry
 
-    table = Table(title="edgemtp models")
-    for column in ("name", "source", "architecture", "MTP", "how to use", "notes"):
-        table.add_column(column, overflow="fold")
+    if as_json:
+        typer.echo(json.dumps(registry(), indent=1))
+        return
+    console = Console()
+    # One block per model rather than one wide table: six columns fold every cell into
+    # slivers on an 80-column terminal, and the convert commands are meant to be copied.
     for model in registry():
-        name = model["name"] + (" (default)" if model.get("default") else "")
-        table.add_row(name, model["source"], model["architecture"], model["mtp"], model["convert"], model["notes"])
-    Console().print(table)
+        default = " (default)" if model.get("default") else ""
+        console.print(f"[bold]{model['name']}[/bold]{default} · {model['architecture']}", highlight=False)
+        block = Table.grid(padding=(0, 2))
+        block.add_column(style="dim", no_wrap=True)
+        block.add_column()
+        for label, key in (("source", "source"), ("MTP", "mtp"), ("use", "convert"), ("notes", "notes")):
+            block.add_row(label, model[key])
+        console.print(block, highlight=False)
+        console.print()
 
 
 @app.command("chat")

@@ -60,8 +60,13 @@ def test_default_model_generates_english_offline_from_an_empty_cache(tmp_path):
 
 
 def test_models_command_lists_the_registry():
-    result = run_cli("models", env={**os.environ, "COLUMNS": "400"})
+    # 80 columns: each model's convert command must still come out whole (wrapped at spaces).
+    result = run_cli("models", env={**os.environ, "COLUMNS": "80"})
     assert result.returncode == 0, result.stderr
+    words = result.stdout.split()
     for model in registry():
-        assert model["name"] in result.stdout
+        assert model["name"] in words
+        assert " ".join(model["convert"].split()) in " ".join(words)
     assert "(default)" in result.stdout
+    listed = json.loads(run_cli("models", "--json").stdout)
+    assert listed == registry()

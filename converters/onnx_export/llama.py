@@ -5,6 +5,14 @@ bound as both ``past_key_values.{slot}.*`` and ``present.{slot}.*`` (GQA's
 past_present_share_buffer mode): the op writes the new rows in place at ``seqlens_k``, so a
 step copies nothing and rolling back is just a smaller ``seqlens_k`` next time. RoPE runs
 inside GQA (``do_rotary``) from cos/sin tables baked into the graph.
+
+GQA always sees one row more than the step has: the step's last row, repeated. onnxruntime's
+GQA sums its one-row case differently from its multi-row case (a float rounding, which the
+int8 activations of the next MatMulNBits turn into logit changes of up to ~1), and plain
+decoding would then drift from verification. Every other op of the block gives bitwise the same
+row whatever the row count, so only attention needs the extra row; the repeated row's keys and
+values land in the cache's spare slot just past the step and the next step overwrites them.
+Hence ``seqlens_k`` and ``total_sequence_length`` count that row too.
 """
 
 from __future__ import annotations
@@ -37,7 +45,8 @@ class LlamaLayers:
         self.heads = config["num_attention_heads"]
         self.kv_heads = config.get("num_key_value_heads") or self.heads
         self.head_dim = head_dim(config)
-        # seqlens_k = total length after this step - 1; total_sequence_length = that length.
+        # seqlens_k = total length after this step, its repeated row included (module docstring),
+        # minus 1; total_sequence_length = that length.
         self.seqlens_k = g.input("seqlens_k", np.int32, [1])
         self.total_length = g.input("total_sequence_length", np.int32, [])
         cos, sin = cos_sin_tables(config, self.head_dim, max_positions)
@@ -62,11 +71,15 @@ class LlamaLayers:
         shape = [1, self.kv_heads, "max_context", self.head_dim]
         past_k = g.input(f"past_key_values.{slot}.key", np.float32, shape)
         past_v = g.input(f"past_key_values.{slot}.value", np.float32, shape)
-        out, present_k, present_v = g.node(
+        rows = g.const([1])  # the sequence axis of (1, rows, width)
+        last = g.node("Slice", [packed, g.const([-1]), g.const([2**62]), rows], name=f"{name}.last_row")
+        padded = g.node("Concat", [packed, last], name=f"{name}.repeat_last_row", axis=1)
+        padded_out, present_k, present_v = g.node(
             "GroupQueryAttention",
-            [packed, "", "", past_k, past_v, self.seqlens_k, self.total_length, self.cos, self.sin],
-            name=f"{name}.gqa", outputs=[f"{name}/out", f"present.{slot}.key", f"present.{slot}.value"],
+            [padded, "", "", past_k, past_v, self.seqlens_k, self.total_length, self.cos, self.sin],
+            name=f"{name}.gqa", outputs=[f"{name}/padded_out", f"present.{slot}.key", f"present.{slot}.value"],
             domain=MS_DOMAIN, num_heads=self.heads, kv_num_heads=self.kv_heads, do_rotary=1, rotary_interleaved=0)
+        out = g.node("Slice", [padded_out, g.const([0]), g.const([-1]), rows], name=f"{name}.drop_last_row")
         g.output(present_k, present_k, np.float32, shape)
         g.output(present_v, present_v, np.float32, shape)
         o_bias = read(prefix + "o_proj.bias") if has_bias else None

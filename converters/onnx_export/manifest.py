@@ -11,6 +11,9 @@ Layout of an export directory::
 The trunk's logits are always over the full vocabulary. With ``"draft_vocab": {"file", "size"}``
 the MTP graphs' logits are over the draft vocabulary instead: ``(1, n, size)``, column j for the
 j-th id of the file (see edgemtp/draft_vocab.py); without it (null) they are full too.
+
+``"attention_extra_row": true`` (GQA graphs, see llama.py): the graphs repeat a step's last row
+into attention themselves, so the lengths a step passes count one row more than it feeds.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from edgemtp.draft_vocab import FILE_NAME as DRAFT_VOCAB_FILE
 from edgemtp.errors import UserError
 
 FORMAT = "edgemtp-onnx"
-VERSION = 2
+VERSION = 3
 MANIFEST = "manifest.json"
 
 
@@ -41,6 +44,7 @@ def make_manifest(config: dict, cache: dict, bits: int | None, mtp_bits: int | N
     return {
         "format": FORMAT, "version": VERSION, "arch": config["model_type"], "opset": OPSET, "dtype": dtype,
         "max_positions": max_positions,
+        "attention_extra_row": cache["kind"] == "gqa_shared_buffer",
         "quantization": {"trunk": _quant(bits, group_size), "mtp": _quant(mtp_bits, group_size)},
         "cache": cache,
         "trunk": {"path": "trunk/model.onnx", "cache_slots": layers,

@@ -42,7 +42,8 @@ class _Graph:
     ids, positions and two fresh output arrays, which come back without a copy.
     """
 
-    def __init__(self, path: Path, threads: int | None, hidden_output: str, spin: bool = True):
+    def __init__(self, path: Path, threads: int | None, hidden_output: str, extra_attention_row: bool,
+                 spin: bool = True):
         if not path.is_file():
             raise UserError(f"{path} is missing; re-export the model (edgemtp.converters.onnx_export.export_onnx)")
         options = session_options(threads, spin)
@@ -51,26 +52,31 @@ class _Graph:
         widths = {output.name: output.shape[-1] for output in self.session.get_outputs()}
         self.outputs = [("logits", widths["logits"]), (hidden_output, widths[hidden_output])]
         self._bound_cache = None  # the cache whose buffers the binding holds
+        self.extra_attention_row = extra_attention_row
 
     def run(self, cache, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         n = feeds["input_ids"].shape[1]
         cache.check_room(n)
-        if n == 1:
-            # MatMulNBits has a dedicated single-row kernel whose int8 activation rounding differs
-            # from the multi-row kernel (logits move by up to ~1), while multi-row results are
-            # bitwise independent of the row count. Padding one-token steps with a throw-away row
-            # keeps every step on the multi-row kernel, so verifying k drafts (k+1 rows) gives
-            # exactly what plain decoding gives. The padded row lands in the cache's spare slot
-            # past ``length`` and is overwritten by the next step.
+        # Every step must run attention on its multi-row path, whose sums a one-row step would not
+        # reproduce bitwise (then plain decoding drifts from verification; see
+        # converters/onnx_export/llama.py). GQA graphs repeat the last row into attention
+        # themselves, so the lengths count one row more. Other graphs get single-token steps
+        # padded with a throw-away row. Either way the extra row lands in the cache's spare slot
+        # past ``length`` and is overwritten by the next step.
+        if self.extra_attention_row:
+            rows, cache_rows = n, n + 1
+        elif n == 1:
             feeds = {name: np.concatenate([value, value[:, -1:]], axis=1) for name, value in feeds.items()}
-        rows = feeds["input_ids"].shape[1]
+            rows = cache_rows = 2
+        else:
+            rows = cache_rows = n
         binding = self.binding
         if cache is not self._bound_cache:
             binding.clear_binding_inputs()
             binding.clear_binding_outputs()
             cache.bind_buffers(binding)
             self._bound_cache = cache
-        cache.bind_step(binding, rows)
+        cache.bind_step(binding, cache_rows)
         for name, value in feeds.items():
             binding.bind_cpu_input(name, value)
         # New arrays every step: callers may keep what an earlier step returned.
@@ -92,13 +98,14 @@ class OnnxBackend:
         self.config = load_config(path)
         self.vocab_size = int(self.config["vocab_size"])
         self.hidden_size = int(self.config["hidden_size"])
-        # One position stays spare for the padding row of single-token steps (_Graph.run).
+        # One position stays spare for the extra attention row of every step (_Graph.run).
         self.max_context = min(int(max_context or DEFAULT_MAX_CONTEXT), int(manifest["max_positions"]) - 1)
-        self._trunk = _Graph(path / manifest["trunk"]["path"], threads, "hidden")
+        extra_row = manifest["attention_extra_row"]
+        self._trunk = _Graph(path / manifest["trunk"]["path"], threads, "hidden", extra_row)
         # Each session has its own thread pool. The MTP graphs' pools must not spin: after every
         # draft they would keep busy-waiting while the trunk verifies, taking its cores (on 2
         # cores a 4-token verify step took 19 ms instead of 9, and MTP k=3 ran at 0.6x plain).
-        self._mtp = [_Graph(path / entry["path"], threads, "h1", spin=False) for entry in manifest["mtp"]]
+        self._mtp = [_Graph(path / entry["path"], threads, "h1", extra_row, spin=False) for entry in manifest["mtp"]]
         self.num_mtp_layers = len(self._mtp)
         self.draft_ids = self._read_draft_vocab(path)
         self._cache_kind = CACHE_KINDS[manifest["cache"]["kind"]]

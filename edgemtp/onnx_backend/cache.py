@@ -19,8 +19,8 @@ import onnxruntime as ort
 from edgemtp.errors import UserError
 
 
-# Buffers hold one row more than the usable context: the backend pads single-token steps with a
-# throw-away row (see OnnxBackend's _Graph.run) that is written just past ``length``.
+# Buffers hold one row more than the usable context: a step's extra attention row (see
+# OnnxBackend's _Graph.run) is written just past the step's own rows.
 SPARE_ROWS = 1
 
 

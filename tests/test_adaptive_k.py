@@ -90,3 +90,16 @@ def test_costs_are_measured_once_and_cached(tmp_path, monkeypatch):
     assert list(stored.values()) == [{"trunk": costs.trunk, "draft": costs.draft}]
     monkeypatch.setattr(tuning, "measure_trunk_costs", lambda *a: pytest.fail("measured again"))
     assert tuning.load_or_measure_costs(backend, drafter, "mtp", max_k=2) == Costs(costs.trunk[:3], costs.draft)
+
+
+def test_step_costs_of_4_and_8_bit_exports_are_cached_apart(tiny_checkpoint, tmp_path):
+    """An ONNX export keeps its source's config.json, so the config alone cannot tell 4-bit
+    weights from 8-bit ones, whose steps cost differently."""
+    from edgemtp.converters.onnx_export import export_onnx
+    from edgemtp.onnx_backend.backend import OnnxBackend
+
+    checkpoint = tiny_checkpoint("llama", mtp_layers=1)
+    four, eight = (OnnxBackend(export_onnx(checkpoint, tmp_path / f"q{bits}", bits=bits), max_context=16)
+                   for bits in (4, 8))
+    assert four.config == eight.config
+    assert tuning.cost_key(four, "mtp") != tuning.cost_key(eight, "mtp")

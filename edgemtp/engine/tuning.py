@@ -23,6 +23,7 @@ import platform
 import tempfile
 import time
 from dataclasses import asdict, dataclass
+from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
@@ -147,31 +148,38 @@ def config_digest(config: dict) -> str:
 
 
 def cost_key(backend: Backend, drafter_name: str) -> str:
-    """Identifies what the costs depend on: architecture, backend, drafter and machine."""
+    """Identifies what the costs depend on: architecture, weights, backend and edgemtp version,
+    drafter and machine."""
     machine = f"{platform.node()}/{platform.machine()}/{os.cpu_count()}"
+    # The config alone does not tell 4-bit from 8-bit weights (an ONNX export keeps the source's
+    # config.json), and a release can change what a step runs: both get their own entry.
+    weights = f"{backend.weight_bytes()}B|v{version('edgemtp')}"
     # A draft head over a draft vocabulary is cheaper than the full one: its own entry.
     draft_vocab = "full" if backend.draft_ids is None else len(backend.draft_ids)
-    return f"{config_digest(backend.config)}|{type(backend).__name__}|{drafter_name}|{draft_vocab}|{machine}"
+    return f"{config_digest(backend.config)}|{type(backend).__name__}|{weights}|{drafter_name}|{draft_vocab}|{machine}"
 
 
-def measure_trunk_costs(backend: Backend, max_tokens: int, repeats: int = 5) -> list[float]:
+def measure_trunk_costs(backend: Backend, max_tokens: int, repeats: int = 7) -> list[float]:
     """Median seconds of a trunk step over 1..max_tokens tokens after a short prefix.
 
+    Every size runs once untimed first, and the timed rounds go through all sizes in turn: timing
+    one size after another would charge warm-up (and any drift of the machine) to whichever
+    size came first, and T(1) is the one every ratio is taken against.
     Leaves the caches empty (callers must drop any state tied to them).
     """
     backend.reset()
     backend.trunk_step([0] * 8)
-    out = []
-    for n in range(1, max_tokens + 1):
-        times = []
-        for _ in range(repeats):
+    sizes = range(1, max_tokens + 1)
+    times: dict[int, list[float]] = {n: [] for n in sizes}
+    for round_ in range(repeats + 1):
+        for n in sizes:
             start = time.perf_counter()
             backend.trunk_step([0] * n)
-            times.append(time.perf_counter() - start)
+            if round_:  # round 0 is the warm-up
+                times[n].append(time.perf_counter() - start)
             backend.trunk_rollback(n)
-        out.append(float(np.median(times)))
     backend.reset()
-    return out
+    return [float(np.median(times[n])) for n in sizes]
 
 
 def load_or_measure_costs(backend: Backend, drafter, drafter_name: str, max_k: int) -> Costs:

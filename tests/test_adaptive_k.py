@@ -103,3 +103,10 @@ def test_step_costs_of_4_and_8_bit_exports_are_cached_apart(tiny_checkpoint, tmp
                    for bits in (4, 8))
     assert four.config == eight.config
     assert tuning.cost_key(four, "mtp") != tuning.cost_key(eight, "mtp")
+
+
+def test_measured_costs_are_made_non_decreasing():
+    """A dip in measured step costs is noise: it is pooled with its neighbours, nothing else moves."""
+    assert tuning.non_decreasing([1.0, 1.29, 1.21, 1.58]) == pytest.approx([1.0, 1.25, 1.25, 1.58])
+    assert tuning.non_decreasing([1.0, 1.3, 1.2, 1.1, 2.0]) == pytest.approx([1.0, 1.2, 1.2, 1.2, 2.0])
+    assert tuning.non_decreasing([1.0, 1.1, 1.4]) == [1.0, 1.1, 1.4]

@@ -179,7 +179,23 @@ def measure_trunk_costs(backend: Backend, max_tokens: int, repeats: int = 7) -> 
                 times[n].append(time.perf_counter() - start)
             backend.trunk_rollback(n)
     backend.reset()
-    return [float(np.median(times[n])) for n in sizes]
+    return non_decreasing([float(np.median(times[n])) for n in sizes])
+
+
+def non_decreasing(costs: list[float]) -> list[float]:
+    """The closest non-decreasing sequence (pool adjacent violators, equal weights).
+
+    A step over more tokens never costs less, so a dip in measured costs is noise; left in, a
+    T(3) below T(2) would make drafting 2 look cheaper than drafting 1.
+    """
+    blocks: list[list[float]] = []  # [mean, count] of pooled runs
+    for cost in costs:
+        blocks.append([cost, 1])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            mean, count = blocks.pop()
+            blocks[-1] = [(blocks[-1][0] * blocks[-1][1] + mean * count) / (blocks[-1][1] + count),
+                          blocks[-1][1] + count]
+    return [mean for mean, count in blocks for _ in range(count)]
 
 
 def load_or_measure_costs(backend: Backend, drafter, drafter_name: str, max_k: int) -> Costs:

@@ -323,6 +323,7 @@ def chat_command(
     max_kv_size: int = typer.Option(None, "--max-kv-size", help="Tokens of context to preallocate; default: the longest that fits in memory (up to the model's window, at most 32768)."),
 ) -> None:
     """Chat with a model in the terminal, with live speculative-decoding statistics."""
+    from importlib.metadata import version
     from pathlib import Path
 
     import edgemtp
@@ -340,8 +341,9 @@ def chat_command(
     )
     store = ChatStore()
     backend = backend or default_backend()
-    # The plain-speed cache is per model and backend.
-    model_key = f"{Path(model).resolve() if model else 'default'}|{backend}"
+    # The plain-speed cache is per model, backend and edgemtp version (a release can change how
+    # fast plain decoding runs: 0.3.0 made it 1.4x faster on ONNX).
+    model_key = f"{Path(model).resolve() if model else 'default'}|{backend}|v{version('edgemtp')}"
     ChatApp(
         lambda: edgemtp.load(model, backend=backend, max_kv_size=max_kv_size),
         model_key=model_key,

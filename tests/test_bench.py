@@ -19,7 +19,7 @@ from edgemtp.membw import read_bandwidth
 def test_bandwidth_reads_every_element():
     result = read_bandwidth(8 << 20, repeats=2, threads=2)
     assert result.bytes_read == 8 << 20
-    assert result.checksum == (8 << 20) // 8  # a sum of float64 ones: every element was read
+    assert result.checksum == (8 << 20) // 8  # a sum of int64 ones: every element was read
     assert result.threads == 2 and result.gb_per_s > 0
 
 

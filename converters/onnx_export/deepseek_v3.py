@@ -35,6 +35,12 @@ def _deinterleave(rows: np.ndarray) -> np.ndarray:
     return np.concatenate([rows[0::2], rows[1::2]])
 
 
+def _repeat_last_row(g: GraphBuilder, x: str, axis: int, name: str) -> str:
+    """``x`` with its last entry along ``axis`` appended once more."""
+    last = g.node("Slice", [x, g.const([-1]), g.const([2**62]), g.const([axis])], name=f"{name}.last_row")
+    return g.node("Concat", [x, last], name=f"{name}.repeat_last_row", axis=axis)
+
+
 class DeepseekV3Layers:
     def __init__(self, g: GraphBuilder, read: Callable[[str], np.ndarray], config: dict, max_positions: int):
         self.g, self.read, self.config = g, read, config
@@ -59,7 +65,8 @@ class DeepseekV3Layers:
     # --- attention -------------------------------------------------------------------------
 
     def _position_tables(self, past_latent: str) -> tuple[str, str, str]:
-        """cos/sin rows for positions ``P .. P+n-1`` and the ``(n, P+n)`` additive causal mask."""
+        """cos/sin rows for positions ``P .. P+n-1`` and the ``(n+1, P+n)`` additive causal mask
+        (its last row repeated, for the repeated query row; see ``_attention``)."""
         if self._positions is None:
             g = self.g
             past = g.node("Shape", [past_latent], name="pos.past", start=0, end=1)
@@ -74,7 +81,7 @@ class DeepseekV3Layers:
             query_col = g.node("Unsqueeze", [positions, g.const([1])], name="pos.query_col")
             visible = g.node("LessOrEqual", [keys, query_col], name="pos.visible")
             mask = g.node("Where", [visible, g.const(0.0, np.float32), g.const(-np.inf, np.float32)], name="pos.mask")
-            self._positions = (cos, sin, mask)
+            self._positions = (cos, sin, _repeat_last_row(g, mask, 0, "pos.mask"))
         return self._positions
 
     def _rotate(self, x: str, cos: str, sin: str, name: str) -> str:
@@ -126,6 +133,13 @@ class DeepseekV3Layers:
         all_latent = g.node("Concat", [past_latent, latent], name=f"{name}.all_latent", axis=0)
         all_rope = g.node("Concat", [past_rope, k_rope], name=f"{name}.all_rope", axis=0)
 
+        # The attention products get one query row more than the step has: its last, repeated.
+        # onnxruntime's MatMul sums a one-row product in another order than a multi-row one, and
+        # plain decoding would then drift from verification (see llama.py); the extra row makes
+        # every step multi-row here. It is a query only (no key or cache row) and dropped below.
+        q_nope = _repeat_last_row(g, q_nope, 1, f"{name}.q_nope")
+        q_rope = _repeat_last_row(g, q_rope, 1, f"{name}.q_rope")
+
         # Absorbed attention: scores = (q_nope W_uk) c^T + q_rope k_rope^T; out = (p c) W_uv^T.
         kv_b = read(prefix + "kv_b_proj.weight").reshape(heads, nope + self.v_dim, rank)
         w_uk = g.weight(f"{name}.w_uk", kv_b[:, :nope])  # (heads, nope, rank)
@@ -142,6 +156,7 @@ class DeepseekV3Layers:
         probs = g.node("Softmax", [scores], name=f"{name}.softmax", axis=-1)
         out = g.node("MatMul", [g.node("MatMul", [probs, all_latent], name=f"{name}.out_latent"), w_uv_t],
                      name=f"{name}.out_heads")
+        out = g.node("Slice", [out, g.const([0]), g.const([-1]), g.const([1])], name=f"{name}.drop_repeated_row")
         out = g.node("Transpose", [out], name=f"{name}.out_t", perm=[1, 0, 2])
         out = g.node("Reshape", [out, g.const([1, -1, heads * self.v_dim])], name=f"{name}.out_flat")
         return linear(g, out, read(prefix + "o_proj.weight"), f"{name}.o_proj")

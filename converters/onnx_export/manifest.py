@@ -12,8 +12,9 @@ The trunk's logits are always over the full vocabulary. With ``"draft_vocab": {"
 the MTP graphs' logits are over the draft vocabulary instead: ``(1, n, size)``, column j for the
 j-th id of the file (see edgemtp/draft_vocab.py); without it (null) they are full too.
 
-``"attention_extra_row": true`` (GQA graphs, see llama.py): the graphs repeat a step's last row
-into attention themselves, so the lengths a step passes count one row more than it feeds.
+Since version 3 every graph runs its attention on one row more than a step feeds (the last row,
+repeated; see llama.py and deepseek_v3.py), so no step is ever a one-row attention. For GQA graphs
+that row also passes through the KV cache, and the lengths a step passes count it.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from edgemtp.draft_vocab import FILE_NAME as DRAFT_VOCAB_FILE
 from edgemtp.errors import UserError
 
 FORMAT = "edgemtp-onnx"
-VERSION = 3
+VERSION = 4
 MANIFEST = "manifest.json"
 
 
@@ -44,7 +45,6 @@ def make_manifest(config: dict, cache: dict, bits: int | None, mtp_bits: int | N
     return {
         "format": FORMAT, "version": VERSION, "arch": config["model_type"], "opset": OPSET, "dtype": dtype,
         "max_positions": max_positions,
-        "attention_extra_row": cache["kind"] == "gqa_shared_buffer",
         "quantization": {"trunk": _quant(bits, group_size), "mtp": _quant(mtp_bits, group_size)},
         "cache": cache,
         "trunk": {"path": "trunk/model.onnx", "cache_slots": layers,

@@ -42,8 +42,7 @@ class _Graph:
     ids, positions and two fresh output arrays, which come back without a copy.
     """
 
-    def __init__(self, path: Path, threads: int | None, hidden_output: str, extra_attention_row: bool,
-                 spin: bool = True):
+    def __init__(self, path: Path, threads: int | None, hidden_output: str, spin: bool = True):
         if not path.is_file():
             raise UserError(f"{path} is missing; re-export the model (edgemtp.converters.onnx_export.export_onnx)")
         options = session_options(threads, spin)
@@ -52,41 +51,29 @@ class _Graph:
         widths = {output.name: output.shape[-1] for output in self.session.get_outputs()}
         self.outputs = [("logits", widths["logits"]), (hidden_output, widths[hidden_output])]
         self._bound_cache = None  # the cache whose buffers the binding holds
-        self.extra_attention_row = extra_attention_row
 
     def run(self, cache, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         n = feeds["input_ids"].shape[1]
         cache.check_room(n)
-        # Every step must run attention on its multi-row path, whose sums a one-row step would not
-        # reproduce bitwise (then plain decoding drifts from verification; see
-        # converters/onnx_export/llama.py). GQA graphs repeat the last row into attention
-        # themselves, so the lengths count one row more. Other graphs get single-token steps
-        # padded with a throw-away row. Either way the extra row lands in the cache's spare slot
-        # past ``length`` and is overwritten by the next step.
-        if self.extra_attention_row:
-            rows, cache_rows = n, n + 1
-        elif n == 1:
-            feeds = {name: np.concatenate([value, value[:, -1:]], axis=1) for name, value in feeds.items()}
-            rows = cache_rows = 2
-        else:
-            rows = cache_rows = n
+        # No padding: the graphs give attention an extra row themselves (manifest.py), so a
+        # one-token step matches the same token inside a verify step bitwise.
         binding = self.binding
         if cache is not self._bound_cache:
             binding.clear_binding_inputs()
             binding.clear_binding_outputs()
             cache.bind_buffers(binding)
             self._bound_cache = cache
-        cache.bind_step(binding, cache_rows)
+        cache.bind_step(binding, n)
         for name, value in feeds.items():
             binding.bind_cpu_input(name, value)
         # New arrays every step: callers may keep what an earlier step returned.
-        results = [np.empty((1, rows, width), np.float32) for _, width in self.outputs]
+        results = [np.empty((1, n, width), np.float32) for _, width in self.outputs]
         for (name, _), array in zip(self.outputs, results):
             binding.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(array))
         self.session.run_with_iobinding(binding)
         cache.advance(n)
         logits, hidden = results
-        return logits[0, :n], hidden[0, :n]
+        return logits[0], hidden[0]
 
 
 class OnnxBackend:
@@ -98,14 +85,13 @@ class OnnxBackend:
         self.config = load_config(path)
         self.vocab_size = int(self.config["vocab_size"])
         self.hidden_size = int(self.config["hidden_size"])
-        # One position stays spare for the extra attention row of every step (_Graph.run).
+        # One position stays spare for the repeated row GQA graphs write past every step (cache.py).
         self.max_context = min(int(max_context or DEFAULT_MAX_CONTEXT), int(manifest["max_positions"]) - 1)
-        extra_row = manifest["attention_extra_row"]
-        self._trunk = _Graph(path / manifest["trunk"]["path"], threads, "hidden", extra_row)
+        self._trunk = _Graph(path / manifest["trunk"]["path"], threads, "hidden")
         # Each session has its own thread pool. The MTP graphs' pools must not spin: after every
         # draft they would keep busy-waiting while the trunk verifies, taking its cores (on 2
         # cores a 4-token verify step took 19 ms instead of 9, and MTP k=3 ran at 0.6x plain).
-        self._mtp = [_Graph(path / entry["path"], threads, "h1", extra_row, spin=False) for entry in manifest["mtp"]]
+        self._mtp = [_Graph(path / entry["path"], threads, "h1", spin=False) for entry in manifest["mtp"]]
         self.num_mtp_layers = len(self._mtp)
         self.draft_ids = self._read_draft_vocab(path)
         self._cache_kind = CACHE_KINDS[manifest["cache"]["kind"]]

@@ -19,8 +19,8 @@ import onnxruntime as ort
 from edgemtp.errors import UserError
 
 
-# Buffers hold one row more than the usable context: a step's extra attention row (see
-# OnnxBackend's _Graph.run) is written just past the step's own rows.
+# Buffers hold one row more than the usable context: GQA graphs repeat a step's last row into
+# attention (converters/onnx_export/llama.py), and its keys and values land just past the step.
 SPARE_ROWS = 1
 
 
@@ -60,7 +60,7 @@ class SharedKVCache(_Cache):
             binding.bind_ortvalue_output(present, buffer)
 
     def bind_step(self, binding: ort.IOBinding, n: int) -> None:
-        total = self.length + n
+        total = self.length + n + 1  # GQA also sees the repeated row (SPARE_ROWS)
         binding.bind_cpu_input("seqlens_k", np.array([total - 1], np.int32))
         binding.bind_cpu_input("total_sequence_length", np.array(total, np.int32))
 
@@ -72,7 +72,7 @@ class LatentCache(_Cache):
         for slot in range(slots):
             for past, new, width in zip(layout["inputs"], layout["outputs"], layout["widths"], strict=True):
                 self._buffers.append((past.format(slot=slot), new.format(slot=slot),
-                                      np.zeros((max_context + SPARE_ROWS, width), np.float32)))
+                                      np.zeros((max_context, width), np.float32)))
         self.nbytes = sum(buffer.nbytes for _, _, buffer in self._buffers)
         self._keep_alive: list[ort.OrtValue] = []
 

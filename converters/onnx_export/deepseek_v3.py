@@ -16,7 +16,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from edgemtp.converters.onnx_export.graph import Block, GraphBuilder, linear, rms_norm, silu_mul, swiglu_mlp
+from edgemtp.converters.onnx_export.graph import (Block, GraphBuilder, linear, repeat_last_row, rms_norm, silu_mul,
+                                                  swiglu_mlp)
 from edgemtp.converters.onnx_export.rope import attention_scale_multiplier, cos_sin_tables
 
 
@@ -33,12 +34,6 @@ def _deinterleave(rows: np.ndarray) -> np.ndarray:
     same way turns that into the plain rotate-half RoPE with identical dot products.
     """
     return np.concatenate([rows[0::2], rows[1::2]])
-
-
-def _repeat_last_row(g: GraphBuilder, x: str, axis: int, name: str) -> str:
-    """``x`` with its last entry along ``axis`` appended once more."""
-    last = g.node("Slice", [x, g.const([-1]), g.const([2**62]), g.const([axis])], name=f"{name}.last_row")
-    return g.node("Concat", [x, last], name=f"{name}.repeat_last_row", axis=axis)
 
 
 class DeepseekV3Layers:
@@ -81,7 +76,7 @@ class DeepseekV3Layers:
             query_col = g.node("Unsqueeze", [positions, g.const([1])], name="pos.query_col")
             visible = g.node("LessOrEqual", [keys, query_col], name="pos.visible")
             mask = g.node("Where", [visible, g.const(0.0, np.float32), g.const(-np.inf, np.float32)], name="pos.mask")
-            self._positions = (cos, sin, _repeat_last_row(g, mask, 0, "pos.mask"))
+            self._positions = (cos, sin, repeat_last_row(g, mask, 0, "pos.mask"))
         return self._positions
 
     def _rotate(self, x: str, cos: str, sin: str, name: str) -> str:
@@ -137,8 +132,8 @@ class DeepseekV3Layers:
         # onnxruntime's MatMul sums a one-row product in another order than a multi-row one, and
         # plain decoding would then drift from verification (see llama.py); the extra row makes
         # every step multi-row here. It is a query only (no key or cache row) and dropped below.
-        q_nope = _repeat_last_row(g, q_nope, 1, f"{name}.q_nope")
-        q_rope = _repeat_last_row(g, q_rope, 1, f"{name}.q_rope")
+        q_nope = repeat_last_row(g, q_nope, 1, f"{name}.q_nope")
+        q_rope = repeat_last_row(g, q_rope, 1, f"{name}.q_rope")
 
         # Absorbed attention: scores = (q_nope W_uk) c^T + q_rope k_rope^T; out = (p c) W_uv^T.
         kv_b = read(prefix + "kv_b_proj.weight").reshape(heads, nope + self.v_dim, rank)

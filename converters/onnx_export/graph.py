@@ -78,6 +78,13 @@ def linear(g: GraphBuilder, x: str, weight: np.ndarray, name: str, bias: np.ndar
     return y
 
 
+def repeat_last_row(g: GraphBuilder, x: str, axis: int, name: str) -> str:
+    """``x`` with its last entry along ``axis`` appended once more: the extra attention row every
+    step gets, so that no step is a one-row attention (see llama.py)."""
+    last = g.node("Slice", [x, g.const([-1]), g.const([2**62]), g.const([axis])], name=f"{name}.last_row")
+    return g.node("Concat", [x, last], name=f"{name}.repeat_last_row", axis=axis)
+
+
 def rms_norm(g: GraphBuilder, x: str, weight: np.ndarray, eps: float, name: str) -> str:
     return g.node("SimplifiedLayerNormalization", [x, g.weight(f"{name}.weight", weight)], name=name,
                   axis=-1, epsilon=eps, stash_type=1)

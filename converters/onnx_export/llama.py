@@ -21,7 +21,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from edgemtp.converters.onnx_export.graph import MS_DOMAIN, Block, GraphBuilder, linear, swiglu_mlp
+from edgemtp.converters.onnx_export.graph import MS_DOMAIN, Block, GraphBuilder, linear, repeat_last_row, swiglu_mlp
 from edgemtp.converters.onnx_export.rope import cos_sin_tables
 
 
@@ -71,15 +71,13 @@ class LlamaLayers:
         shape = [1, self.kv_heads, "max_context", self.head_dim]
         past_k = g.input(f"past_key_values.{slot}.key", np.float32, shape)
         past_v = g.input(f"past_key_values.{slot}.value", np.float32, shape)
-        rows = g.const([1])  # the sequence axis of (1, rows, width)
-        last = g.node("Slice", [packed, g.const([-1]), g.const([2**62]), rows], name=f"{name}.last_row")
-        padded = g.node("Concat", [packed, last], name=f"{name}.repeat_last_row", axis=1)
+        padded = repeat_last_row(g, packed, 1, f"{name}.qkv")  # axis 1: the rows of (1, rows, width)
         padded_out, present_k, present_v = g.node(
             "GroupQueryAttention",
             [padded, "", "", past_k, past_v, self.seqlens_k, self.total_length, self.cos, self.sin],
             name=f"{name}.gqa", outputs=[f"{name}/padded_out", f"present.{slot}.key", f"present.{slot}.value"],
             domain=MS_DOMAIN, num_heads=self.heads, kv_num_heads=self.kv_heads, do_rotary=1, rotary_interleaved=0)
-        out = g.node("Slice", [padded_out, g.const([0]), g.const([-1]), rows], name=f"{name}.drop_last_row")
+        out = g.node("Slice", [padded_out, g.const([0]), g.const([-1]), g.const([1])], name=f"{name}.drop_last_row")
         g.output(present_k, present_k, np.float32, shape)
         g.output(present_v, present_v, np.float32, shape)
         o_bias = read(prefix + "o_proj.bias") if has_bias else None

@@ -98,9 +98,7 @@ def decode(backend: Backend, drafter, policy, sampler: Sampler, seq: list[int], 
         stop = next((i for i, t in enumerate(new) if t in stop_ids), None)
         if stop is not None:  # the caches may run past the stop token; the output does not
             new, provenance = new[: stop + 1], provenance[: stop + 1]
-        stats.record_step(len(drafts), accepted, provenance)
-        stats.tokens_per_s = (stats.generated_tokens - 1) / (time.perf_counter() - decode_began)
-        stats.record_memory()
+        _record_step(stats, len(drafts), accepted, provenance, decode_began)
         yield new, provenance
         if stop is not None:
             return
@@ -115,11 +113,17 @@ def _plain_greedy(backend, seq: list[int], max_tokens: int, stop_ids: set[int], 
     try:
         for token in tokens:
             seq.append(token)
-            stats.record_step(0, 0, ["bonus"])
-            stats.tokens_per_s = (stats.generated_tokens - 1) / (time.perf_counter() - decode_began)
-            stats.record_memory()
+            _record_step(stats, 0, 0, ["bonus"], decode_began)
             yield [token], ["bonus"]
             if token in stop_ids:
                 return
     finally:
         tokens.close()  # rolls back a step queued ahead
+
+
+def _record_step(stats: Stats, drafted: int, accepted: int, provenance: list[str], decode_began: float) -> None:
+    """Count a trunk step's tokens, then refresh the decode speed (every token after the first,
+    which came with the prompt pass, over the time since) and the peak memory."""
+    stats.record_step(drafted, accepted, provenance)
+    stats.tokens_per_s = (stats.generated_tokens - 1) / (time.perf_counter() - decode_began)
+    stats.record_memory()

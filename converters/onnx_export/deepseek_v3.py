@@ -16,8 +16,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from edgemtp.converters.onnx_export.graph import (Block, GraphBuilder, linear, repeat_last_row, rms_norm, silu_mul,
-                                                  swiglu_mlp)
+from edgemtp.converters.onnx_export.graph import (Block, GraphBuilder, drop_last_row, linear, repeat_last_row,
+                                                  rms_norm, silu_mul, swiglu_mlp)
 from edgemtp.converters.onnx_export.rope import attention_scale_multiplier, cos_sin_tables
 
 
@@ -151,7 +151,7 @@ class DeepseekV3Layers:
         probs = g.node("Softmax", [scores], name=f"{name}.softmax", axis=-1)
         out = g.node("MatMul", [g.node("MatMul", [probs, all_latent], name=f"{name}.out_latent"), w_uv_t],
                      name=f"{name}.out_heads")
-        out = g.node("Slice", [out, g.const([0]), g.const([-1]), g.const([1])], name=f"{name}.drop_repeated_row")
+        out = drop_last_row(g, out, 1, f"{name}.drop_repeated_row")
         out = g.node("Transpose", [out], name=f"{name}.out_t", perm=[1, 0, 2])
         out = g.node("Reshape", [out, g.const([1, -1, heads * self.v_dim])], name=f"{name}.out_flat")
         return linear(g, out, read(prefix + "o_proj.weight"), f"{name}.o_proj")

@@ -85,6 +85,11 @@ def repeat_last_row(g: GraphBuilder, x: str, axis: int, name: str) -> str:
     return g.node("Concat", [x, last], name=f"{name}.repeat_last_row", axis=axis)
 
 
+def drop_last_row(g: GraphBuilder, x: str, axis: int, name: str) -> str:
+    """``x`` without its last entry along ``axis``: undoes ``repeat_last_row`` on a result."""
+    return g.node("Slice", [x, g.const([0]), g.const([-1]), g.const([axis])], name=name)
+
+
 def rms_norm(g: GraphBuilder, x: str, weight: np.ndarray, eps: float, name: str) -> str:
     return g.node("SimplifiedLayerNormalization", [x, g.weight(f"{name}.weight", weight)], name=name,
                   axis=-1, epsilon=eps, stash_type=1)

@@ -21,7 +21,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from edgemtp.converters.onnx_export.graph import MS_DOMAIN, Block, GraphBuilder, linear, repeat_last_row, swiglu_mlp
+from edgemtp.converters.onnx_export.graph import (MS_DOMAIN, Block, GraphBuilder, drop_last_row, linear,
+                                                  repeat_last_row, swiglu_mlp)
 from edgemtp.converters.onnx_export.rope import cos_sin_tables
 
 
@@ -77,7 +78,7 @@ class LlamaLayers:
             [padded, "", "", past_k, past_v, self.seqlens_k, self.total_length, self.cos, self.sin],
             name=f"{name}.gqa", outputs=[f"{name}/padded_out", f"present.{slot}.key", f"present.{slot}.value"],
             domain=MS_DOMAIN, num_heads=self.heads, kv_num_heads=self.kv_heads, do_rotary=1, rotary_interleaved=0)
-        out = g.node("Slice", [padded_out, g.const([0]), g.const([-1]), g.const([1])], name=f"{name}.drop_last_row")
+        out = drop_last_row(g, padded_out, 1, f"{name}.drop_last_row")
         g.output(present_k, present_k, np.float32, shape)
         g.output(present_v, present_v, np.float32, shape)
         o_bias = read(prefix + "o_proj.bias") if has_bias else None

@@ -7,7 +7,8 @@ each) and the first ``--heldout`` held-out chat prompts of the model card (128 t
 variants (plain decoding, MTP at k = 1..4 and at auto) run in interleaved rounds, the order
 reversed every other round, so a slow spell of the machine falls on all of them. Every variant
 starts each round with a fresh adaptive policy (step costs come from the cache) that then learns
-across the prompt set, as a chat session would. Reports tokens/s per round, the median ratio to
+across the prompt set, as a chat session would. Each variant is measured the way ``edgemtp bench``
+measures it (``measure_decoding``, one repeat). Reports tokens/s per round, the median ratio to
 plain, auto's draft lengths, and whether every variant wrote plain decoding's tokens.
 """
 
@@ -20,25 +21,10 @@ from collections import Counter
 from pathlib import Path
 
 import edgemtp
-from edgemtp.bench import load_prompts
+from edgemtp.bench import load_prompts, measure_decoding
 
 HELDOUT = Path(__file__).resolve().parents[1] / "models/smollm2-135m-mtp/heldout_prompts.jsonl"
 VARIANTS = {"plain": ("none", 0), **{f"k={k}": ("mtp", k) for k in range(1, 5)}, "auto": ("mtp", "auto")}
-
-
-def decode_all(model, prompts: list[str], spec: str, num_draft, max_tokens: int):
-    """Tokens/s over all prompts (decode time only, as the stats time it), the tokens written and
-    how many steps drafted how many tokens."""
-    tokens = seconds = 0.0
-    written, lengths = [], Counter()
-    for prompt in prompts:
-        result = model.generate(prompt, max_tokens=max_tokens, temperature=0, spec=spec, num_draft=num_draft)
-        decoded = result.stats.generated_tokens - 1  # the first token comes with the prompt pass
-        tokens += decoded
-        seconds += decoded / result.stats.tokens_per_s
-        written.append(result.tokens)
-        lengths.update(result.stats.draft_lengths)
-    return tokens / seconds, written, lengths
 
 
 def run(model, prompts: list[str], rounds: int, max_tokens: int) -> None:
@@ -49,10 +35,12 @@ def run(model, prompts: list[str], rounds: int, max_tokens: int) -> None:
         outputs = {}
         for name in names:
             model._session._policies.clear()  # a fresh adaptive policy per variant and round
-            rate, outputs[name], lengths = decode_all(model, prompts, *VARIANTS[name], max_tokens)
-            rates[name].append(rate)
+            spec, num_draft = VARIANTS[name]
+            figures, outputs[name] = measure_decoding(model, prompts, max_tokens=max_tokens, repeats=1,
+                                                      spec=spec, num_draft=num_draft)
+            rates[name].append(figures.tokens_per_s)
             if name == "auto":
-                auto_lengths.update(lengths)
+                auto_lengths.update(figures.draft_lengths)
         same = same and all(out == outputs["plain"] for out in outputs.values())
     plain = statistics.median(rates["plain"])
     for name, values in rates.items():

@@ -17,7 +17,7 @@ import statistics
 import numpy as np
 
 import edgemtp
-from edgemtp.bench import load_prompts
+from edgemtp.bench import load_prompts, measure_decoding
 from edgemtp.onnx_backend import backend as onnx_backend
 
 NEW_RUN = onnx_backend._Graph.run
@@ -30,19 +30,6 @@ def padded_run(graph, cache, feeds):
     logits, hidden = NEW_RUN(graph, cache, {name: np.concatenate([v, v], axis=1) for name, v in feeds.items()})
     cache.rollback(1)
     return logits[:1], hidden[:1]
-
-
-def decode_all(model, prompts: list[str], spec: str, max_tokens: int) -> tuple[float, list[list[int]]]:
-    """Tokens/s over all prompts (decode time only, as the stats time it) and the tokens written."""
-    tokens = seconds = 0.0
-    written = []
-    for prompt in prompts:
-        result = model.generate(prompt, max_tokens=max_tokens, temperature=0, spec=spec)
-        decoded = result.stats.generated_tokens - 1  # the first token comes with the prompt pass
-        tokens += decoded
-        seconds += decoded / result.stats.tokens_per_s
-        written.append(result.tokens)
-    return tokens / seconds, written
 
 
 def main() -> None:
@@ -59,8 +46,9 @@ def main() -> None:
             order = ("old", "new") if round_ % 2 == 0 else ("new", "old")
             for variant in order:
                 onnx_backend._Graph.run = padded_run if variant == "old" else NEW_RUN
-                rate, outputs[variant] = decode_all(model, prompts, spec, args.max_tokens)
-                rates[variant].append(rate)
+                figures, outputs[variant] = measure_decoding(model, prompts, max_tokens=args.max_tokens, repeats=1,
+                                                             spec=spec, num_draft="auto")
+                rates[variant].append(figures.tokens_per_s)
         onnx_backend._Graph.run = NEW_RUN
         ratio = statistics.median(rates["new"]) / statistics.median(rates["old"])
         print(f"spec={spec}: old {[round(r, 1) for r in rates['old']]} new {[round(r, 1) for r in rates['new']]} "

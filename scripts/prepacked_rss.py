@@ -24,6 +24,8 @@ from pathlib import Path
 
 import onnxruntime as ort
 
+from edgemtp.onnx_backend.backend import session_options
+
 
 def resident() -> str:
     fields = {}
@@ -35,9 +37,7 @@ def resident() -> str:
 
 
 def create(mode: str, trunk: Path, copy: Path) -> None:
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 2
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options = session_options(threads=None)  # the trunk session's options, as edgemtp sets them
     path = trunk
     if mode == "save-prepacked":
         options.optimized_model_filepath = str(copy)

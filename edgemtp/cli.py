@@ -342,7 +342,7 @@ def chat_command(
     store = ChatStore()
     backend = backend or default_backend()
     # The plain-speed cache is per model, backend and edgemtp version (a release can change how
-    # fast plain decoding runs: 0.3.0 made it 1.3-1.4x faster on ONNX).
+    # fast plain decoding runs: 0.3.0 made it 1.15-1.4x faster on ONNX).
     model_key = f"{Path(model).resolve() if model else 'default'}|{backend}|v{version('edgemtp')}"
     ChatApp(
         lambda: edgemtp.load(model, backend=backend, max_kv_size=max_kv_size),

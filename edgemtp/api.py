@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgemtp.draft_vocab import scatter_logits
 from edgemtp.engine.backend import Backend
 from edgemtp.engine.generate import Chunk, Generation, Session, collect
 from edgemtp.errors import UserError
@@ -134,6 +135,8 @@ class Model:
         _, hidden = self.backend.trunk_step(ids)
         for d in range(1, depth + 1):
             logits, hidden = self.backend.mtp_step(d, hidden[:-1], ids[d:])
+        if self.backend.draft_ids is not None:  # a draft head: -inf on the tokens it does not score
+            logits = scatter_logits(logits, self.backend.draft_ids, self.backend.vocab_size)
         return logits
 
     def stream(self, prompt, *, max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,

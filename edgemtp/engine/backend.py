@@ -24,7 +24,8 @@ class Backend(Protocol):
     num_mtp_layers: int
     max_context: int
     # The token ids the MTP heads score (edgemtp/draft_vocab.py), or None for the full
-    # vocabulary; mtp_step returns full-vocabulary logits either way.
+    # vocabulary; mtp_step's logits have one column per scored token (draft_vocab.scatter_logits
+    # widens them to the full vocabulary).
     draft_ids: np.ndarray | None
 
     def reset(self) -> None:
@@ -51,7 +52,8 @@ class Backend(Protocol):
         ``x = eh_proj(concat[enorm(embed(tokens[j])), hnorm(hidden[j])])`` and
         ``h1 = block(x)`` (causal, RoPE position ``mtp_len(depth) + j``).
         Returns ``(logits, h1)``: logits ``(n, V)`` float32 =
-        ``shared_head.head(shared_head.norm(h1))`` and ``h1`` ``(n, H)``
+        ``shared_head.head(shared_head.norm(h1))`` (``(n, len(draft_ids))`` over a draft
+        vocabulary) and ``h1`` ``(n, H)``
         float32 taken BEFORE ``shared_head.norm``.
         """
 

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from edgemtp.engine.backend import Backend
-from edgemtp.engine.drafters import NoDrafter
+from edgemtp.engine.drafters import NoDrafter, common_prefix
 from edgemtp.engine.sampling import Sampler
 from edgemtp.engine.stats import Stats
 
@@ -45,12 +45,16 @@ def verify(p: np.ndarray, drafts: list[int], q: np.ndarray | None, sampler: Samp
 def speculative_step(backend: Backend, sampler: Sampler, seq: list[int], drafts: list[int], q):
     """Verify ``drafts`` after the pending token ``seq[-1]`` in one trunk pass and
     roll the trunk back to the accepted prefix. Returns (accepted, next token,
-    trunk hidden rows of the positions that stay, target probabilities p)."""
+    trunk hidden rows of the positions that stay, the target's logits)."""
     logits, hidden = backend.trunk_step([seq[-1], *drafts])
-    p = sampler.probs(logits)
-    accepted, token = verify(p, drafts, q, sampler)
+    if sampler.greedy:  # p and q are one-hot: a draft is accepted iff it is the target's argmax
+        targets = logits.argmax(axis=-1).tolist()
+        accepted = common_prefix(drafts, targets)
+        token = targets[accepted]
+    else:
+        accepted, token = verify(sampler.probs(logits), drafts, q, sampler)
     backend.trunk_rollback(len(drafts) - accepted)
-    return accepted, token, hidden[: accepted + 1], p
+    return accepted, token, hidden[: accepted + 1], logits
 
 
 def decode(backend: Backend, drafter, policy, sampler: Sampler, seq: list[int], start: int,
@@ -87,9 +91,9 @@ def decode(backend: Backend, drafter, policy, sampler: Sampler, seq: list[int], 
         probe = drafter.peek(seq, sampler) if k == 0 and policy.wants_probe() else None
         drafts, q = drafter.draft(seq, k, sampler, policy.min_prob) if k else ([], None)
         start = backend.trunk_len()
-        accepted, token, hidden, p = speculative_step(backend, sampler, seq, drafts, q)
+        accepted, token, hidden, logits = speculative_step(backend, sampler, seq, drafts, q)
         if probe is not None:  # P(a free first guess would have been accepted) = sum min(p, q)
-            policy.update_probe(float(np.minimum(probe, p[0]).sum()))
+            policy.update_probe(float(np.minimum(probe, sampler.probs(logits[0])[0]).sum()))
         new = [*drafts[:accepted], token]
         seq.extend(new)
         drafter.observe(seq, start, hidden)

@@ -17,7 +17,7 @@ from mlx.utils import tree_flatten
 
 from edgemtp.checkpoint import Checkpoint
 from edgemtp.config import check_supported, load_config
-from edgemtp.draft_vocab import load_draft_vocab, scatter_logits
+from edgemtp.draft_vocab import load_draft_vocab
 from edgemtp.errors import UserError
 from edgemtp.mlx_backend.cache import PreallocatedKVCache
 from edgemtp.mlx_backend.models import ARCHITECTURES, MTPLayer, MTPStack, head_rows, output_head, run_trunk
@@ -71,7 +71,7 @@ class MLXBackend:
         draft_ids: np.ndarray | None = None,
     ):
         """``draft_ids`` (a draft vocabulary, see ``edgemtp.draft_vocab``) makes the MTP heads
-        score only those tokens; ``mtp_step`` still returns full-vocabulary logits."""
+        score only those tokens; ``mtp_step``'s logits then have one column per scored token."""
         if not isinstance(max_kv_size, int) or max_kv_size < 1:
             raise UserError(f"max_kv_size must be a positive number of tokens, got {max_kv_size!r}")
         arch = ARCHITECTURES[config["model_type"]]
@@ -256,8 +256,6 @@ class MLXBackend:
         logits = layer.logits(h1, self._head)
         mx.eval(logits, h1)
         logits = self._to_numpy(logits)
-        if self.draft_ids is not None:
-            logits = scatter_logits(logits, self.draft_ids, self.vocab_size)
         return logits, self._to_numpy(h1)
 
     def mtp_len(self, depth: int) -> int:

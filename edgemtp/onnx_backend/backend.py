@@ -14,7 +14,7 @@ import onnxruntime as ort
 
 from edgemtp.config import load_config
 from edgemtp.converters.onnx_export.manifest import read_manifest
-from edgemtp.draft_vocab import read_draft_vocab, scatter_logits
+from edgemtp.draft_vocab import read_draft_vocab
 from edgemtp.errors import UserError
 from edgemtp.onnx_backend.cache import CACHE_KINDS
 
@@ -144,8 +144,6 @@ class OnnxBackend:
         ids = np.asarray(tokens, np.int64).reshape(1, -1)
         hidden = np.ascontiguousarray(hidden, np.float32).reshape(1, ids.shape[1], self.hidden_size)
         logits, h1 = graph.run(self._mtp_cache(depth), {"hidden": hidden, "input_ids": ids})
-        if self.draft_ids is not None:
-            logits = scatter_logits(logits, self.draft_ids, self.vocab_size)
         return logits, h1
 
     def mtp_len(self, depth: int) -> int:

@@ -7,7 +7,8 @@ repeats:
 * speculative decoding tokens/s for each drafter at fixed draft lengths k = 1..4 and at
   ``auto``, checking that greedy output is token-for-token identical to plain decoding;
 * the cost curve ``T(n) / T(1)`` of one trunk step over n tokens, and the cost of one
-  draft step relative to a trunk step;
+  draft step relative to a trunk step (an MTP step timed right after a trunk step, as
+  decoding runs it);
 * acceptance per draft position and tokens emitted per trunk step;
 * the speedup speculative decoding *should* give from those measurements (ideal) next
   to the one it gives (measured);
@@ -33,6 +34,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from edgemtp.engine.drafters import median_seconds, mtp_step_seconds
 from edgemtp.engine.stats import peak_rss_bytes, reset_peak_rss
 from edgemtp.errors import UserError
 
@@ -258,16 +260,6 @@ def _fill_acceptance(figures: DecodeFigures, finals) -> None:
 # --- measuring step costs ------------------------------------------------------------------
 
 
-def _median_seconds(action, repeats: int) -> float:
-    action()  # warm-up: first call compiles / allocates
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        action()
-        seconds.append(time.perf_counter() - start)
-    return statistics.median(seconds)
-
-
 def trunk_cost_curve(backend, repeats: int) -> list[float]:
     """Seconds of one trunk step over n = 1..COST_CURVE_TOKENS tokens.
 
@@ -283,20 +275,8 @@ def trunk_cost_curve(backend, repeats: int) -> list[float]:
             backend.trunk_step(tokens)
             backend.trunk_rollback(len(tokens))
 
-        curve.append(_median_seconds(step, repeats))
+        curve.append(median_seconds(step, repeats))
     return curve
-
-
-def mtp_step_seconds(backend, repeats: int) -> float:
-    """Seconds of one single-token MTP draft step (depth 1), caches left as they were."""
-    _, hidden = backend.trunk_step([0])
-    backend.trunk_rollback(1)
-
-    def step():
-        backend.mtp_step(1, hidden, [0])
-        backend.mtp_rollback(1, 1)
-
-    return _median_seconds(step, repeats)
 
 
 def draft_vocab_size(backend) -> int | None:

@@ -144,11 +144,12 @@ def _to_onnx(ckpt, out: Path, options: dict, show_progress: bool, draft_vocab: P
         export_onnx(ckpt.path, out, bits=bits, group_size=options["group_size"], mtp_bits=mtp_bits,
                     dtype=options["dtype"], progress=step, draft_vocab=draft_vocab)
         return
+    affine_trunk = ckpt.affine_4bit_blocks
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".hf-") as tmp:
         with byte_progress(sum(ckpt.nbytes(n) for n in ckpt.names()), "unpacking to float32", show_progress) as advance:
             write_hf_dir(ckpt, Path(tmp), advance)
         export_onnx(tmp, out, bits=bits, group_size=options["group_size"], mtp_bits=mtp_bits,
-                    dtype=options["dtype"], progress=step, draft_vocab=draft_vocab)
+                    dtype=options["dtype"], progress=step, draft_vocab=draft_vocab, affine_trunk=affine_trunk)
 
 
 def write_hf_dir(ckpt, out: Path, advance=lambda n: None) -> Path:

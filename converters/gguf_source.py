@@ -209,6 +209,15 @@ class GGUFCheckpoint:
         """Bytes of the float32 tensor ``read`` returns."""
         return int(np.prod(self.shape(name))) * 4
 
+    @property
+    def affine_4bit_blocks(self) -> bool:
+        """Whether some weights are stored as 4-bit blocks with a float minimum (Q4_1, Q4_K): a
+        4-bit ONNX export keeps that form so the blocks are reproduced exactly (quantize.py)."""
+        from gguf import GGMLQuantizationType
+
+        affine = {GGMLQuantizationType.Q4_1, GGMLQuantizationType.Q4_K}
+        return any(tensor.tensor_type in affine for tensor in self._tensors.values())
+
     def _tensor(self, name: str):
         try:
             return self._tensors[name]

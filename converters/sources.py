@@ -91,6 +91,10 @@ class WithMTPLayers:
     def config(self) -> dict:
         return {**self.base.config, "num_nextn_predict_layers": self.num_mtp_layers}
 
+    @property
+    def affine_4bit_blocks(self) -> bool:
+        return self.base.affine_4bit_blocks
+
     def names(self) -> list[str]:
         return self.base.names() + self._mtp_names
 

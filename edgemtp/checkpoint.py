@@ -60,6 +60,9 @@ class TensorEntry:
 class Checkpoint:
     """A model directory: its config plus lazily readable weights."""
 
+    # Float or FP8 block-scaled (symmetric) weights: no 4-bit grid a converter must reproduce.
+    affine_4bit_blocks = False
+
     def __init__(self, path: Path, config: dict, entries: dict[str, TensorEntry]):
         self.path = path
         self.config = config

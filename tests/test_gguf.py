@@ -179,6 +179,21 @@ def test_quantized_gguf_reads_within_quantization_error(tiny_llama, tmp_path, qt
         assert np.corrcoef(got.ravel(), weight.ravel())[0, 1] > 0.95, name
 
 
+@pytest.mark.parametrize("qtype,scheme", [(gguf.GGMLQuantizationType.Q4_1, "affine"),
+                                          (gguf.GGMLQuantizationType.Q4_0, "asymmetric"),
+                                          (gguf.GGMLQuantizationType.F32, "asymmetric")])
+def test_4bit_onnx_keeps_a_q4_1_gguf_affine_and_gives_other_weights_integer_zero_points(tiny_llama, tmp_path,
+                                                                                       qtype, scheme):
+    from edgemtp.converters.convert import convert
+
+    path = write_llama_gguf(tiny_llama, tmp_path / "tiny.gguf", qtype)
+    assert GGUFCheckpoint.open(path).affine_4bit_blocks == (scheme == "affine")
+
+    out = convert(path, tmp_path / "onnx", to="onnx", bits=4, show_progress=False)
+
+    assert json.loads((out / "manifest.json").read_text())["quantization"]["trunk"]["scheme"] == scheme
+
+
 def test_truncated_gguf_is_a_user_error(tiny_llama, tmp_path):
     path = write_llama_gguf(tiny_llama, tmp_path / "tiny.gguf")
     data = path.read_bytes()

@@ -1,5 +1,6 @@
-"""4-bit ONNX weights are affine (scale and float minimum per group, GGUF Q4_1's rule): MatMulNBits
-with integer codes plus a float MatMul of the inputs' group sums (converters/onnx_export/quantize.py)."""
+"""4-bit ONNX weights (converters/onnx_export/quantize.py): from float weights, asymmetric blocks with
+integer zero points; from weights on GGUF Q4_1 grids, affine (scale and float minimum per group):
+MatMulNBits with integer codes plus a float MatMul of the inputs' group sums."""
 
 from __future__ import annotations
 
@@ -79,7 +80,7 @@ IDS = [3, 0, 5, 2]
 def test_int4_matmul_computes_x_at_a_q4_1_weight_exactly(k, group_size):
     table, weight = int8_exact_table(6, k, group_size), q4_1_grid_weight(k, 40, group_size)
 
-    quantized = quantize(toy_model(table, {"proj": weight}), bits=4, group_size=group_size)
+    quantized = quantize(toy_model(table, {"proj": weight}), bits=4, group_size=group_size, affine=True)
 
     assert [node.op_type for node in quantized.graph.node if node.name == "proj"] == ["MatMulNBits"]
     expected = table[IDS].astype(np.float64) @ weight.astype(np.float64)
@@ -91,19 +92,47 @@ def test_matmuls_reading_one_input_share_its_group_sums():
     model = toy_model(table, {"a": q4_1_grid_weight(64, 16, 32, seed=2), "b": q4_1_grid_weight(64, 16, 32, seed=3)})
     expected = run(model, IDS)
 
-    quantized = quantize(model, bits=4, group_size=32)
+    quantized = quantize(model, bits=4, group_size=32, affine=True)
 
     group_sums = [node for node in quantized.graph.node if node.name.endswith(".group_sums")]
     assert len(group_sums) == 1 and group_sums[0].op_type == "MatMul"
     np.testing.assert_allclose(run(quantized, IDS), expected, rtol=0, atol=1e-6 * np.abs(expected).max())
 
 
-def test_4bit_export_keeps_heads_at_8_bits_and_records_the_scheme(tiny_checkpoint, tmp_path):
-    out = export_onnx(tiny_checkpoint("llama_untied"), tmp_path / "onnx", bits=4)
+def integer_zero_point_grid_weight(k: int, n: int, group_size: int, seed: int = 0) -> np.ndarray:
+    """A ``(K, N)`` weight whose groups are ``scale * (q - zero_point)`` with an integer zero point
+    in 1..14 and q in 0..15, each group using both 0 and 15 (so its range gives back the scale)."""
+    rng = np.random.default_rng(seed)
+    groups = -(-k // group_size)
+    scale = rng.uniform(0.002, 0.01, (groups, n)).astype(np.float32)
+    zero_point = rng.integers(1, 15, (groups, n))
+    q = rng.integers(0, 16, (groups * group_size, n))
+    q[::group_size] = 0
+    q[1::group_size] = 15
+    group = np.arange(k) // group_size
+    return (scale[group] * (q[:k] - zero_point[group])).astype(np.float32)
+
+
+@pytest.mark.parametrize(("k", "group_size"), [(96, 32), (128, 64)])
+def test_int4_from_float_uses_integer_zero_points_and_reproduces_their_grid(k, group_size):
+    table, weight = int8_exact_table(6, k, group_size), integer_zero_point_grid_weight(k, 40, group_size)
+
+    quantized = quantize(toy_model(table, {"proj": weight}), bits=4, group_size=group_size)
+
+    (node,) = [node for node in quantized.graph.node if node.op_type == "MatMulNBits"]
+    assert len(node.input) == 4 and node.input[3]  # A, B, scales, zero points: no float part
+    assert not [node for node in quantized.graph.node if node.name.endswith(".group_sums")]
+    expected = table[IDS].astype(np.float64) @ weight.astype(np.float64)
+    np.testing.assert_allclose(run(quantized, IDS)[0], expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+
+
+@pytest.mark.parametrize(("affine", "expected_scheme"), [(False, "asymmetric"), (True, "affine")])
+def test_4bit_export_keeps_heads_at_8_bits_and_records_the_scheme(tiny_checkpoint, tmp_path, affine, expected_scheme):
+    out = export_onnx(tiny_checkpoint("llama_untied"), tmp_path / "onnx", bits=4, affine_trunk=affine)
 
     trunk = onnx.load(str(out / "trunk" / "model.onnx"), load_external_data=False)
     bits = {node.name: {a.name: a.i for a in node.attribute}["bits"]
             for node in trunk.graph.node if node.op_type == "MatMulNBits"}
-    assert bits["lm_head_Q8"] == 8 and bits["slot0.attn.qkv"] == 4 and bits["slot0.mlp.down"] == 4
+    assert bits["lm_head_Q8"] == 8 and 4 in bits.values() and sorted(set(bits.values())) == [4, 8]
     quantization = json.loads((out / "manifest.json").read_text())["quantization"]["trunk"]
-    assert quantization == {"method": "MatMulNBits", "bits": 4, "block_size": 32, "scheme": "affine"}
+    assert quantization == {"method": "MatMulNBits", "bits": 4, "block_size": 32, "scheme": expected_scheme}

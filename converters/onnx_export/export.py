@@ -28,7 +28,7 @@ Progress = Callable[[str, int, int], None]
 
 def export_onnx(checkpoint: str | Path, out_dir: str | Path, bits: int | None = 4, group_size: int = 32,
                 mtp_bits: int | None = None, dtype: str = "float32", progress: Progress | None = None,
-                draft_vocab: str | Path | None = None) -> Path:
+                draft_vocab: str | Path | None = None, affine_trunk: bool = False) -> Path:
     """Convert ``checkpoint`` into ``out_dir``: trunk graph, one graph per MTP layer, manifest.
 
     ``bits`` 4 or 8 quantizes the trunk's MatMuls (MatMulNBits); None keeps float weights.
@@ -36,6 +36,8 @@ def export_onnx(checkpoint: str | Path, out_dir: str | Path, bits: int | None = 
     caches are float32: onnxruntime's CPU kernels are fastest and most complete in float32, so
     ``dtype`` accepts only "float32" for now. ``draft_vocab`` (a file from ``edgemtp
     draft-vocab``) makes the MTP graphs score only its tokens; it is copied into the export.
+    ``affine_trunk``: the trunk's weights already lie on 4-bit affine grids (a GGUF Q4_1 file), which
+    a 4-bit trunk then reproduces exactly (quantize.py); MTP weights always come as float.
     """
     mtp_bits = bits if mtp_bits is None else mtp_bits
     for value in (bits, mtp_bits):
@@ -58,20 +60,20 @@ def export_onnx(checkpoint: str | Path, out_dir: str | Path, bits: int | None = 
     partial.mkdir(parents=True)
 
     max_positions = int(config.get("max_position_embeddings", 4096))
-    graphs = [("trunk", lambda: build_trunk(config, ckpt.read, max_positions), bits)]
+    graphs = [("trunk", lambda: build_trunk(config, ckpt.read, max_positions), bits, affine_trunk)]
     graphs += [(f"mtp{i}", lambda i=i: build_mtp(config, ckpt.read, i, max_positions,
                                                  f"{mtp_prefix(config, i)}shared_head.head.weight" in ckpt.names(),
                                                  draft_ids),
-                 mtp_bits)
+                 mtp_bits, False)
                for i in range(ckpt.num_mtp_layers)]
-    for done, (name, build, graph_bits) in enumerate(graphs):
+    for done, (name, build, graph_bits, affine) in enumerate(graphs):
         if progress:
             progress(f"building {name}", done, len(graphs))
         model = build()
         if graph_bits is not None:
             if progress:
                 progress(f"quantizing {name} to int{graph_bits}", done, len(graphs))
-            model = quantize(model, graph_bits, group_size)
+            model = quantize(model, graph_bits, group_size, affine)
         (partial / name).mkdir()
         save_model(model, partial / name / "model.onnx")
         del model
@@ -85,7 +87,7 @@ def export_onnx(checkpoint: str | Path, out_dir: str | Path, bits: int | None = 
         shutil.copyfile(draft_vocab, partial / DRAFT_VOCAB_FILE)
     cache = ARCHS[config["model_type"]][1](config)
     manifest = make_manifest(config, cache, bits, mtp_bits, group_size, dtype, max_positions,
-                             None if draft_ids is None else len(draft_ids))
+                             None if draft_ids is None else len(draft_ids), affine_trunk)
     (partial / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     if out.exists():
         out.rmdir()

@@ -33,7 +33,8 @@ MANIFEST = "manifest.json"
 
 
 def make_manifest(config: dict, cache: dict, bits: int | None, mtp_bits: int | None, group_size: int,
-                  dtype: str, max_positions: int, draft_vocab_size: int | None = None) -> dict:
+                  dtype: str, max_positions: int, draft_vocab_size: int | None = None,
+                  affine_trunk: bool = False) -> dict:
     # GQA takes explicit lengths; MLA derives positions from the length of its past inputs.
     positions = ["seqlens_k", "total_sequence_length"] if cache["kind"] == "gqa_shared_buffer" else []
 
@@ -45,7 +46,7 @@ def make_manifest(config: dict, cache: dict, bits: int | None, mtp_bits: int | N
     return {
         "format": FORMAT, "version": VERSION, "arch": config["model_type"], "opset": OPSET, "dtype": dtype,
         "max_positions": max_positions,
-        "quantization": {"trunk": _quant(bits, group_size), "mtp": _quant(mtp_bits, group_size)},
+        "quantization": {"trunk": _quant(bits, group_size, affine_trunk), "mtp": _quant(mtp_bits, group_size)},
         "cache": cache,
         "trunk": {"path": "trunk/model.onnx", "cache_slots": layers,
                   "inputs": ["input_ids", *positions, *names("inputs", layers)],
@@ -57,10 +58,10 @@ def make_manifest(config: dict, cache: dict, bits: int | None, mtp_bits: int | N
     }
 
 
-def _quant(bits: int | None, group_size: int) -> dict:
+def _quant(bits: int | None, group_size: int, affine: bool = False) -> dict:
     if bits is None:
         return {"method": "none"}
-    return {"method": "MatMulNBits", "bits": bits, "block_size": group_size, "scheme": scheme(bits)}
+    return {"method": "MatMulNBits", "bits": bits, "block_size": group_size, "scheme": scheme(bits, affine)}
 
 
 def is_onnx_export(path: Path) -> bool:

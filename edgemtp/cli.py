@@ -52,7 +52,7 @@ def _require(modules: tuple[str, ...], extra: str, what: str) -> None:
 
 @app.command("inspect")
 def inspect_command(
-    path: str = typer.Argument(..., help="Model directory (config.json + *.safetensors)."),
+    path: str = typer.Argument(..., help="Model directory: Hugging Face or mlx-lm (config.json + *.safetensors) or an edgemtp ONNX export."),
     as_json: bool = typer.Option(False, "--json", help="Print the numbers as JSON instead of a table."),
 ) -> None:
     """Show a model's architecture, parameter counts, storage format and memory needs."""

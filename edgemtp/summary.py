@@ -32,21 +32,27 @@ class ModelSummary:
     vocab_size: int
     trunk_parameters: int
     mtp_parameters: int
-    storage: str  # e.g. "bfloat16", "fp8 e4m3, 128x128 blocks", "mlx 4-bit, group 64"
+    storage: str  # e.g. "bfloat16", "fp8 e4m3, 128x128 blocks", "mlx 4-bit, group 64", "onnx 8-bit symmetric, block 32"
     weight_bytes: int
     kv_cache_tokens: int
     kv_cache_bytes: int  # trunk + MTP layers, 16-bit, for kv_cache_tokens positions
 
 
 def summarize(path: str | Path) -> ModelSummary:
-    """Describe the model directory at ``path`` without loading its weights."""
+    """Describe the model directory at ``path`` (HF, mlx-lm or edgemtp ONNX) without loading its weights."""
     config = load_config(path)
-    mlx_quantization = config.get("quantization")
-    # MLX-quantized files store packed weights whose shapes differ from the config's.
-    checkpoint = Checkpoint.open(path, validate=not mlx_quantization)
+    onnx_manifest = _onnx_manifest(Path(path))
+    if onnx_manifest is not None:
+        where, storage = str(Path(path)), _onnx_storage(onnx_manifest)
+        weight_bytes = sum(f.stat().st_size for f in Path(path).glob("*/model.onnx*"))
+    else:
+        mlx_quantization = config.get("quantization")
+        # MLX-quantized files store packed weights whose shapes differ from the config's.
+        checkpoint = Checkpoint.open(path, validate=not mlx_quantization)
+        where, storage, weight_bytes = str(checkpoint.path), _storage(checkpoint, mlx_quantization), checkpoint.total_bytes
     trunk, mtp = parameter_counts(config)
     return ModelSummary(
-        path=str(checkpoint.path),
+        path=where,
         architecture=config["model_type"],
         num_layers=config["num_hidden_layers"],
         num_mtp_layers=num_mtp_layers(config),
@@ -54,11 +60,31 @@ def summarize(path: str | Path) -> ModelSummary:
         vocab_size=config["vocab_size"],
         trunk_parameters=trunk,
         mtp_parameters=mtp,
-        storage=_storage(checkpoint, mlx_quantization),
-        weight_bytes=checkpoint.total_bytes,
+        storage=storage,
+        weight_bytes=weight_bytes,
         kv_cache_tokens=KV_CACHE_TOKENS,
         kv_cache_bytes=kv_cache_bytes(config, KV_CACHE_TOKENS),
     )
+
+
+def _onnx_manifest(path: Path) -> dict | None:
+    """An edgemtp ONNX export's manifest, or None for other directories."""
+    from edgemtp.converters.onnx_export.manifest import is_onnx_export, read_manifest
+
+    return read_manifest(path) if is_onnx_export(path) else None
+
+
+def _onnx_storage(manifest: dict) -> str:
+    """E.g. "onnx 4-bit asymmetric, block 32 (MTP 8-bit symmetric)"."""
+
+    def describe(quantization: dict) -> str:
+        if quantization["method"] == "none":
+            return manifest["dtype"]
+        return f"{quantization['bits']}-bit {quantization['scheme']}, block {quantization['block_size']}"
+
+    trunk = describe(manifest["quantization"]["trunk"])
+    mtp = describe(manifest["quantization"]["mtp"]) if manifest["mtp"] else None
+    return f"onnx {trunk}" + (f" (MTP {mtp})" if mtp and mtp != trunk else "")
 
 
 def parameter_counts(config: dict) -> tuple[int, int]:

@@ -157,6 +157,19 @@ def test_inspect_names_mlx_quantization(llama_copy):
     assert summary["storage"] == "mlx 4-bit, group 64"
 
 
+def test_inspect_describes_an_onnx_export_and_its_plan(tiny_checkpoint, tmp_path):
+    from edgemtp.converters.onnx_export import export_onnx
+
+    out = export_onnx(tiny_checkpoint("llama"), tmp_path / "onnx", bits=4, mtp_bits=8)
+
+    summary = json.loads(run("inspect", out, "--json").stdout)
+    assert summary["storage"] == "onnx 4-bit asymmetric, block 32 (MTP 8-bit symmetric, block 32)"
+    assert summary["weight_bytes"] == sum(f.stat().st_size for f in out.glob("*/model.onnx*"))
+    assert summary["num_mtp_layers"] == 1
+    table = run("inspect", out)
+    assert table.returncode == 0 and "memory plan on this machine" in table.stdout
+
+
 def test_train_mtp_refusals(tmp_path):
     args = ("train-mtp", tmp_path / "trunk", tmp_path / "out", "--data", tmp_path)
     assert_user_error(run(*args, "--warmup-steps", "0"), "--warmup-steps must be at least 1")

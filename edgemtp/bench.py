@@ -36,6 +36,7 @@ from pathlib import Path
 
 from edgemtp.engine.drafters import median_seconds, mtp_step_seconds
 from edgemtp.engine.stats import peak_rss_bytes, reset_peak_rss
+from edgemtp.engine.tuning import non_decreasing
 from edgemtp.errors import UserError
 
 DRAFT_LENGTHS: tuple[int | str, ...] = (1, 2, 3, 4, "auto")
@@ -137,8 +138,11 @@ def ideal_speedup(tokens_per_step: float, draft_lengths: dict[int, int], cost_cu
     A step drafting ``k`` tokens costs ``T(k+1) + k * draft_cost`` in units of ``T(1)``
     (one verify pass over k+1 tokens plus k draft passes) and emits ``tokens_per_step``
     tokens, where plain decoding emits 1 token per ``T(1)``. Steps are weighted by how
-    often each draft length was used.
+    often each draft length was used. The curve is first made non-decreasing, as the draft-length
+    policy does: a step over more tokens never costs less, so a dip is noise (one run measured
+    T(3) = 1.25 below T(2) = 1.30, which made the ideal at k = 1 lower than the one at k = 2).
     """
+    cost_curve = non_decreasing(cost_curve)
     steps = sum(draft_lengths.values())
     if steps == 0:
         return 1.0

@@ -55,6 +55,8 @@ def test_ideal_speedup_by_hand():
     # past the curve, extended along its last segment: T(6)/T(1) = 1.3 + 2 * 0.1
     assert bench.ideal_speedup(3.0, {5: 1}, curve, 0.0) == pytest.approx(3.0 / 1.5)
     assert bench.ideal_speedup(1.0, {}, curve, 0.0) == 1.0
+    # a dip in the measured curve is noise: T(2) = 1.3 and T(3) = 1.2 both count as their mean
+    assert bench.ideal_speedup(1.5, {1: 1}, [1.0, 1.3, 1.2, 1.4], 0.0) == pytest.approx(1.5 / 1.25)
 
 
 def test_bandwidth_fraction():

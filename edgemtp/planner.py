@@ -296,14 +296,30 @@ class Estimate:
     kv_cache: int
     mtp_caches: int
     activations: int
+    repacked: int = 0  # onnxruntime's packed copy of the weights (see repacked_bytes)
 
     @property
     def total(self) -> int:
-        return self.weights + self.kv_cache + self.mtp_caches + self.activations
+        return self.weights + self.repacked + self.kv_cache + self.mtp_caches + self.activations
 
 
-def estimate(config: dict, weights: int, context: int, dtype: str = DEFAULT_DTYPE) -> Estimate:
-    """Memory needed to serve ``context`` tokens in ``dtype``: weights + caches + activations."""
+def repacked_bytes(backend: str, weights: int) -> int:
+    """Memory a backend takes for its own copy of the weights, on top of the mapped files.
+
+    MLX maps the files and computes on them. An onnxruntime session repacks every constant
+    MatMul / MatMulNBits weight into its kernels' layout when it loads, in anonymous memory
+    that is larger than the file's blocks, and keeps part of the mapped originals (scales).
+    ``python scripts/prepacked_rss.py`` measured the trunk session resident at 1.31 GiB for
+    0.85 GiB of 4-bit trunk files (1.08 GiB anonymous). The plan counts the weight files a second
+    time on ONNX, an upper bound on that copy: counted once, a model could pass the plan and
+    then run out of memory.
+    """
+    return weights if backend == "onnx" else 0
+
+
+def estimate(config: dict, weights: int, context: int, dtype: str = DEFAULT_DTYPE, repacked: int = 0) -> Estimate:
+    """Memory needed to serve ``context`` tokens in ``dtype``: weights (and their repacked copy)
+    + caches + activations."""
     if dtype not in DTYPE_BYTES:
         raise UserError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPE_BYTES)}")
     per_layer_token = kv_bytes_per_token_per_layer(config, DTYPE_BYTES[dtype])
@@ -316,6 +332,7 @@ def estimate(config: dict, weights: int, context: int, dtype: str = DEFAULT_DTYP
         kv_cache=per_layer_token * layers * context,
         mtp_caches=per_layer_token * mtp_depths * context,
         activations=activation_bytes(config, context),
+        repacked=repacked,
     )
 
 
@@ -344,6 +361,7 @@ class Plan:
         return [
             ("memory budget", f"{_gib(self.budget.bytes)} ({self.budget.source})"),
             ("weights (memory-mapped)", _gib(e.weights)),
+            *([("onnxruntime's repacked weights (bound)", _gib(e.repacked))] if e.repacked else []),
             ("weights read per token", _gib(self.weights.trunk_stream)),
             (f"KV cache at {e.context} tokens", _gib(e.kv_cache)),
             ("MTP draft caches", _gib(e.mtp_caches)),
@@ -360,7 +378,8 @@ def _gib(nbytes: int) -> str:
     return f"{nbytes / 2**20:.2f} MiB"
 
 
-def largest_fitting_context(config: dict, weights: int, dtype: str, usable: int, limit: int) -> int:
+def largest_fitting_context(config: dict, weights: int, dtype: str, usable: int, limit: int,
+                            repacked: int = 0) -> int:
     """The longest context in ``[0, limit]`` whose estimate fits in ``usable`` bytes.
 
     Memory grows monotonically with context, so a binary search finds the boundary.
@@ -368,7 +387,7 @@ def largest_fitting_context(config: dict, weights: int, dtype: str, usable: int,
     low, high = 0, limit
     while low < high:
         middle = (low + high + 1) // 2
-        if estimate(config, weights, middle, dtype).total <= usable:
+        if estimate(config, weights, middle, dtype, repacked).total <= usable:
             low = middle
         else:
             high = middle - 1
@@ -396,10 +415,15 @@ def plan_for(
     budget = budget or detect_memory_budget()
     usable = int(budget.bytes * BUDGET_FRACTION)
     max_positions = int(config.get("max_position_embeddings") or 0) or 2**20
-    fitting = largest_fitting_context(config, weights.total, dtype, usable, max_positions)
+    repacked = repacked_bytes(backend, weights.total)
+
+    def needs(context: int) -> Estimate:
+        return estimate(config, weights.total, context, dtype, repacked)
+
+    fitting = largest_fitting_context(config, weights.total, dtype, usable, max_positions, repacked)
     smallest = min(MIN_USEFUL_CONTEXT, max_positions)
     if fitting < smallest:
-        need = estimate(config, weights.total, smallest, dtype).total
+        need = needs(smallest).total
         raise UserError(
             f"{model_dir} needs about {_gib(need)} at a {smallest}-token context but only "
             f"{_gib(usable)} of memory is usable ({budget.source}); convert it with fewer bits "
@@ -413,7 +437,7 @@ def plan_for(
             )
         if context > fitting:
             raise UserError(
-                f"a {context}-token context needs about {_gib(estimate(config, weights.total, context, dtype).total)} "
+                f"a {context}-token context needs about {_gib(needs(context).total)} "
                 f"but only {_gib(usable)} is usable ({budget.source}); pass --max-kv-size {fitting} or less, "
                 f"or convert with fewer bits (edgemtp convert --bits 4)"
             )
@@ -423,7 +447,7 @@ def plan_for(
         backend=backend,
         budget=budget,
         weights=weights,
-        estimate=estimate(config, weights.total, chosen, dtype),
+        estimate=needs(chosen),
         max_kv_size=chosen,
         max_position_embeddings=max_positions,
     )

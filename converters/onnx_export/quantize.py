@@ -9,8 +9,9 @@ too.
 
 4 bits from float weights: onnxruntime's own quantizer, asymmetric blocks with integer zero
 points (``w = scale * (q - zero_point)``, q and zero point in 0..15), onnxruntime-genai's int4
-recipe and the form its int8-activation kernel runs fastest. On the 1.1 GB bandwidth-bound bench
-model it decoded 1.28x faster than the affine form below, and its file is 15% smaller.
+recipe and the form its int8-activation kernel runs fastest. On the bandwidth-bound bench model
+of the README it decoded 1.13-1.32x faster than the affine form below, from 15% smaller files
+(``scripts/ab_int4_schemes.py``).
 
 4 bits from weights that already lie on affine grids (a GGUF Q4_1 file, ``affine=True``): affine
 groups (``w = scale * q + minimum``, q in 0..15, float minimum), the rule of GGUF's Q4_1 and of

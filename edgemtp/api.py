@@ -135,9 +135,8 @@ class Model:
         _, hidden = self.backend.trunk_step(ids)
         for d in range(1, depth + 1):
             logits, hidden = self.backend.mtp_step(d, hidden[:-1], ids[d:])
-        if self.backend.draft_ids is not None:  # a draft head: -inf on the tokens it does not score
-            logits = scatter_logits(logits, self.backend.draft_ids, self.backend.vocab_size)
-        return logits
+        # A draft head's logits widened to the vocabulary: -inf on the tokens it does not score.
+        return scatter_logits(logits, self.backend.draft_ids, self.backend.vocab_size)
 
     def stream(self, prompt, *, max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
                top_k: int = 0, seed: int | None = None, spec: str = "mtp", num_draft: int | str = "auto",

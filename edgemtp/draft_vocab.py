@@ -267,9 +267,12 @@ def load_draft_vocab(model_dir: Path, vocab_size: int) -> np.ndarray | None:
     return read_draft_vocab(path, vocab_size) if path.is_file() else None
 
 
-def scatter_logits(logits: np.ndarray, ids: np.ndarray, vocab_size: int) -> np.ndarray:
+def scatter_logits(logits: np.ndarray, ids: np.ndarray | None, vocab_size: int) -> np.ndarray:
     """Draft-vocabulary logits ``(n, N)`` as full-vocabulary logits ``(n, V)``: -inf elsewhere,
-    so the draft distribution is 0 outside the draft vocabulary and rejection sampling stays exact."""
+    so the draft distribution is 0 outside the draft vocabulary and rejection sampling stays exact.
+    ``ids`` None (a full-vocabulary head): ``logits`` as they are."""
+    if ids is None:
+        return logits
     full = np.full((logits.shape[0], vocab_size), -np.inf, np.float32)
     full[:, ids] = logits
     return full

@@ -41,10 +41,9 @@ class ModelSummary:
 def summarize(path: str | Path) -> ModelSummary:
     """Describe the model directory at ``path`` (HF, mlx-lm or edgemtp ONNX) without loading its weights."""
     config = load_config(path)
-    onnx_manifest = _onnx_manifest(Path(path))
-    if onnx_manifest is not None:
-        where, storage = str(Path(path)), _onnx_storage(onnx_manifest)
-        weight_bytes = sum(f.stat().st_size for f in Path(path).glob("*/model.onnx*"))
+    onnx_export = _onnx_storage_and_bytes(Path(path))
+    if onnx_export is not None:
+        where, (storage, weight_bytes) = str(Path(path)), onnx_export
     else:
         mlx_quantization = config.get("quantization")
         # MLX-quantized files store packed weights whose shapes differ from the config's.
@@ -67,15 +66,15 @@ def summarize(path: str | Path) -> ModelSummary:
     )
 
 
-def _onnx_manifest(path: Path) -> dict | None:
-    """An edgemtp ONNX export's manifest, or None for other directories."""
-    from edgemtp.converters.onnx_export.manifest import is_onnx_export, read_manifest
+def _onnx_storage_and_bytes(path: Path) -> tuple[str, int] | None:
+    """Storage and file bytes of an edgemtp ONNX export, or None for other directories."""
+    from edgemtp.converters.onnx_export.manifest import is_onnx_export, read_manifest, weight_bytes
 
-    return read_manifest(path) if is_onnx_export(path) else None
+    return (_onnx_storage(read_manifest(path)), weight_bytes(path)) if is_onnx_export(path) else None
 
 
 def _onnx_storage(manifest: dict) -> str:
-    """E.g. "onnx 4-bit asymmetric, block 32 (MTP 8-bit symmetric)"."""
+    """E.g. "onnx 4-bit asymmetric, block 32 (MTP 8-bit symmetric, block 32)"."""
 
     def describe(quantization: dict) -> str:
         if quantization["method"] == "none":

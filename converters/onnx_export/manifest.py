@@ -64,6 +64,11 @@ def _quant(bits: int | None, group_size: int, affine: bool = False) -> dict:
     return {"method": "MatMulNBits", "bits": bits, "block_size": group_size, "scheme": scheme(bits, affine)}
 
 
+def weight_bytes(path: Path) -> int:
+    """Bytes of every graph and weight file of the export at ``path``."""
+    return sum(f.stat().st_size for f in Path(path).glob("*/model.onnx*"))
+
+
 def is_onnx_export(path: Path) -> bool:
     return (Path(path) / MANIFEST).is_file()
 

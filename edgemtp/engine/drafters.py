@@ -54,7 +54,7 @@ def draw(logits: np.ndarray, sampler: Sampler, min_prob: float,
     At temperature 0 q is None: it would be one-hot at the argmax. A draft step then builds no
     full-vocabulary array, which was the largest Python cost of an MTP draft step in the decode loop.
     """
-    if not sampler.greedy and columns is not None:
+    if not sampler.greedy:
         logits, columns = scatter_logits(logits[None], columns, vocab_size)[0], None
     q = None if sampler.greedy else sampler.probs(logits)[0]
     if min_prob > 0 and confidence(logits, q) < min_prob:
@@ -224,8 +224,7 @@ class MTPDrafter:
 
     def peek(self, seq, sampler):
         self._run_depth(1, len(seq) - 2, seq)
-        logits, ids = self.last_logits[1], self.backend.draft_ids
-        return sampler.probs(logits if ids is None else scatter_logits(logits[None], ids, self.backend.vocab_size))[0]
+        return sampler.probs(scatter_logits(self.last_logits[1][None], self.backend.draft_ids, self.backend.vocab_size))[0]
 
     def measure_step_cost(self) -> float:
         return mtp_step_seconds(self.backend)

@@ -13,7 +13,7 @@ import numpy as np
 import onnxruntime as ort
 
 from edgemtp.config import load_config
-from edgemtp.converters.onnx_export.manifest import read_manifest
+from edgemtp.converters.onnx_export.manifest import read_manifest, weight_bytes
 from edgemtp.draft_vocab import read_draft_vocab
 from edgemtp.errors import UserError
 from edgemtp.onnx_backend.cache import CACHE_KINDS
@@ -97,7 +97,7 @@ class OnnxBackend:
         self._cache_kind = CACHE_KINDS[manifest["cache"]["kind"]]
         self._trunk_cache = self._new_cache(manifest["trunk"]["cache_slots"])
         self._mtp_caches: dict[int, object] = {}  # depth -> cache, created on first use
-        self._weight_bytes = sum(f.stat().st_size for f in path.glob("*/model.onnx*"))
+        self._weight_bytes = weight_bytes(path)
 
     def _read_draft_vocab(self, path: Path) -> np.ndarray | None:
         """The token ids the MTP graphs score (their logits' columns), or None for all of them."""

@@ -40,6 +40,8 @@ def convert(src, out, to: str = "mlx", bits: int | None = None, group_size: int 
         raise UserError(f"--to {to} is not a target; use one of {', '.join(TARGETS)}")
     options = DEFAULTS[to] | {k: v for k, v in {"bits": bits, "mtp_bits": mtp_bits, "group_size": group_size,
                                                  "dtype": dtype}.items() if v is not None}
+    if bits == 16 and mtp_bits is None:  # full precision means the MTP layers too
+        options["mtp_bits"] = 16
     out = Path(out)
     if out.exists() and not force:
         raise UserError(f"{out} already exists; pass --force to replace it or choose another output path")
@@ -49,6 +51,8 @@ def convert(src, out, to: str = "mlx", bits: int | None = None, group_size: int 
         check_options(options["bits"], options["group_size"], options["mtp_bits"], options["dtype"])
 
     ckpt = open_source(src)
+    if to == "mlx" and dtype is None and options["bits"] == 16:
+        options["dtype"] = full_precision_dtype(ckpt.config)
     if mtp_file is not None:
         ckpt = WithMTPLayers(ckpt, mtp_file)
         ckpt.validate()
@@ -62,6 +66,16 @@ def convert(src, out, to: str = "mlx", bits: int | None = None, group_size: int 
         else:
             _to_onnx(ckpt, partial, options, show_progress, vocab_file)
     return out
+
+
+def full_precision_dtype(config: dict) -> str:
+    """The MLX dtype that loses nothing of the source's unquantized weights: its own float dtype
+    (``torch_dtype``, or ``dtype`` as transformers 5 writes it); bfloat16 for FP8 sources, whose
+    block scales can exceed float16's range; else float16."""
+    if (config.get("quantization_config") or {}).get("quant_method") == "fp8":
+        return "bfloat16"
+    stored = config.get("dtype") or config.get("torch_dtype")
+    return stored if stored in ("float32", "bfloat16", "float16") else "float16"
 
 
 def _draft_vocab_file(draft_vocab: str | Path | None, ckpt, mtp_file: Path | None) -> Path | None:

@@ -27,7 +27,6 @@ Tensors are produced, quantized and written one at a time.
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -36,6 +35,7 @@ import numpy as np
 
 from edgemtp.config import with_both_rope_forms
 from edgemtp.errors import UserError
+from edgemtp.tokenizer import copy_tokenizer_files
 from edgemtp.converters.safetensors_writer import SafetensorsAppender
 
 BITS = (4, 8, 16)  # 16 = not quantized, stored in --dtype
@@ -47,8 +47,6 @@ _NEVER_QUANTIZED = (".mlp.gate.weight",)
 EMBEDDING_AND_HEAD_BITS = 8
 _EMBEDDING_AND_HEADS = ("embed_tokens.weight", "lm_head.weight", "shared_head.head.weight")
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                   "generation_config.json", "chat_template.jinja")
 
 
 def check_options(bits: int, group_size: int, mtp_bits: int, dtype: str) -> None:
@@ -138,16 +136,12 @@ def _mlx_config(config: dict, bits: int, group_size: int, mtp_bits: int, num_mtp
 
 
 def copy_tokenizer(ckpt, out_dir: Path) -> None:
-    """Tokenizer files next to the weights: built from a GGUF vocab, or copied from the HF directory."""
+    """Tokenizer files next to the weights: built from a GGUF vocab, or copied from the HF directory
+    (all that it has: a checkpoint without a tokenizer still converts, for use on token ids)."""
     if hasattr(ckpt, "write_tokenizer"):
         ckpt.write_tokenizer(out_dir)
         return
-    source = Path(ckpt.path)
-    if not (source / "tokenizer.json").is_file():
-        raise UserError(f"{source} has no tokenizer.json; add the model's tokenizer files to the checkpoint directory")
-    for name in TOKENIZER_FILES:
-        if (source / name).is_file():
-            shutil.copy2(source / name, out_dir / name)
+    copy_tokenizer_files(Path(ckpt.path), out_dir)
 
 
 def total_bytes(ckpt) -> int:

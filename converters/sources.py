@@ -7,6 +7,7 @@ exporters never care where the weights came from.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from functools import cached_property
 from pathlib import Path
@@ -118,6 +119,10 @@ class WithMTPLayers:
 
         with safe_open(self._file, framework="numpy") as f:
             return f.get_tensor(name).astype(np.float32)
+
+    def digest(self, name: str) -> str:
+        """A hash of the tensor's float32 values (the MTP file and the base store different dtypes)."""
+        return hashlib.blake2b(self.read(name).tobytes(), digest_size=16).hexdigest()
 
     def validate(self) -> None:
         from edgemtp.layout import expected_weights, is_optional

@@ -18,7 +18,7 @@ from edgemtp.draft_vocab import scatter_logits
 from edgemtp.engine.backend import Backend
 from edgemtp.engine.generate import Chunk, Generation, Session, collect
 from edgemtp.errors import UserError
-from edgemtp.tokenizer import Tokenizer
+from edgemtp.tokenizer import IdsOnlyTokenizer, Tokenizer, load_tokenizer
 
 
 def default_backend() -> str:
@@ -92,13 +92,13 @@ def load(path: str | Path | None = None, backend: str | None = None, max_kv_size
                         f"its options are {', '.join(_BACKEND_OPTIONS[backend])} (and max_kv_size)")
     context = planned_context(path, backend, max_kv_size)
     loaded = _BACKEND_LOADERS[backend](path, max_kv_size=context, **options)
-    return Model(loaded.config, Tokenizer.from_dir(path), loaded)
+    return Model(loaded.config, load_tokenizer(path), loaded)
 
 
 class Model:
     """A loaded model: ``config`` (dict), ``tokenizer`` and ``backend``."""
 
-    def __init__(self, config: dict, tokenizer: Tokenizer, backend: Backend):
+    def __init__(self, config: dict, tokenizer: Tokenizer | IdsOnlyTokenizer, backend: Backend):
         self.config = config
         self.tokenizer = tokenizer
         self.backend = backend

@@ -12,6 +12,7 @@ unpickling runs arbitrary code.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import struct
@@ -67,6 +68,7 @@ class Checkpoint:
         self.path = path
         self.config = config
         self._entries = entries
+        self._digests: dict[str, str] = {}
 
     @classmethod
     def open(cls, path: str | Path, validate: bool = True) -> Checkpoint:
@@ -156,6 +158,25 @@ class Checkpoint:
             values = dequantize_fp8_blocks(values, self.read_raw(name + SCALE_SUFFIX), self.fp8_block)
         return values
 
+    def digest(self, name: str) -> str:
+        """A hash of the tensor's stored bytes (dtype, shape and FP8 scale grid included), read in
+        chunks so that a multi-gigabyte tensor is never held in memory. Cached per name."""
+        if name not in self._digests:
+            digest = hashlib.blake2b(digest_size=16)
+            for entry in (self._entry(name), self._entries.get(name + SCALE_SUFFIX)):
+                if entry is None:
+                    continue
+                digest.update(f"{entry.dtype}{entry.shape}".encode())
+                with open(entry.file, "rb") as f:
+                    f.seek(entry.offset)
+                    left = entry.nbytes
+                    while left:
+                        chunk = f.read(min(left, 1 << 26))
+                        digest.update(chunk)
+                        left -= len(chunk)
+            self._digests[name] = digest.hexdigest()
+        return self._digests[name]
+
     # --- validation -------------------------------------------------------------
 
     def validate(self) -> None:
@@ -243,6 +264,13 @@ def refuse_pickles(path: Path) -> None:
     if pickles:
         raise UserError(f"{path} holds only pickle weights ({', '.join(pickles)}); edgemtp refuses to unpickle "
                         f"(it can run arbitrary code): convert them to safetensors first")
+
+
+def memory_map(file: Path) -> dict[str, np.ndarray]:
+    """Every tensor of a safetensors file as a read-only memory map (nothing is read until used)."""
+    return {name: np.memmap(entry.file, dtype=NUMPY_DTYPES[entry.dtype], mode="r", offset=entry.offset,
+                            shape=entry.shape)
+            for name, entry in _read_header(file).items()}
 
 
 def _read_header(file: Path) -> dict[str, TensorEntry]:

@@ -59,6 +59,7 @@ def inspect_command(
     import dataclasses
     import json
 
+    from edgemtp.mtp_copies import MTP_TRUNK_PARTS
     from edgemtp.summary import summarize
 
     summary = summarize(path)
@@ -84,6 +85,13 @@ def inspect_command(
     table.add_row("parameters (MTP)", f"{summary.mtp_parameters:,}")
     table.add_row("storage", summary.storage)
     table.add_row("weights", gib(summary.weight_bytes))
+    for index, parts in enumerate(summary.mtp_from_trunk):
+        # Which MTP tensors are the layer's own and which it shares with the trunk (edgemtp/mtp_copies.py).
+        own = [part for part in MTP_TRUNK_PARTS if part not in parts]
+        table.add_row(f"MTP layer {index}", f"own: decoder block, eh_proj, norms{''.join(', ' + p for p in own)}; "
+                                            f"from the trunk: {', '.join(parts) or 'nothing'}")
+    if summary.trunk_copy_bytes:
+        table.add_row("MTP copies of trunk tensors", f"{gib(summary.trunk_copy_bytes)} stored, loaded once")
     table.add_row(f"KV cache ({summary.kv_cache_tokens} tokens, 16-bit)", gib(summary.kv_cache_bytes))
     Console().print(table)
 
@@ -108,6 +116,7 @@ def make_tiny_command(
     out: str = typer.Argument(..., help="Directory to create."),
     arch: str = typer.Option("llama", "--arch", help="Variant: llama, llama_untied, deepseek_v3 or deepseek_v3_no_qlora."),
     mtp_layers: int = typer.Option(1, "--mtp-layers", help="Number of MTP layers to add after the trunk."),
+    mtp_head: str = typer.Option("own", "--mtp-head", help="Each MTP layer's shared_head.head: own (its own random head) or copy (a copy of the trunk's output head). MTP layers always store a copy of the embedding too, as DeepSeek-V3 and GLM-4.5 release them."),
     fp8: bool = typer.Option(False, "--fp8", help="Store projections as block-scaled float8 e4m3 like DeepSeek-V3."),
     fp8_block: int = typer.Option(48, "--fp8-block", help="FP8 scale block size (rows and columns)."),
     dtype: str = typer.Option("float32", "--dtype", help="Storage dtype of the other weights: float32, bfloat16 or float16."),
@@ -136,7 +145,7 @@ def make_tiny_command(
         raise UserError(f"--dense-layers applies to deepseek_v3 variants only, not {arch!r}; leave it out")
     shard_bytes = int(shard_mb * 1e6) if shard_mb else None
     path = make_tiny(out, arch, mtp_layers=mtp_layers, fp8=fp8, seed=seed, dtype=dtype, fp8_block=fp8_block,
-                     shard_bytes=shard_bytes, force=force, **overrides)
+                     shard_bytes=shard_bytes, mtp_head=mtp_head, force=force, **overrides)
     typer.echo(f"wrote {path}")
 
 
@@ -249,16 +258,21 @@ def convert_command(
     to: str = typer.Option("mlx", "--to", help="Target backend: mlx or onnx."),
     bits: int | None = typer.Option(None, "--bits", help="Trunk weight bits: 4, 8 or 16 (16 = unquantized); at 4 the token embedding and output head stay at 8 bits, as in llama.cpp's Q4 files. Default: 4 for mlx, 8 for onnx."),
     group_size: int | None = typer.Option(None, "--group-size", help="Quantization group size: 32, 64 or 128. Default: 64 for mlx, 32 for onnx."),
-    mtp_bits: int | None = typer.Option(None, "--mtp-bits", help="MTP layer weight bits: 4, 8 or 16 (at 4 their output heads stay at 8). Default: 8."),
-    dtype: str | None = typer.Option(None, "--dtype", help="Dtype of unquantized weights: float16, bfloat16 or float32. Default: float16 for mlx, float32 for onnx."),
+    mtp_bits: int | None = typer.Option(None, "--mtp-bits", help="MTP layer weight bits: 4, 8 or 16 (at 4 their output heads stay at 8). Default: 16 with --bits 16 (full precision everywhere), else 8."),
+    dtype: str | None = typer.Option(None, "--dtype", help="Dtype of unquantized weights: float16, bfloat16 or float32. Default: float32 for onnx; for mlx float16, or with --bits 16 the source's own dtype (bfloat16 for FP8 sources)."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it already exists."),
     draft_vocab: str | None = typer.Option(None, "--draft-vocab", help="FILE from `edgemtp draft-vocab`: the MTP draft head scores only its tokens (verification stays over the full vocabulary), or none. Default: draft_vocab.safetensors of the source directory, if any."),
+    mtp_file: str | None = typer.Option(None, "--mtp-file", help="MTP layers kept outside SRC: the mtp.safetensors `edgemtp train-mtp` writes for a trunk that ships none."),
 ) -> None:
     """Convert a model (HF directory, GGUF or Hub repo) into an MLX or ONNX model directory."""
+    from pathlib import Path
+
     from edgemtp.converters.convert import convert
 
+    if mtp_file is not None and not Path(mtp_file).is_file():
+        raise UserError(f"--mtp-file {mtp_file} does not exist; pass the mtp.safetensors that `edgemtp train-mtp` wrote")
     path = convert(src, out, to=to, bits=bits, group_size=group_size, mtp_bits=mtp_bits, dtype=dtype, force=force,
-                   draft_vocab=draft_vocab)
+                   draft_vocab=draft_vocab, mtp_file=Path(mtp_file) if mtp_file else None)
     typer.echo(f"wrote {path}")
 
 
@@ -306,6 +320,8 @@ def models_command(
         block.add_column()
         for label, key in (("source", "source"), ("MTP", "mtp"), ("use", "convert"), ("notes", "notes")):
             block.add_row(label, model[key])
+        if "size_gb" in model:
+            block.add_row("size", f"about {model['size_gb']['4']:,} GB at 4 bits, {model['size_gb']['8']:,} GB at 8 bits")
         console.print(block, highlight=False)
         console.print()
 

@@ -128,5 +128,17 @@ def _remove_superseded(current: Path, kind: str, show_progress: bool) -> None:
 
 
 def registry() -> list[dict]:
-    """The models listed in ``models/registry.json``."""
-    return json.loads(resources.files("edgemtp.models").joinpath("registry.json").read_text())["models"]
+    """The models listed in ``models/registry.json``; those with a parameter count (billions, as
+    their model cards give it) also get ``size_gb``: their weights at 4 and 8 bits."""
+    models = json.loads(resources.files("edgemtp.models").joinpath("registry.json").read_text())["models"]
+    for model in models:
+        if "parameters_b" in model:
+            model["size_gb"] = {str(bits): quantized_size_gb(model["parameters_b"], bits) for bits in (4, 8)}
+    return models
+
+
+def quantized_size_gb(parameters_b: float, bits: int) -> float:
+    """Weights of ``parameters_b`` billion parameters at ``bits`` as ``edgemtp convert --to mlx`` stores
+    them: each group of 64 weights adds a float32 scale and bias, one bit per weight (the 8-bit
+    embedding and heads of a 4-bit model are left out, a few percent on small models)."""
+    return round(parameters_b * (bits + 1) / 8, 1)

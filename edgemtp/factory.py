@@ -27,6 +27,7 @@ import numpy as np
 from edgemtp.config import with_both_rope_forms
 from edgemtp.errors import UserError
 from edgemtp.layout import expected_weights, is_fp8_quantized
+from edgemtp.mtp_copies import trunk_head_name
 from edgemtp.safetensors_stream import TensorSpec, write_safetensors
 
 # All input dimensions are multiples of 64 so the models also quantize with MLX's group
@@ -116,6 +117,7 @@ CHATML_TEMPLATE = (
 _FP8_MAX = float(ml_dtypes.finfo(ml_dtypes.float8_e4m3fn).max)  # 448
 _CHUNK_ELEMENTS = 1 << 22  # ~16 MB of float32 per generated chunk
 _DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+MTP_HEADS = ("own", "copy")
 
 
 def make_tiny(
@@ -129,6 +131,7 @@ def make_tiny(
     fp8_block: int = 48,
     shard_bytes: int | None = None,
     confident: bool = False,
+    mtp_head: str = "own",
     force: bool = False,
     **overrides,
 ) -> Path:
@@ -141,10 +144,16 @@ def make_tiny(
     predictions have clear margins like a trained LM's (see ``_confident_rows``); fidelity
     tests need it because plain random weights predict near-uniformly. The directory
     appears only when complete.
+
+    MTP layers are written in the released DeepSeek-V3 / GLM-4.5 layout: each stores a copy of
+    the trunk's embedding as ``embed_tokens`` and a ``shared_head.head``, which ``mtp_head``
+    makes the layer's own random head ("own") or a copy of the trunk's output head ("copy").
     """
     config = tiny_config(arch, mtp_layers, **overrides)
     if dtype not in _DTYPES:
         raise UserError(f"unknown dtype {dtype!r}; choose one of {', '.join(_DTYPES)}")
+    if mtp_head not in MTP_HEADS:
+        raise UserError(f"unknown MTP head {mtp_head!r}; choose one of {', '.join(MTP_HEADS)}")
     tokenizer = _trained_tokenizer(config["vocab_size"])
     eos_id = tokenizer.token_to_id(EOS_TOKEN)
     config.update(eos_token_id=eos_id, bos_token_id=config.get("bos_token_id"), torch_dtype=dtype)
@@ -163,7 +172,7 @@ def make_tiny(
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
 
-    tensors = _tensor_specs(config, seed, _DTYPES[dtype], fp8_block if fp8 else None, confident)
+    tensors = _tensor_specs(config, seed, _DTYPES[dtype], fp8_block if fp8 else None, confident, mtp_head)
     _write_weights(partial, tensors, shard_bytes)
     (partial / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     (partial / "generation_config.json").write_text(json.dumps({"eos_token_id": eos_id}, indent=2) + "\n")
@@ -198,21 +207,33 @@ def tiny_config(arch: str = "llama", mtp_layers: int = 1, **overrides) -> dict:
 # --- weights ----------------------------------------------------------------
 
 
-def _tensor_specs(config: dict, seed: int, dtype, fp8_block: int | None, confident: bool) -> list[TensorSpec]:
+def _tensor_specs(config: dict, seed: int, dtype, fp8_block: int | None, confident: bool,
+                  mtp_head: str) -> list[TensorSpec]:
     """One spec per stored tensor (FP8 weights are followed by their scale grid)."""
     specs = []
-    for name, shape in expected_weights(config).items():
+    for stored, shape in expected_weights(config).items():
+        # A copy of a trunk tensor is generated under the trunk tensor's name: same values, same bytes.
+        name = _copied_from(stored, config, mtp_head)
         if fp8_block and is_fp8_quantized(name):
             grid = (math.ceil(shape[0] / fp8_block), math.ceil(shape[1] / fp8_block))
-            specs.append(TensorSpec(name, np.dtype(ml_dtypes.float8_e4m3fn), shape,
+            specs.append(TensorSpec(stored, np.dtype(ml_dtypes.float8_e4m3fn), shape,
                                     _fp8_chunks(name, shape, seed, fp8_block, confident, scales=False)))
-            specs.append(TensorSpec(name + "_scale_inv", np.dtype(np.float32), grid,
+            specs.append(TensorSpec(stored + "_scale_inv", np.dtype(np.float32), grid,
                                     _fp8_chunks(name, shape, seed, fp8_block, confident, scales=True)))
         else:
             # The router's correction bias stays float32, as in DeepSeek-V3.
             tensor_dtype = np.float32 if name.endswith("e_score_correction_bias") else dtype
-            specs.append(TensorSpec(name, np.dtype(tensor_dtype), shape, _value_chunks(name, shape, seed, confident)))
+            specs.append(TensorSpec(stored, np.dtype(tensor_dtype), shape, _value_chunks(name, shape, seed, confident)))
     return specs
+
+
+def _copied_from(name: str, config: dict, mtp_head: str) -> str:
+    """The trunk tensor whose copy ``name`` is in a released-layout MTP layer, else ``name``."""
+    if name.startswith("model.layers.") and name.endswith(".embed_tokens.weight"):
+        return "model.embed_tokens.weight"
+    if mtp_head == "copy" and name.endswith(".shared_head.head.weight"):
+        return trunk_head_name(config)
+    return name
 
 
 def _row_chunks(shape: tuple[int, ...], multiple: int = 1) -> Iterator[tuple[int, int]]:

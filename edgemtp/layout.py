@@ -5,7 +5,9 @@ factory writes, ``Checkpoint.validate`` checks, and the converters walk. Names a
 Hugging Face's (DeepSeek-V3 experts one tensor per expert, as on the Hub).
 
 MTP layer ``i`` lives at ``model.layers.{num_hidden_layers + i}.``: a full decoder block of
-the trunk's type plus ``enorm``, ``hnorm``, ``eh_proj`` and ``shared_head.{norm,head}``.
+the trunk's type plus ``enorm``, ``hnorm``, ``eh_proj`` and ``shared_head.{norm,head}``, and,
+as DeepSeek-V3/R1, Kimi-K2 and GLM-4.5 release them, its own ``embed_tokens`` (in those
+releases a copy of the trunk's embedding; see ``edgemtp.mtp_copies``).
 """
 
 from __future__ import annotations
@@ -30,10 +32,15 @@ def is_fp8_quantized(name: str) -> bool:
     return _FP8_QUANTIZED.search(name) is not None
 
 
+# An MTP layer's own embedding table (a trunk layer never has one).
+_MTP_EMBEDDING = re.compile(r"^model\.layers\.\d+\.embed_tokens\.weight$")
+
+
 def is_optional(name: str) -> bool:
     """Weights a checkpoint may omit: an MTP layer without ``shared_head.head`` uses the
-    trunk's output head (as trained MTP layers for tied-embedding trunks do)."""
-    return name.endswith(".shared_head.head.weight")
+    trunk's output head, one without ``embed_tokens`` the trunk's embedding (as MTP layers
+    trained by edgemtp do; released checkpoints store both)."""
+    return name.endswith(".shared_head.head.weight") or _MTP_EMBEDDING.match(name) is not None
 
 
 def mtp_prefix(config: dict, index: int) -> str:
@@ -57,6 +64,7 @@ def expected_weights(config: dict) -> Shapes:
 
     for index in range(num_mtp_layers(config)):
         prefix = mtp_prefix(config, index)
+        shapes[prefix + "embed_tokens.weight"] = (vocab, hidden)
         shapes[prefix + "enorm.weight"] = (hidden,)
         shapes[prefix + "hnorm.weight"] = (hidden,)
         shapes[prefix + "eh_proj.weight"] = (hidden, 2 * hidden)

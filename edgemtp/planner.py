@@ -27,11 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from edgemtp.checkpoint import refuse_pickles
+from edgemtp.checkpoint import Checkpoint, refuse_pickles
 from edgemtp.config import check_supported, load_config, num_mtp_layers
 from edgemtp.draft_vocab import FILE_NAME as DRAFT_VOCAB_FILE
 from edgemtp.engine.generate import AUTO_MAX_DRAFT
 from edgemtp.errors import UserError
+from edgemtp.mtp_copies import trunk_copy_bytes
 
 # Files whose bytes are model weights, for the formats our two backends load.
 WEIGHT_SUFFIXES = (".safetensors", ".onnx", ".onnx_data", ".data")
@@ -188,6 +189,7 @@ def weight_files(model_dir: Path, config: dict) -> WeightFiles:
     mtp_files = [p for p in files if p.relative_to(model_dir).parts[0].startswith("mtp")]
     mtp = sum(p.stat().st_size for p in mtp_files)
     embedding = experts = 0
+    hf_mtp_layers = False  # MTP layers under Hugging Face names (converted directories keep them apart)
     trunk_files = [p for p in files if p not in mtp_files]
     safetensors_files = [p for p in trunk_files if p.suffix == ".safetensors"]
     if safetensors_files and len(safetensors_files) == len(trunk_files):
@@ -199,10 +201,15 @@ def weight_files(model_dir: Path, config: dict) -> WeightFiles:
                 layer = _layer_index(name)
                 if layer is not None and layer >= first_mtp_layer:
                     mtp += nbytes
+                    hf_mtp_layers = True
                 elif name.startswith("model.embed_tokens.") and not tied:
                     embedding += nbytes
                 elif any(marker in name for marker in _ROUTED_EXPERT_MARKERS):
                     experts += nbytes
+    if hf_mtp_layers:
+        # An MTP layer's copies of the trunk's embedding or head are loaded once (edgemtp/mtp_copies.py).
+        copies = trunk_copy_bytes(Checkpoint.open(model_dir, validate=False))
+        total, mtp = total - copies, mtp - copies
     idle_experts = 0
     if experts:
         used = int(config.get("num_experts_per_tok") or 1) / int(config["n_routed_experts"])

@@ -14,7 +14,10 @@ from pathlib import Path
 
 from edgemtp.checkpoint import Checkpoint
 from edgemtp.config import load_config, num_mtp_layers
+from edgemtp.converters.onnx_export.manifest import read_manifest
 from edgemtp.layout import expected_weights, mtp_prefix
+from edgemtp.mlx_backend.weights import MTP_FILE, is_mlx_dir
+from edgemtp.mtp_copies import MTP_TRUNK_PARTS, parts_from_trunk, trunk_copy_bytes
 
 KV_CACHE_TOKENS = 4096
 KV_CACHE_ELEMENT_BYTES = 2  # caches are kept in 16-bit floats
@@ -34,6 +37,10 @@ class ModelSummary:
     mtp_parameters: int
     storage: str  # e.g. "bfloat16", "fp8 e4m3, 128x128 blocks", "mlx 4-bit, group 64", "onnx 8-bit symmetric, block 32"
     weight_bytes: int
+    # Per MTP layer, the parts it takes from the trunk ("embed_tokens", "shared_head.head") instead
+    # of having its own; a copy of them in the files (released layouts) is loaded once.
+    mtp_from_trunk: list[list[str]]
+    trunk_copy_bytes: int  # bytes of those copies in the files (HF checkpoints only)
     kv_cache_tokens: int
     kv_cache_bytes: int  # trunk + MTP layers, 16-bit, for kv_cache_tokens positions
 
@@ -42,14 +49,22 @@ def summarize(path: str | Path) -> ModelSummary:
     """Describe the model directory at ``path`` (HF, mlx-lm or edgemtp ONNX) without loading its weights."""
     config = load_config(path)
     onnx_export = _onnx_storage_and_bytes(Path(path))
+    copy_bytes = 0
     if onnx_export is not None:
         where, (storage, weight_bytes) = str(Path(path)), onnx_export
+        from_trunk = [entry.get("from_trunk", []) for entry in read_manifest(Path(path))["mtp"]]
     else:
         mlx_quantization = config.get("quantization")
-        # MLX-quantized files store packed weights whose shapes differ from the config's.
-        checkpoint = Checkpoint.open(path, validate=not mlx_quantization)
+        mlx_dir = is_mlx_dir(Path(path), config)
+        # MLX directories store mlx-lm's names (and packed quantized weights), not the config's layout.
+        checkpoint = Checkpoint.open(path, validate=not mlx_dir)
         where, storage, weight_bytes = str(checkpoint.path), _storage(checkpoint, mlx_quantization), checkpoint.total_bytes
-    trunk, mtp = parameter_counts(config)
+        if mlx_dir:
+            from_trunk = _mlx_dir_from_trunk(Path(path), num_mtp_layers(config))
+        else:
+            from_trunk = [parts_from_trunk(checkpoint, i) for i in range(num_mtp_layers(config))]
+            copy_bytes = trunk_copy_bytes(checkpoint)
+    trunk, mtp = parameter_counts(config, from_trunk)
     return ModelSummary(
         path=where,
         architecture=config["model_type"],
@@ -61,6 +76,8 @@ def summarize(path: str | Path) -> ModelSummary:
         mtp_parameters=mtp,
         storage=storage,
         weight_bytes=weight_bytes,
+        mtp_from_trunk=from_trunk,
+        trunk_copy_bytes=copy_bytes,
         kv_cache_tokens=KV_CACHE_TOKENS,
         kv_cache_bytes=kv_cache_bytes(config, KV_CACHE_TOKENS),
     )
@@ -86,16 +103,31 @@ def _onnx_storage(manifest: dict) -> str:
     return f"onnx {trunk}" + (f" (MTP {mtp})" if mtp and mtp != trunk else "")
 
 
-def parameter_counts(config: dict) -> tuple[int, int]:
-    """(trunk, MTP) parameter counts implied by the config; tied embeddings count once."""
+def parameter_counts(config: dict, mtp_from_trunk: list[list[str]]) -> tuple[int, int]:
+    """(trunk, MTP) parameter counts implied by the config; tied embeddings count once, and so do
+    the parts an MTP layer takes from the trunk (``mtp_from_trunk``, per layer)."""
+    shared = {mtp_prefix(config, i) + part + ".weight" for i, parts in enumerate(mtp_from_trunk) for part in parts}
     mtp_prefixes = tuple(mtp_prefix(config, i) for i in range(num_mtp_layers(config)))
     trunk = mtp = 0
     for name, shape in expected_weights(config).items():
+        if name in shared:
+            continue
         if mtp_prefixes and name.startswith(mtp_prefixes):
             mtp += math.prod(shape)
         else:
             trunk += math.prod(shape)
     return trunk, mtp
+
+
+def _mlx_dir_from_trunk(path: Path, layers: int) -> list[list[str]]:
+    """What each MTP layer of an MLX directory takes from the trunk: the parts mtp.safetensors lacks."""
+    from safetensors import safe_open
+
+    names = set()
+    if (path / MTP_FILE).is_file():
+        with safe_open(path / MTP_FILE, framework="numpy") as handle:
+            names = set(handle.keys())
+    return [[part for part in MTP_TRUNK_PARTS if f"layers.{i}.{part}.weight" not in names] for i in range(layers)]
 
 
 def kv_cache_elements_per_token(config: dict) -> int:

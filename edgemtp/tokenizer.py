@@ -9,9 +9,25 @@ downloaded files.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 from edgemtp.errors import UserError
+
+# Every file that says how a model tokenizes, formats chats or stops, in the layouts transformers
+# writes (transformers 5 keeps the chat template in chat_template.jinja). Conversions carry them all.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "generation_config.json", "chat_template.jinja", "chat_template.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "vocab.txt", "additional_chat_templates/*.jinja")
+
+
+def copy_tokenizer_files(source: Path, out_dir: Path) -> None:
+    """Copy the tokenizer files (``TOKENIZER_FILES``) that ``source`` has into ``out_dir``."""
+    for pattern in TOKENIZER_FILES:
+        for file in Path(source).glob(pattern):
+            target = out_dir / file.relative_to(source)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(file, target)
 
 
 class Tokenizer:
@@ -30,7 +46,7 @@ class Tokenizer:
         path = Path(path)
         tokenizer_file = path / "tokenizer.json"
         if not tokenizer_file.is_file():
-            raise UserError(f"{path} has no tokenizer.json; copy the model's tokenizer.json into it")
+            raise _no_tokenizer(path)
         try:
             tokenizer = HFTokenizer.from_file(str(tokenizer_file))
         except Exception as exc:  # tokenizers raises a bare Exception on malformed files
@@ -40,8 +56,10 @@ class Tokenizer:
         template_file = path / "chat_template.jinja"
         if "chat_template" not in tokenizer_config and template_file.is_file():
             tokenizer_config["chat_template"] = template_file.read_text(encoding="utf-8")
-        eos_ids = _eos_token_ids(tokenizer, tokenizer_config, _read_json(path / "generation_config.json"),
-                                 _read_json(path / "config.json"))
+        eos_text = _token_text(tokenizer_config.get("eos_token"))
+        eos_ids = _config_eos_ids(path)
+        if eos_text is not None and tokenizer.token_to_id(eos_text) is not None:
+            eos_ids.add(tokenizer.token_to_id(eos_text))
         return cls(tokenizer, tokenizer_config, eos_ids)
 
     @property
@@ -89,6 +107,41 @@ class Tokenizer:
         return IncrementalDetokenizer(self, skip_special_tokens)
 
 
+class IdsOnlyTokenizer:
+    """The tokenizer of a model directory without ``tokenizer.json``: the model still runs on token
+    ids (``logits``, ``mtp_logits``, ``generate``/``stream`` on ids, whose chunks carry the ids and
+    no text) and stops at the end-of-sequence ids of config.json and generation_config.json. Text
+    or chat input gets the one-line error naming the missing file."""
+
+    chat_template = None
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.eos_token_ids = _config_eos_ids(path)
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        raise _no_tokenizer(self.path)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> list[int]:
+        raise _no_tokenizer(self.path)
+
+    def detokenizer(self, skip_special_tokens: bool = True) -> IncrementalDetokenizer:
+        return IncrementalDetokenizer(self, skip_special_tokens)
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
+        return ""  # no vocabulary to spell the ids with
+
+
+def load_tokenizer(path: str | Path) -> Tokenizer | IdsOnlyTokenizer:
+    """The model directory's tokenizer, or ``IdsOnlyTokenizer`` when it has no ``tokenizer.json``."""
+    path = Path(path)
+    return Tokenizer.from_dir(path) if (path / "tokenizer.json").is_file() else IdsOnlyTokenizer(path)
+
+
+def _no_tokenizer(path: Path) -> UserError:
+    return UserError(f"{path} has no tokenizer.json; copy the model's tokenizer.json into it, or pass token ids")
+
+
 class IncrementalDetokenizer:
     """Turns a stream of token ids into text pieces without ever emitting broken UTF-8.
 
@@ -98,7 +151,7 @@ class IncrementalDetokenizer:
     each step O(window) and lets tokenizers apply context such as leading-space rules.
     """
 
-    def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True):
+    def __init__(self, tokenizer: Tokenizer | IdsOnlyTokenizer, skip_special_tokens: bool = True):
         self._tokenizer = tokenizer
         self._skip = skip_special_tokens
         self._ids: list[int] = []
@@ -145,13 +198,11 @@ def _token_text(token) -> str | None:
     return token
 
 
-def _eos_token_ids(tokenizer, tokenizer_config: dict, generation_config: dict, config: dict) -> set[int]:
-    """Union of the end-of-sequence ids named by any of the three files (chat models often differ)."""
+def _config_eos_ids(path: Path) -> set[int]:
+    """The end-of-sequence ids named by generation_config.json and config.json. Chat models often
+    name different ones there and in tokenizer_config.json; the tokenizer adds the union of all."""
     ids: set[int] = set()
-    eos_text = _token_text(tokenizer_config.get("eos_token"))
-    if eos_text is not None and tokenizer.token_to_id(eos_text) is not None:
-        ids.add(tokenizer.token_to_id(eos_text))
-    for source in (generation_config, config):
+    for source in (_read_json(path / "generation_config.json"), _read_json(path / "config.json")):
         value = source.get("eos_token_id")
         if isinstance(value, int):
             ids.add(value)

@@ -87,6 +87,7 @@ def test_make_tiny_refusals(tmp_path, llama_copy):
     assert_user_error(run("make-tiny", tmp_path / "a", "--arch", "mistral"), "unknown tiny-model variant")
     assert_user_error(run("make-tiny", tmp_path / "b", "--vocab-size", "100"), "vocab_size 100 is too small")
     assert_user_error(run("make-tiny", tmp_path / "c", "--dtype", "int8"), "unknown dtype")
+    assert_user_error(run("make-tiny", tmp_path / "e", "--mtp-head", "shared"), "unknown MTP head")
     assert_user_error(run("make-tiny", tmp_path / "d", "--dense-layers", "2"), "deepseek_v3 variants only")
     assert not any(p.name != "model" for p in tmp_path.iterdir())
 
@@ -128,10 +129,13 @@ def test_make_tiny_then_inspect_reports_true_numbers(tmp_path):
     config = json.loads((out / "config.json").read_text())
 
     from edgemtp.checkpoint import Checkpoint
+    from edgemtp.mtp_copies import own_mtp_names
 
     checkpoint = Checkpoint.open(out)
     trunk = sum(math.prod(checkpoint.shape(n)) for n in checkpoint.trunk_names())
-    mtp = sum(math.prod(checkpoint.shape(n)) for i in range(2) for n in checkpoint.mtp_names(i))
+    # The MTP layers' copies of the trunk's embedding count once, in the trunk.
+    mtp = sum(math.prod(checkpoint.shape(n)) for i in range(2) for n in own_mtp_names(checkpoint, i))
+    assert mtp < sum(math.prod(checkpoint.shape(n)) for i in range(2) for n in checkpoint.mtp_names(i))
     assert (summary["trunk_parameters"], summary["mtp_parameters"]) == (trunk, mtp)
     assert summary["num_layers"] == 3 and summary["num_mtp_layers"] == 2
     assert summary["storage"] == "fp8 e4m3, 48x48 blocks"
@@ -164,7 +168,7 @@ def test_inspect_describes_an_onnx_export_and_its_plan(tiny_checkpoint, tmp_path
 
     summary = json.loads(run("inspect", out, "--json").stdout)
     assert summary["storage"] == "onnx 4-bit asymmetric, block 32 (MTP 8-bit symmetric, block 32)"
-    assert summary["weight_bytes"] == sum(f.stat().st_size for f in out.glob("*/model.onnx*"))
+    assert summary["weight_bytes"] == sum(f.stat().st_size for f in [*out.glob("*/model.onnx*"), out / "embedding.safetensors"])
     assert summary["num_mtp_layers"] == 1
     table = run("inspect", out)
     assert table.returncode == 0 and "memory plan on this machine" in table.stdout

@@ -15,6 +15,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from edgemtp.config import SUPPORTED_MODEL_TYPES
 from edgemtp.default_model import registry
 
 PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "no_proxy", "ftp_proxy")
@@ -67,6 +68,11 @@ def test_models_command_lists_the_registry():
     for model in registry():
         assert model["name"] in words
         assert " ".join(model["convert"].split()) in " ".join(words)
+        assert model["architecture"] in SUPPORTED_MODEL_TYPES
+        if "parameters_b" in model:  # released checkpoints: their size at 4 and 8 bits
+            assert model["size_gb"]["4"] < model["size_gb"]["8"] < model["parameters_b"] * 1.2
+            assert f"about {model['size_gb']['4']:,} GB at 4 bits" in " ".join(words)
+    assert {"deepseek_v3", "glm4_moe", "qwen2", "qwen3"} <= {model["architecture"] for model in registry()}
     assert "(default)" in result.stdout
     listed = json.loads(run_cli("models", "--json").stdout)
     assert listed == registry()

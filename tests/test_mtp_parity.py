@@ -24,6 +24,7 @@ import transformers
 from safetensors.numpy import save_file
 from transformers import AutoModelForCausalLM
 
+import edgemtp
 from edgemtp.api import Model
 from edgemtp.checkpoint import Checkpoint
 from edgemtp.mlx_backend.backend import MLXBackend
@@ -43,7 +44,7 @@ def block_as_model(ckpt: Checkpoint, index: int, out: Path) -> AutoModelForCausa
             weights["model.norm.weight"] = ckpt.read(name)
         elif part == "shared_head.head.weight":
             weights["lm_head.weight"] = ckpt.read(name)
-        elif not part.startswith(("enorm.", "hnorm.", "eh_proj.")):
+        elif not part.startswith(("embed_tokens.", "enorm.", "hnorm.", "eh_proj.")):
             weights["model.layers.0." + part] = ckpt.read(name)
     config = {key: value for key, value in ckpt.config.items() if key != "quantization_config"}
     # One layer, MoE like DeepSeek's MTP blocks, own (untied) head.
@@ -65,13 +66,14 @@ class Reference:
         self.ckpt = Checkpoint.open(path)
         self.config = self.ckpt.config
         self.trunk = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        self.embed = torch.from_numpy(self.ckpt.read("model.embed_tokens.weight"))
         self.blocks = [block_as_model(self.ckpt, i, tmp_path / f"mtp{i}") for i in range(self.ckpt.num_mtp_layers)]
 
     def layer_step(self, index: int, hidden: torch.Tensor, tokens: list[int]) -> tuple[np.ndarray, torch.Tensor]:
         prefix = f"model.layers.{self.config['num_hidden_layers'] + index}."
         eps = self.config["rms_norm_eps"]
-        embedded = rms_norm(self.embed[tokens], self.ckpt.read(prefix + "enorm.weight"), eps)
+        # The layer's own embedding when it stores one (released layouts), else the trunk's.
+        table = prefix + "embed_tokens.weight" if prefix + "embed_tokens.weight" in self.ckpt else "model.embed_tokens.weight"
+        embedded = rms_norm(torch.from_numpy(self.ckpt.read(table))[tokens], self.ckpt.read(prefix + "enorm.weight"), eps)
         normed_hidden = rms_norm(hidden, self.ckpt.read(prefix + "hnorm.weight"), eps)
         x = torch.cat([embedded, normed_hidden], dim=-1) @ torch.from_numpy(self.ckpt.read(prefix + "eh_proj.weight")).T
         block = self.blocks[index]
@@ -154,3 +156,45 @@ def test_mtp_steps_continue_at_their_cache_position(tiny_checkpoint, variant):
 
     assert backend.mtp_len(1) == len(tokens)
     assert np.abs(np.concatenate(pieces) - one_pass).max() <= 1e-4 * np.abs(one_pass).max()
+
+
+def with_own_mtp_embedding(path: Path, out: Path) -> Path:
+    """A copy of ``path`` whose MTP layers' ``embed_tokens`` differ from the trunk's (a fine-tune that
+    changed them): they are then the layers' own and must be used, not replaced by the trunk's."""
+    ckpt = Checkpoint.open(path)
+    tensors = {name: ckpt.read(name) for name in ckpt.names()}
+    for index in range(ckpt.num_mtp_layers):
+        name = f"model.layers.{ckpt.config['num_hidden_layers'] + index}.embed_tokens.weight"
+        tensors[name] = tensors[name] + np.random.default_rng(index).normal(0, 0.5, tensors[name].shape).astype(np.float32)
+    out.mkdir()
+    save_file(tensors, out / "model.safetensors")
+    for file in path.iterdir():
+        if file.suffix != ".safetensors":
+            (out / file.name).write_bytes(file.read_bytes())
+    return out
+
+
+@pytest.mark.parametrize("variant", ["llama", "deepseek_v3"])
+@pytest.mark.parametrize("layout", ["copies", "own_embedding", "own_head"])
+def test_released_layout_mtp_logits_on_every_path(tiny_checkpoint, tmp_path, variant, layout):
+    """DeepSeek-V3's released layout (an embedding copy and a ``shared_head.head`` in every MTP
+    layer): MLX direct load, ``convert --bits 16`` to MLX and to ONNX all give the reference's
+    depth-1 logits within 1e-4, whether the copies equal the trunk's tensors or are the layer's own."""
+    from edgemtp.converters.convert import convert
+
+    path = tiny_checkpoint(variant, mtp_layers=2, mtp_head="own" if layout == "own_head" else "copy")
+    if layout == "own_embedding":
+        path = with_own_mtp_embedding(path, tmp_path / "own_embedding")
+    ids = np.random.default_rng(7).integers(0, 384, SEQ_LEN).tolist()
+    expected = Reference(path, tmp_path).mtp_logits(ids, 1)
+
+    models = {"mlx direct": Model({}, None, MLXBackend.from_checkpoint(path, max_kv_size=128))}
+    for to in ("mlx", "onnx"):
+        out = convert(path, tmp_path / to, to=to, bits=16, show_progress=False)  # --mtp-bits left to its default
+        models[f"{to} --bits 16"] = edgemtp.load(out, backend=to, max_kv_size=128)
+    # The layer's own embedding stays in its graph; the trunk's is shared from embedding.safetensors.
+    manifest = json.loads((tmp_path / "onnx" / "manifest.json").read_text())
+    assert [bool(entry["shared_inputs"]) for entry in manifest["mtp"]] == [layout != "own_embedding"] * 2
+    for where, model in models.items():
+        logits = model.mtp_logits(ids, depth=1)
+        assert np.abs(logits - expected).max() <= 1e-4 * np.abs(expected).max(), where

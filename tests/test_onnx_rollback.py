@@ -68,9 +68,10 @@ def test_quantized_steps_are_independent_of_step_size(tiny_checkpoint, tmp_path,
     same logits, or greedy speculative output drifts from plain greedy output. onnxruntime's
     GroupQueryAttention sums a one-row step differently, so llama graphs give it an extra row
     (without it this tiny model's one-token logits differ by about 1e-6; a real model's
-    int8-activation MatMulNBits turn such differences into flipped tokens); MLA graphs get
-    one-token steps padded. 4-bit graphs add float MatMuls (group sums and offsets) that must
-    keep this too."""
+    int8-activation MatMulNBits turn such differences into flipped tokens). Where this CPU's
+    4-bit MatMulNBits also sums one row differently (row_invariance.py: AVX2-only x86), the
+    backend pads one-token steps. 4-bit graphs add float MatMuls (group sums and offsets) that
+    must keep this too."""
     backend = OnnxBackend(export_onnx(tiny_checkpoint(arch), tmp_path / "q", bits=bits), threads=1,
                           max_context=64)
     ids = _ids(20, 5)

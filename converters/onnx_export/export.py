@@ -7,19 +7,21 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+from safetensors.numpy import save_file
+
 from edgemtp.checkpoint import Checkpoint
 from edgemtp.converters.onnx_export.graph import save_model
 from edgemtp.converters.onnx_export.manifest import MANIFEST, make_manifest
 from edgemtp.converters.onnx_export.model import ARCHS, build_mtp, build_trunk
-from edgemtp.layout import mtp_prefix
+from edgemtp.mtp_copies import own_parts, parts_from_trunk
 from edgemtp.converters.onnx_export.quantize import quantize
+from edgemtp.converters.onnx_export.shared import FILE_NAME as SHARED_FILE
+from edgemtp.converters.onnx_export.shared import detach, embedding_tensors, same_tensors
 from edgemtp.draft_vocab import FILE_NAME as DRAFT_VOCAB_FILE
 from edgemtp.draft_vocab import read_draft_vocab
 from edgemtp.errors import UserError
+from edgemtp.tokenizer import copy_tokenizer_files
 
-# Files copied next to the graphs so the export loads without the checkpoint.
-SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-              "special_tokens_map.json")
 SUPPORTED_BITS = (4, 8, None)
 
 # progress(stage description, graphs done, graphs total)
@@ -61,11 +63,11 @@ def export_onnx(checkpoint: str | Path, out_dir: str | Path, bits: int | None = 
 
     max_positions = int(config.get("max_position_embeddings", 4096))
     graphs = [("trunk", lambda: build_trunk(config, ckpt.read, max_positions), bits, affine_trunk)]
-    graphs += [(f"mtp{i}", lambda i=i: build_mtp(config, ckpt.read, i, max_positions,
-                                                 f"{mtp_prefix(config, i)}shared_head.head.weight" in ckpt.names(),
-                                                 draft_ids),
+    graphs += [(f"mtp{i}", lambda i=i: build_mtp(config, ckpt.read, i, max_positions, own_parts(ckpt, i), draft_ids),
                  mtp_bits, False)
                for i in range(ckpt.num_mtp_layers)]
+    embedding: dict = {}  # the trunk's embedding tensors, written once (shared.py)
+    shared_inputs: dict[str, list[str]] = {}  # graph -> the embedding tensors it takes as inputs
     for done, (name, build, graph_bits, affine) in enumerate(graphs):
         if progress:
             progress(f"building {name}", done, len(graphs))
@@ -74,20 +76,29 @@ def export_onnx(checkpoint: str | Path, out_dir: str | Path, bits: int | None = 
             if progress:
                 progress(f"quantizing {name} to int{graph_bits}", done, len(graphs))
             model = quantize(model, graph_bits, group_size, affine)
+        table = embedding_tensors(model)
+        embedding = embedding or table  # the trunk comes first
+        # An MTP graph shares the table when it gathers from the same bytes: not when the layer has
+        # its own embedding, or when it is quantized differently from the trunk's.
+        if same_tensors(table, embedding):
+            detach(model, list(table))
+            shared_inputs[name] = sorted(table)
         (partial / name).mkdir()
         save_model(model, partial / name / "model.onnx")
         del model
+    save_file(embedding, partial / SHARED_FILE)
     if progress:
         progress("done", len(graphs), len(graphs))
 
-    for side in SIDE_FILES:
-        if (ckpt.path / side).is_file():
-            shutil.copy2(ckpt.path / side, partial / side)
+    # The config and tokenizer files go beside the graphs so the export loads without the checkpoint.
+    shutil.copy2(ckpt.path / "config.json", partial / "config.json")
+    copy_tokenizer_files(ckpt.path, partial)
     if draft_ids is not None:
         shutil.copyfile(draft_vocab, partial / DRAFT_VOCAB_FILE)
     cache = ARCHS[config["model_type"]][1](config)
+    from_trunk = tuple(parts_from_trunk(ckpt, i) for i in range(ckpt.num_mtp_layers))
     manifest = make_manifest(config, cache, bits, mtp_bits, group_size, dtype, max_positions,
-                             None if draft_ids is None else len(draft_ids), affine_trunk)
+                             None if draft_ids is None else len(draft_ids), affine_trunk, from_trunk, shared_inputs)
     (partial / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     if out.exists():
         out.rmdir()

@@ -6,6 +6,8 @@ Layout of an export directory::
     config.json, tokenizer*.json   copied from the checkpoint, so the directory is self-contained
     trunk/model.onnx(.data)        the target model
     mtp0/model.onnx(.data), ...    one graph per MTP layer
+    embedding.safetensors          the token embedding, which graphs listing it in "shared_inputs"
+                                   take as inputs instead of holding a copy (shared.py)
     draft_vocab.safetensors        only with "draft_vocab": the token ids the MTP graphs score
 
 The trunk's logits are always over the full vocabulary. With ``"draft_vocab": {"file", "size"}``
@@ -14,7 +16,8 @@ j-th id of the file (see edgemtp/draft_vocab.py); without it (null) they are ful
 
 Since version 3 every graph runs its attention on one row more than a step feeds (the last row,
 repeated; see llama.py and deepseek_v3.py), so no step is ever a one-row attention. For GQA graphs
-that row also passes through the KV cache, and the lengths a step passes count it.
+that row also passes through the KV cache, and the lengths a step passes count it. Since version 5
+the embedding lives in embedding.safetensors.
 """
 
 from __future__ import annotations
@@ -24,17 +27,22 @@ from pathlib import Path
 
 from edgemtp.converters.onnx_export.graph import OPSET
 from edgemtp.converters.onnx_export.quantize import scheme
+from edgemtp.converters.onnx_export.shared import FILE_NAME as SHARED_FILE
 from edgemtp.draft_vocab import FILE_NAME as DRAFT_VOCAB_FILE
 from edgemtp.errors import UserError
 
 FORMAT = "edgemtp-onnx"
-VERSION = 4
+VERSION = 5
 MANIFEST = "manifest.json"
 
 
 def make_manifest(config: dict, cache: dict, bits: int | None, mtp_bits: int | None, group_size: int,
-                  dtype: str, max_positions: int, draft_vocab_size: int | None = None,
-                  affine_trunk: bool = False) -> dict:
+                  dtype: str, max_positions: int, draft_vocab_size: int | None, affine_trunk: bool,
+                  mtp_from_trunk: tuple[list[str], ...], shared_inputs: dict[str, list[str]]) -> dict:
+    """``mtp_from_trunk``: per MTP layer, the parts its graph takes from the trunk's weights
+    (``embed_tokens``, ``shared_head.head``; see edgemtp/mtp_copies.py), for ``inspect``.
+    ``shared_inputs``: graph name (``trunk``, ``mtp0``...) -> the embedding tensors it takes as
+    inputs from ``embedding.safetensors`` (shared.py)."""
     # GQA takes explicit lengths; MLA derives positions from the length of its past inputs.
     positions = ["seqlens_k", "total_sequence_length"] if cache["kind"] == "gqa_shared_buffer" else []
 
@@ -48,12 +56,15 @@ def make_manifest(config: dict, cache: dict, bits: int | None, mtp_bits: int | N
         "max_positions": max_positions,
         "quantization": {"trunk": _quant(bits, group_size, affine_trunk), "mtp": _quant(mtp_bits, group_size)},
         "cache": cache,
-        "trunk": {"path": "trunk/model.onnx", "cache_slots": layers,
+        "embedding": SHARED_FILE,
+        "trunk": {"path": "trunk/model.onnx", "cache_slots": layers, "shared_inputs": shared_inputs.get("trunk", []),
                   "inputs": ["input_ids", *positions, *names("inputs", layers)],
                   "outputs": ["logits", "hidden", *names("outputs", layers)]},
         "mtp": [{"path": f"mtp{i}/model.onnx", "cache_slots": 1,
                  "inputs": ["hidden", "input_ids", *positions, *names("inputs", 1)],
-                 "outputs": ["logits", "h1", *names("outputs", 1)]} for i in range(num_mtp)],
+                 "outputs": ["logits", "h1", *names("outputs", 1)],
+                 "from_trunk": mtp_from_trunk[i], "shared_inputs": shared_inputs.get(f"mtp{i}", [])}
+                for i in range(num_mtp)],
         "draft_vocab": None if draft_vocab_size is None else {"file": DRAFT_VOCAB_FILE, "size": draft_vocab_size},
     }
 
@@ -66,7 +77,8 @@ def _quant(bits: int | None, group_size: int, affine: bool = False) -> dict:
 
 def weight_bytes(path: Path) -> int:
     """Bytes of every graph and weight file of the export at ``path``."""
-    return sum(f.stat().st_size for f in Path(path).glob("*/model.onnx*"))
+    files = [*Path(path).glob("*/model.onnx*"), Path(path) / SHARED_FILE]
+    return sum(f.stat().st_size for f in files if f.is_file())
 
 
 def is_onnx_export(path: Path) -> bool:

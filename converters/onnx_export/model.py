@@ -11,13 +11,14 @@ from edgemtp.converters.onnx_export import deepseek_v3, llama
 from edgemtp.converters.onnx_export.graph import GraphBuilder, decoder_stack, linear, rms_norm
 from edgemtp.converters.onnx_export.quantize import EMBEDDING_NODE
 from edgemtp.layout import mtp_prefix
+from edgemtp.mtp_copies import trunk_head_name
 
 ARCHS = {"llama": (llama.LlamaLayers, llama.cache_layout),
          "deepseek_v3": (deepseek_v3.DeepseekV3Layers, deepseek_v3.cache_layout)}
 
 
-def _embed(g: GraphBuilder, read: Callable[[str], np.ndarray], ids: str) -> str:
-    table = g.weight("model.embed_tokens.weight", read("model.embed_tokens.weight"))
+def _embed(g: GraphBuilder, read: Callable[[str], np.ndarray], ids: str, name: str = "model.embed_tokens.weight") -> str:
+    table = g.weight("model.embed_tokens.weight", read(name))
     return g.node("Gather", [table, ids], name=EMBEDDING_NODE, axis=0)
 
 
@@ -29,22 +30,20 @@ def build_trunk(config: dict, read: Callable[[str], np.ndarray], max_positions: 
     blocks = [layers.block(f"model.layers.{i}.", i, slot=i) for i in range(config["num_hidden_layers"])]
     eps = config.get("rms_norm_eps", 1e-6)
     normed, _ = decoder_stack(g, _embed(g, read, ids), blocks, read("model.norm.weight"), eps, "layers")
-    g.output("logits", linear(g, normed, read(_trunk_head(config)), "lm_head"), np.float32,
+    g.output("logits", linear(g, normed, read(trunk_head_name(config)), "lm_head"), np.float32,
              [1, "n", config["vocab_size"]])
     g.output("hidden", normed, np.float32, [1, "n", config["hidden_size"]])
     return g.to_model()
 
 
-def _trunk_head(config: dict) -> str:
-    return "model.embed_tokens.weight" if config.get("tie_word_embeddings", False) else "lm_head.weight"
-
-
 def build_mtp(config: dict, read: Callable[[str], np.ndarray], index: int, max_positions: int,
-              has_own_head: bool = True, draft_ids: np.ndarray | None = None) -> onnx.ModelProto:
+              own: set[str] = frozenset(), draft_ids: np.ndarray | None = None) -> onnx.ModelProto:
     """hidden (1, n, H) + input_ids (1, n) + cache -> logits, h1 (before shared_head.norm), cache.
 
     Row j: ``x = eh_proj(concat[enorm(embed(ids[j])), hnorm(hidden[j])])``, ``h1 = block(x)``.
-    Without its own ``shared_head.head`` the layer projects with the trunk's output head.
+    ``own`` holds the layer's own ``"embed_tokens"`` / ``"shared_head.head"`` (stored and not a
+    copy of the trunk's, see ``edgemtp.mtp_copies``); without them the layer uses the trunk's
+    embedding and output head.
     With ``draft_ids`` (the draft vocabulary) the logits are ``(1, n, len(draft_ids))``, one
     per kept token in that order: the head keeps only those rows.
     """
@@ -54,13 +53,14 @@ def build_mtp(config: dict, read: Callable[[str], np.ndarray], index: int, max_p
     layers = ARCHS[config["model_type"]][0](g, read, config, max_positions)
     prefix = mtp_prefix(config, index)
     eps = config.get("rms_norm_eps", 1e-6)
-    embedded = rms_norm(g, _embed(g, read, ids), read(prefix + "enorm.weight"), eps, "mtp.enorm")
+    table = prefix + "embed_tokens.weight" if "embed_tokens" in own else "model.embed_tokens.weight"
+    embedded = rms_norm(g, _embed(g, read, ids, table), read(prefix + "enorm.weight"), eps, "mtp.enorm")
     previous = rms_norm(g, hidden, read(prefix + "hnorm.weight"), eps, "mtp.hnorm")
     joined = g.node("Concat", [embedded, previous], name="mtp.concat", axis=-1)
     x = linear(g, joined, read(prefix + "eh_proj.weight"), "mtp.eh_proj")
     block = layers.block(prefix, config["num_hidden_layers"] + index, slot=0)
     normed, h1 = decoder_stack(g, x, [block], read(prefix + "shared_head.norm.weight"), eps, "mtp")
-    head = read(prefix + "shared_head.head.weight" if has_own_head else _trunk_head(config))
+    head = read(prefix + "shared_head.head.weight" if "shared_head.head" in own else trunk_head_name(config))
     if draft_ids is not None:
         # The vocabulary head is most of a draft step on a small model; rows are sliced before
         # ``linear`` so the quantizer still finds (and quantizes) the "mtp.head" MatMul.

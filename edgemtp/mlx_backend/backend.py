@@ -20,10 +20,10 @@ from edgemtp.config import check_supported, load_config
 from edgemtp.draft_vocab import load_draft_vocab
 from edgemtp.errors import UserError
 from edgemtp.mlx_backend.cache import PreallocatedKVCache
+from edgemtp.mtp_copies import own_parts
 from edgemtp.mlx_backend.models import ARCHITECTURES, MTPLayer, MTPStack, head_rows, output_head, run_trunk
 from edgemtp.mlx_backend.weights import (
     cast,
-    has_own_mtp_head,
     is_mlx_dir,
     iter_mtp_weights,
     iter_trunk_weights,
@@ -42,8 +42,9 @@ def parse_dtype(dtype: str) -> mx.Dtype:
     return DTYPES[dtype]
 
 
-def _build_modules(config: dict, mtp_layers: int, has_head: Callable[[int], bool]) -> tuple[nn.Module, MTPStack]:
-    """The trunk (an mlx-lm model) and the MTP stack, with placeholder weights."""
+def _build_modules(config: dict, mtp_layers: int, has_own: Callable[[int, str], bool]) -> tuple[nn.Module, MTPStack]:
+    """The trunk (an mlx-lm model) and the MTP stack, with placeholder weights. ``has_own(index,
+    part)``: whether MTP layer ``index`` has its own ``"shared_head.head"`` / ``"embed_tokens"``."""
     arch = ARCHITECTURES[config["model_type"]]
     args = arch.model_args(config)
     trunk = arch.build_trunk(args, config)
@@ -55,7 +56,8 @@ def _build_modules(config: dict, mtp_layers: int, has_head: Callable[[int], bool
                 config["hidden_size"],
                 config["vocab_size"],
                 config["rms_norm_eps"],
-                has_head=has_head(index),
+                has_head=has_own(index, "shared_head.head"),
+                has_embedding=has_own(index, "embed_tokens"),
             )
             for index in range(mtp_layers)
         ]
@@ -119,7 +121,8 @@ class MLXBackend:
         """Build the modules from a Hugging Face checkpoint (directory or opened) and load its weights."""
         ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint.open(checkpoint)
         compute_dtype = parse_dtype(dtype)
-        trunk, mtp = _build_modules(ckpt.config, ckpt.num_mtp_layers, lambda index: has_own_mtp_head(ckpt, index))
+        trunk, mtp = _build_modules(ckpt.config, ckpt.num_mtp_layers,
+                                    lambda index, part: part in own_parts(ckpt, index))
         trunk.load_weights(list(iter_trunk_weights(ckpt, compute_dtype)), strict=True)
         mtp.load_weights(list(iter_mtp_weights(ckpt, compute_dtype)), strict=True)
         mx.eval(trunk.parameters(), mtp.parameters())
@@ -138,7 +141,7 @@ class MLXBackend:
         compute_dtype = parse_dtype(dtype)
         trunk_weights, mtp_weights = read_mlx_dir(path)
         trunk, mtp = _build_modules(
-            config, mtp_layer_count(mtp_weights), lambda index: f"layers.{index}.shared_head.head.weight" in mtp_weights
+            config, mtp_layer_count(mtp_weights), lambda index, part: f"layers.{index}.{part}.weight" in mtp_weights
         )
         # The MTP layers may be quantized at their own bits (--mtp-bits) even when the trunk is not.
         mtp_quantization = config.get("mtp_quantization", config.get("quantization"))
@@ -251,7 +254,7 @@ class MLXBackend:
             raise ValueError(f"mtp_step needs hidden of shape ({len(tokens)}, {self.hidden_size}), got {hidden.shape}")
         self._check_room(cache.offset, len(tokens))
         layer = self.mtp.layers[min(depth, self.num_mtp_layers) - 1]
-        embeddings = self.trunk.model.embed_tokens(mx.array([tokens], dtype=mx.int32))
+        embeddings = layer.embed(mx.array([tokens], dtype=mx.int32), self.trunk.model.embed_tokens)
         h1 = layer(embeddings, mx.array(hidden[None]).astype(self.dtype), cache, self._mask_as_array)
         logits = layer.logits(h1, self._head)
         mx.eval(logits, h1)

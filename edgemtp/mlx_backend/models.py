@@ -76,12 +76,16 @@ class MTPLayer(nn.Module):
 
     ``h1 = block(eh_proj(concat[enorm(embed(t)), hnorm(h)]))`` with the
     embedding first; ``block`` is a decoder layer of the trunk's own type. The
-    embedding table (and the output head, when ``shared_head.head`` is absent)
-    are the trunk's, so they are passed in rather than owned.
+    embedding table and the output head are the layer's own only when it has
+    its own (not a copy of the trunk's, see ``edgemtp.mtp_copies``); otherwise
+    the trunk's are passed in.
     """
 
-    def __init__(self, block: nn.Module, hidden_size: int, vocab_size: int, eps: float, has_head: bool):
+    def __init__(self, block: nn.Module, hidden_size: int, vocab_size: int, eps: float, has_head: bool,
+                 has_embedding: bool):
         super().__init__()
+        if has_embedding:
+            self.embed_tokens = nn.Embedding(vocab_size, hidden_size)
         self.enorm = nn.RMSNorm(hidden_size, eps=eps)
         self.hnorm = nn.RMSNorm(hidden_size, eps=eps)
         self.eh_proj = nn.Linear(2 * hidden_size, hidden_size, bias=False)
@@ -95,6 +99,9 @@ class MTPLayer(nn.Module):
         x = self.eh_proj(mx.concatenate([self.enorm(embeddings), self.hnorm(hidden)], axis=-1))
         mask = create_attention_mask(x, cache, return_array=mask_as_array)
         return self.block(x, mask, cache=cache)
+
+    def embed(self, tokens: mx.array, trunk_embedding: nn.Embedding) -> mx.array:
+        return (self.embed_tokens if "embed_tokens" in self else trunk_embedding)(tokens)
 
     def logits(self, h1: mx.array, trunk_head: Callable[[mx.array], mx.array]) -> mx.array:
         head = self.shared_head.head if "head" in self.shared_head else trunk_head

@@ -5,8 +5,10 @@ Hugging Face tensors are renamed to MLX parameter names and streamed one at a ti
 Trunk names are exactly mlx-lm's (after its ``sanitize``), so a trunk saved
 from ``iter_trunk_weights`` is an ordinary mlx-lm model. MTP names are
 relative to ``MTPStack``: ``model.layers.{N+i}.X`` becomes ``layers.{i}.X``
-for the MTP-only parts (``enorm``, ``hnorm``, ``eh_proj``, ``shared_head``)
-and ``layers.{i}.block.X`` for the decoder block.
+for the MTP-only parts (``embed_tokens``, ``enorm``, ``hnorm``, ``eh_proj``,
+``shared_head``) and ``layers.{i}.block.X`` for the decoder block. An MTP
+layer's copies of the trunk's embedding or head (``edgemtp.mtp_copies``) are
+not yielded: the layer uses the trunk's array, so it is stored and held once.
 
 Both generators read the checkpoint lazily (FP8 is dequantized by
 ``Checkpoint.read``), so a converter can write tensors as they come without
@@ -24,9 +26,11 @@ import mlx.nn as nn
 
 from edgemtp.checkpoint import Checkpoint
 from edgemtp.errors import UserError
+from edgemtp.layout import mtp_prefix
 from edgemtp.mlx_backend.models import ARCHITECTURES
+from edgemtp.mtp_copies import own_mtp_names
 
-_MTP_OWN_PARTS = ("enorm.", "hnorm.", "eh_proj.", "shared_head.")
+_MTP_OWN_PARTS = ("embed_tokens.", "enorm.", "hnorm.", "eh_proj.", "shared_head.")
 
 
 def cast(name: str, array: mx.array, dtype: mx.Dtype) -> mx.array:
@@ -63,17 +67,12 @@ def iter_mtp_weights(ckpt: Checkpoint, dtype: mx.Dtype = mx.float32) -> Iterator
     arch = ARCHITECTURES[ckpt.config["model_type"]]
     args = arch.model_args(ckpt.config)
     for index in range(ckpt.num_mtp_layers):
-        prefix = f"model.layers.{ckpt.config['num_hidden_layers'] + index}."
-        for name, array in arch.convert_weights(ckpt.mtp_names(index), ckpt.read, args):
+        prefix = mtp_prefix(ckpt.config, index)
+        for name, array in arch.convert_weights(own_mtp_names(ckpt, index), ckpt.read, args):
             part = name.removeprefix(prefix)
             where = "" if part.startswith(_MTP_OWN_PARTS) else "block."
             yield f"layers.{index}.{where}{part}", _materialized(name, array, dtype)
 
-
-def has_own_mtp_head(ckpt: Checkpoint, index: int) -> bool:
-    """Whether MTP layer ``index`` ships ``shared_head.head`` (else the trunk's head is used)."""
-    prefix = f"model.layers.{ckpt.config['num_hidden_layers'] + index}."
-    return prefix + "shared_head.head.weight" in ckpt.mtp_names(index)
 
 
 # --- MLX model directories ---------------------------------------------------------

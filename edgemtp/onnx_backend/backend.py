@@ -12,11 +12,13 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from edgemtp.checkpoint import memory_map
 from edgemtp.config import load_config
 from edgemtp.converters.onnx_export.manifest import read_manifest, weight_bytes
 from edgemtp.draft_vocab import read_draft_vocab
 from edgemtp.errors import UserError
-from edgemtp.onnx_backend.cache import CACHE_KINDS
+from edgemtp.onnx_backend.cache import CACHE_KINDS, PADDING_ROWS, SPARE_ROWS
+from edgemtp.onnx_backend.row_invariance import one_row_steps_differ
 
 DEFAULT_MAX_CONTEXT = 4096
 
@@ -42,12 +44,18 @@ class _Graph:
     ids, positions and two fresh output arrays, which come back without a copy.
     """
 
-    def __init__(self, path: Path, threads: int | None, hidden_output: str, spin: bool = True):
+    def __init__(self, path: Path, threads: int | None, hidden_output: str, constants: dict[str, ort.OrtValue],
+                 pad_one_token_steps: bool, spin: bool = True):
+        """``constants``: inputs bound once and kept (the shared embedding, see the manifest).
+        ``pad_one_token_steps``: run a one-token step as two rows (the token twice) and keep the
+        first, because this CPU's kernels compute a row alone differently (row_invariance.py)."""
         if not path.is_file():
             raise UserError(f"{path} is missing; re-export the model (edgemtp.converters.onnx_export.export_onnx)")
         options = session_options(threads, spin)
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.binding = self.session.io_binding()
+        self.constants = constants
+        self.pad_one_token_steps = pad_one_token_steps
         widths = {output.name: output.shape[-1] for output in self.session.get_outputs()}
         self.outputs = [("logits", widths["logits"]), (hidden_output, widths[hidden_output])]
         self._bound_cache = None  # the cache whose buffers the binding holds
@@ -55,25 +63,31 @@ class _Graph:
     def run(self, cache, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
         n = feeds["input_ids"].shape[1]
         cache.check_room(n)
-        # No padding: the graphs give attention an extra row themselves (manifest.py), so a
-        # one-token step matches the same token inside a verify step bitwise.
+        # The graphs give attention an extra row themselves (manifest.py); where the MatMuls need one
+        # too, the padding row is computed, written past the step in the cache, and overwritten later.
+        rows = n
+        if n == 1 and self.pad_one_token_steps:
+            feeds = {name: np.concatenate([value, value], axis=1) for name, value in feeds.items()}
+            rows = 1 + PADDING_ROWS
         binding = self.binding
         if cache is not self._bound_cache:
             binding.clear_binding_inputs()
             binding.clear_binding_outputs()
+            for name, value in self.constants.items():
+                binding.bind_ortvalue_input(name, value)
             cache.bind_buffers(binding)
             self._bound_cache = cache
-        cache.bind_step(binding, n)
+        cache.bind_step(binding, rows)
         for name, value in feeds.items():
             binding.bind_cpu_input(name, value)
         # New arrays every step: callers may keep what an earlier step returned.
-        results = [np.empty((1, n, width), np.float32) for _, width in self.outputs]
+        results = [np.empty((1, rows, width), np.float32) for _, width in self.outputs]
         for (name, _), array in zip(self.outputs, results):
             binding.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(array))
         self.session.run_with_iobinding(binding)
         cache.advance(n)
         logits, hidden = results
-        return logits[0], hidden[0]
+        return logits[0, :n], hidden[0, :n]
 
 
 class OnnxBackend:
@@ -85,13 +99,27 @@ class OnnxBackend:
         self.config = load_config(path)
         self.vocab_size = int(self.config["vocab_size"])
         self.hidden_size = int(self.config["hidden_size"])
-        # One position stays spare for the repeated row GQA graphs write past every step (cache.py).
-        self.max_context = min(int(max_context or DEFAULT_MAX_CONTEXT), int(manifest["max_positions"]) - 1)
-        self._trunk = _Graph(path / manifest["trunk"]["path"], threads, "hidden")
+        # Positions stay spare for the rows graphs write past every step (cache.py).
+        self.max_context = min(int(max_context or DEFAULT_MAX_CONTEXT), int(manifest["max_positions"]) - SPARE_ROWS)
+        # The embedding, memory-mapped once and bound into every graph that shares it (zero-copy).
+        self._embedding = memory_map(path / manifest["embedding"])  # the OrtValues below read these maps
+        embedding = {name: ort.OrtValue.ortvalue_from_numpy(array) for name, array in self._embedding.items()}
+
+        def constants(entry: dict) -> dict[str, ort.OrtValue]:
+            return {name: embedding[name] for name in entry["shared_inputs"]}
+
+        def needs_padding(quantization: dict) -> bool:
+            return quantization["method"] != "none" and one_row_steps_differ(quantization["bits"],
+                                                                             quantization["block_size"])
+
+        self._trunk = _Graph(path / manifest["trunk"]["path"], threads, "hidden", constants(manifest["trunk"]),
+                             needs_padding(manifest["quantization"]["trunk"]))
         # Each session has its own thread pool. The MTP graphs' pools must not spin: after every
         # draft they would keep busy-waiting while the trunk verifies, taking its cores (on 2
         # cores a 4-token verify step took 19 ms instead of 9, and MTP k=3 ran at 0.6x plain).
-        self._mtp = [_Graph(path / entry["path"], threads, "h1", spin=False) for entry in manifest["mtp"]]
+        self._mtp = [_Graph(path / entry["path"], threads, "h1", constants(entry),
+                            needs_padding(manifest["quantization"]["mtp"]), spin=False)
+                     for entry in manifest["mtp"]]
         self.num_mtp_layers = len(self._mtp)
         self.draft_ids = self._read_draft_vocab(path)
         self._cache_kind = CACHE_KINDS[manifest["cache"]["kind"]]

@@ -19,9 +19,11 @@ import onnxruntime as ort
 from edgemtp.errors import UserError
 
 
-# Buffers hold one row more than the usable context: GQA graphs repeat a step's last row into
-# attention (converters/onnx_export/llama.py), and its keys and values land just past the step.
-SPARE_ROWS = 1
+# Buffers hold rows past the usable context: GQA graphs repeat a step's last row into attention
+# (converters/onnx_export/llama.py), and its keys and values land just past the step; and a
+# one-token step may be padded with a copy of its token (row_invariance.py), one row more.
+PADDING_ROWS = 1
+SPARE_ROWS = 1 + PADDING_ROWS
 
 
 class _Cache:
@@ -60,7 +62,7 @@ class SharedKVCache(_Cache):
             binding.bind_ortvalue_output(present, buffer)
 
     def bind_step(self, binding: ort.IOBinding, n: int) -> None:
-        total = self.length + n + 1  # GQA also sees the repeated row (SPARE_ROWS)
+        total = self.length + n + 1  # GQA also sees the repeated row
         binding.bind_cpu_input("seqlens_k", np.array([total - 1], np.int32))
         binding.bind_cpu_input("total_sequence_length", np.array(total, np.int32))
 
@@ -72,7 +74,7 @@ class LatentCache(_Cache):
         for slot in range(slots):
             for past, new, width in zip(layout["inputs"], layout["outputs"], layout["widths"], strict=True):
                 self._buffers.append((past.format(slot=slot), new.format(slot=slot),
-                                      np.zeros((max_context, width), np.float32)))
+                                      np.zeros((max_context + PADDING_ROWS, width), np.float32)))
         self.nbytes = sum(buffer.nbytes for _, _, buffer in self._buffers)
         self._keep_alive: list[ort.OrtValue] = []
 

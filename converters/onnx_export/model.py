@@ -13,6 +13,8 @@ from edgemtp.converters.onnx_export.quantize import EMBEDDING_NODE
 from edgemtp.layout import mtp_prefix
 
 ARCHS = {"llama": (llama.LlamaLayers, llama.cache_layout),
+         "qwen2": (llama.LlamaLayers, llama.cache_layout),
+         "qwen3": (llama.LlamaLayers, llama.cache_layout),
          "deepseek_v3": (deepseek_v3.DeepseekV3Layers, deepseek_v3.cache_layout)}
 
 

@@ -106,7 +106,7 @@ def inspect_command(
 @app.command("make-tiny")
 def make_tiny_command(
     out: str = typer.Argument(..., help="Directory to create."),
-    arch: str = typer.Option("llama", "--arch", help="Variant: llama, llama_untied, deepseek_v3 or deepseek_v3_no_qlora."),
+    arch: str = typer.Option("llama", "--arch", help="Variant: llama, llama_untied, deepseek_v3, deepseek_v3_no_qlora, qwen2 (Qwen2.5: q/k/v biases) or qwen3 (QK norm, explicit head_dim)."),
     mtp_layers: int = typer.Option(1, "--mtp-layers", help="Number of MTP layers to add after the trunk."),
     fp8: bool = typer.Option(False, "--fp8", help="Store projections as block-scaled float8 e4m3 like DeepSeek-V3."),
     fp8_block: int = typer.Option(48, "--fp8-block", help="FP8 scale block size (rows and columns)."),

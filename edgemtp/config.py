@@ -17,7 +17,7 @@ from pathlib import Path
 
 from edgemtp.errors import UserError
 
-SUPPORTED_MODEL_TYPES = ("deepseek_v3", "llama")
+SUPPORTED_MODEL_TYPES = ("deepseek_v3", "llama", "qwen2", "qwen3")
 
 # transformers' default when a config names no RoPE base at all.
 DEFAULT_ROPE_THETA = 10000.0

@@ -94,12 +94,47 @@ _DEEPSEEK_V3 = {
     "attention_bias": False,
 }
 
+# Qwen2.5-0.5B in miniature (also the shape of DeepSeek-R1-Distill-Qwen): llama's block with
+# q/k/v biases (always on in Qwen2, no config key) and no o_proj bias, tied embeddings.
+# Only keys Qwen2Config reads; sliding-window attention off as in every released Qwen2.5.
+_QWEN2 = {
+    "architectures": ["Qwen2ForCausalLM"],
+    "model_type": "qwen2",
+    "vocab_size": 384,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "hidden_act": "silu",
+    "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "rope_scaling": None,
+    "tie_word_embeddings": True,
+    "use_sliding_window": False,
+    "sliding_window": None,
+    "max_window_layers": 2,
+}
+
+# Qwen3-0.6B in miniature: per-head RMSNorm on queries and keys (q_norm, k_norm), no biases, and
+# an explicit head_dim twice hidden_size / num_attention_heads (Qwen3-0.6B: 128 against 64).
+_QWEN3 = {
+    **{key: value for key, value in _QWEN2.items() if key not in ("architectures", "model_type")},
+    "architectures": ["Qwen3ForCausalLM"],
+    "model_type": "qwen3",
+    "head_dim": 32,
+    "attention_bias": False,
+}
+
 # Named variants: a base config plus the features a test wants to exercise.
 VARIANTS: dict[str, dict] = {
     "llama": _LLAMA,  # GQA (4 query heads, 2 KV heads), tied embeddings
     "llama_untied": {**_LLAMA, "tie_word_embeddings": False},
     "deepseek_v3": _DEEPSEEK_V3,  # MLA with q_lora_rank, grouped MoE, shared expert, YaRN
     "deepseek_v3_no_qlora": {**_DEEPSEEK_V3, "q_lora_rank": None},
+    "qwen2": _QWEN2,
+    "qwen3": _QWEN3,
 }
 
 # Config keys that may be overridden although the base configs leave them out.

@@ -51,7 +51,7 @@ def mtp_prefix(config: dict, index: int) -> str:
 def expected_weights(config: dict) -> Shapes:
     """Every weight the config promises, trunk first then MTP layers, name -> shape."""
     model_type = check_supported(config)
-    block = _llama_block if model_type == "llama" else _deepseek_v3_block
+    block = _deepseek_v3_block if model_type == "deepseek_v3" else _llama_block
     hidden, vocab = config["hidden_size"], config["vocab_size"]
     layers = config["num_hidden_layers"]
 
@@ -86,7 +86,22 @@ def _mlp(prefix: str, hidden: int, intermediate: int, bias: bool = False) -> Sha
     return shapes
 
 
+def attention_biases(config: dict) -> tuple[bool, bool]:
+    """Whether the q/k/v projections and ``o_proj`` have biases. Qwen2 always biases q, k and v
+    and never o (its config has no switch); llama and qwen3 bias all four when ``attention_bias``."""
+    if config["model_type"] == "qwen2":
+        return True, False
+    bias = bool(config.get("attention_bias", False))
+    return bias, bias
+
+
+def has_qk_norm(config: dict) -> bool:
+    """Whether attention RMS-normalizes each query and key head before RoPE (Qwen3)."""
+    return config["model_type"] == "qwen3"
+
+
 def _llama_block(config: dict, layer: int, prefix: str) -> Shapes:
+    """Llama's decoder block, which qwen2 (q/k/v biases) and qwen3 (QK norm) extend."""
     hidden = config["hidden_size"]
     heads = config["num_attention_heads"]
     kv_heads = config.get("num_key_value_heads") or heads
@@ -99,9 +114,14 @@ def _llama_block(config: dict, layer: int, prefix: str) -> Shapes:
         attn + "v_proj.weight": (kv_heads * head_dim, hidden),
         attn + "o_proj.weight": (hidden, heads * head_dim),
     }
-    if config.get("attention_bias", False):
+    qkv_bias, o_bias = attention_biases(config)
+    if qkv_bias:
         shapes.update({attn + "q_proj.bias": (heads * head_dim,), attn + "k_proj.bias": (kv_heads * head_dim,),
-                       attn + "v_proj.bias": (kv_heads * head_dim,), attn + "o_proj.bias": (hidden,)})
+                       attn + "v_proj.bias": (kv_heads * head_dim,)})
+    if o_bias:
+        shapes[attn + "o_proj.bias"] = (hidden,)
+    if has_qk_norm(config):
+        shapes.update({attn + "q_norm.weight": (head_dim,), attn + "k_norm.weight": (head_dim,)})
     shapes[prefix + "post_attention_layernorm.weight"] = (hidden,)
     shapes.update(_mlp(prefix + "mlp.", hidden, config["intermediate_size"], config.get("mlp_bias", False)))
     return shapes

@@ -155,6 +155,13 @@ def test_inspect_llama_kv_and_dtype(tiny_checkpoint):
     assert summary["kv_cache_bytes"] == 4096 * 3 * (2 * 2 * 16) * 2
 
 
+def test_inspect_qwen3_kv_uses_its_explicit_head_dim(tiny_checkpoint):
+    summary = json.loads(run("inspect", tiny_checkpoint("qwen3"), "--json").stdout)
+    assert summary["architecture"] == "qwen3"
+    # 2 KV heads of head_dim 32 (not hidden_size / heads = 16), 2 trunk + 1 MTP layers, float32.
+    assert summary["kv_cache_bytes"] == 4096 * 3 * (2 * 2 * 32) * 2
+
+
 def test_inspect_names_mlx_quantization(llama_copy):
     edit_config(llama_copy, quantization={"group_size": 64, "bits": 4})
     summary = json.loads(run("inspect", llama_copy, "--json").stdout)

@@ -18,7 +18,7 @@ def _logits(model_dir, ids) -> np.ndarray:
     return np.array(model(mx.array([ids]))[0].astype(mx.float32))
 
 
-@pytest.mark.parametrize("arch", ["llama", "deepseek_v3"])
+@pytest.mark.parametrize("arch", ["llama", "deepseek_v3", "qwen2", "qwen3"])
 def test_mlx_lm_loads_and_generates(tiny_checkpoint, tmp_path, arch):
     src = tiny_checkpoint(arch)
     out = convert(src, tmp_path / "mlx", to="mlx", bits=4, group_size=32, mtp_bits=8, show_progress=False)

@@ -33,16 +33,17 @@ def available(backend: str) -> bool:
 def load(request, tiny_checkpoint):
     options = {"bits": None} if request.param == "onnx" else {}
 
-    def load_model(**make_options):
-        return edgemtp.load(tiny_checkpoint("deepseek_v3", **make_options), backend=request.param, **options)
+    def load_model(variant="deepseek_v3", **make_options):
+        return edgemtp.load(tiny_checkpoint(variant, **make_options), backend=request.param, **options)
 
     return load_model
 
 
-def test_speculative_greedy_equals_plain_greedy(load):
-    model = load(mtp_layers=2)
-    same_model = load(mtp_layers=2)
-    other_model = load(mtp_layers=1, seed=1)
+@pytest.mark.parametrize("variant", ["deepseek_v3", "qwen2", "qwen3"])
+def test_speculative_greedy_equals_plain_greedy(load, variant):
+    model = load(variant, mtp_layers=2)
+    same_model = load(variant, mtp_layers=2)
+    other_model = load(variant, mtp_layers=1, seed=1)
     for prompt in PROMPTS:
         reference = model.generate(prompt, max_tokens=64, spec="none")
         for options in (dict(spec="mtp", num_draft=1), dict(spec="mtp", num_draft=3), dict(spec="ngram", num_draft=4),

@@ -16,14 +16,12 @@ from edgemtp.layout import expected_weights
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-MODEL_CLASSES = {"llama": "LlamaForCausalLM", "deepseek_v3": "DeepseekV3ForCausalLM"}
-
 
 @pytest.mark.parametrize("variant", FACTORY_VARIANTS)
 def test_variant_loads_in_transformers_with_every_trunk_weight(tiny_checkpoint, variant):
     path = tiny_checkpoint(variant)
     checkpoint = Checkpoint.open(path)
-    model_class = getattr(transformers, MODEL_CLASSES[checkpoint.config["model_type"]])
+    model_class = getattr(transformers, checkpoint.config["architectures"][0])
     model, info = model_class.from_pretrained(path, output_loading_info=True, dtype=torch.float32)
 
     assert not info["missing_keys"]
@@ -64,6 +62,22 @@ def test_deepseek_mtp_block_is_moe_with_random_routing_bias(tiny_checkpoint):
     bias = checkpoint.read(prefix + "mlp.gate.e_score_correction_bias")
     assert bias.dtype == np.float32 and bias.std() > 0.05
     assert checkpoint.dtype(prefix + "mlp.gate.e_score_correction_bias") == "F32"
+
+
+def test_qwen_variant_features(tiny_checkpoint):
+    qwen2 = Checkpoint.open(tiny_checkpoint("qwen2"))
+    attn = "model.layers.2.self_attn."  # the MTP block has the trunk's attention
+    assert {attn + f"{p}_proj.bias" for p in "qkv"} <= set(qwen2.names())
+    assert attn + "o_proj.bias" not in qwen2.names() and "lm_head.weight" not in qwen2.names()
+
+    qwen3 = Checkpoint.open(tiny_checkpoint("qwen3"))
+    config = qwen3.config
+    assert config["head_dim"] != config["hidden_size"] // config["num_attention_heads"]
+    assert qwen3.shape(attn + "q_norm.weight") == qwen3.shape(attn + "k_norm.weight") == (config["head_dim"],)
+    assert not any(name.endswith(".bias") for name in qwen3.names())
+    # q_norm/k_norm count as norms (~1), biases as biases (small).
+    assert abs(qwen3.read(attn + "q_norm.weight").mean() - 1) < 0.1
+    assert np.abs(qwen2.read(attn + "k_proj.bias")).max() < 0.2
 
 
 def test_llama_tied_embeddings_have_no_lm_head(tiny_checkpoint):

@@ -178,7 +178,7 @@ def test_mlx_dir_streamed_from_checkpoint_loads_identically(tiny_checkpoint, tmp
         np.testing.assert_array_equal(got, expected)
 
 
-@pytest.mark.parametrize("variant", ["llama", "deepseek_v3"])
+@pytest.mark.parametrize("variant", ["llama", "deepseek_v3", "qwen2", "qwen3"])
 def test_quantized_mlx_dir_loads_identically(tiny_checkpoint, tmp_path, variant):
     path = tiny_checkpoint(variant)
     backend = MLXBackend.from_checkpoint(path)

@@ -104,6 +104,10 @@ class Reference:
         ("deepseek_v3", 1, 2),  # depth 2 reuses the single MTP layer with its own cache
         ("deepseek_v3", 2, 2),  # depth 2 runs the second MTP layer
         ("deepseek_v3_no_qlora", 2, 1),
+        ("qwen2", 1, 1),
+        ("qwen2", 2, 2),
+        ("qwen3", 1, 1),
+        ("qwen3", 1, 2),
     ],
 )
 def test_mtp_logits_match_reference(tiny_checkpoint, tmp_path, variant, mtp_layers, depth):
@@ -141,7 +145,7 @@ def test_missing_mtp_head_falls_back_to_trunk_head(tiny_checkpoint, tmp_path):
     assert np.abs(logits - expected).max() <= 1e-4 * np.abs(expected).max()
 
 
-@pytest.mark.parametrize("variant", ["llama", "deepseek_v3"])
+@pytest.mark.parametrize("variant", ["llama", "deepseek_v3", "qwen3"])
 def test_mtp_steps_continue_at_their_cache_position(tiny_checkpoint, variant):
     """Running depth 1 in pieces (RoPE position = cache position) equals one pass."""
     backend = MLXBackend.from_checkpoint(tiny_checkpoint(variant), max_kv_size=128)

@@ -16,7 +16,7 @@ from edgemtp.layout import mtp_prefix
 from edgemtp.onnx_backend.backend import OnnxBackend
 
 TRUNK_CASES = [("llama", False), ("llama_untied", False), ("deepseek_v3", False), ("deepseek_v3", True),
-               ("deepseek_v3_no_qlora", False), ("deepseek_v3_no_qlora", True)]
+               ("deepseek_v3_no_qlora", False), ("deepseek_v3_no_qlora", True), ("qwen2", False), ("qwen3", False)]
 
 
 def _token_ids(count: int, vocab: int, seed: int = 0) -> list[int]:
@@ -90,7 +90,7 @@ def _rms_norm(x: torch.Tensor, weight: np.ndarray, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * torch.from_numpy(weight)
 
 
-@pytest.mark.parametrize("variant", ["llama", "deepseek_v3"])
+@pytest.mark.parametrize("variant", ["llama", "deepseek_v3", "qwen2", "qwen3"])
 def test_mtp_logits_match_reference(tiny_checkpoint, tmp_path, variant):
     """Depth 1 and 2 (the second reusing the only MTP layer) against the contract's formula."""
     checkpoint = tiny_checkpoint(variant)

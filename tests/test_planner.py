@@ -63,6 +63,7 @@ def test_kv_bytes_deepseek_mla_and_llama_gqa():
     llama = tiny_config("llama")  # 2 KV heads x head_dim 64/4 = 16, keys and values
     assert planner.kv_bytes_per_token_per_layer(llama, 2) == 2 * 2 * 16 * 2
     assert planner.kv_bytes_per_token_per_layer(tiny_config("llama", head_dim=32), 4) == 2 * 2 * 32 * 4
+    assert planner.kv_bytes_per_token_per_layer(tiny_config("qwen3"), 4) == 2 * 2 * 32 * 4  # explicit head_dim 32
 
 
 def test_estimate_deepseek_by_hand():

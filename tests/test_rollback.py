@@ -19,7 +19,7 @@ def sequences(vocab_size: int) -> tuple[list[int], list[int], list[int]]:
     return prompt, draft, replacement
 
 
-@pytest.mark.parametrize("variant", ["llama", "deepseek_v3"])
+@pytest.mark.parametrize("variant", ["llama", "deepseek_v3", "qwen3"])
 def test_trunk_rollback_equals_fresh_run(tiny_checkpoint, variant):
     backend = MLXBackend.from_checkpoint(tiny_checkpoint(variant), max_kv_size=64)
     prompt, draft, replacement = sequences(backend.vocab_size)
@@ -49,7 +49,7 @@ def test_trunk_rollback_equals_fresh_run(tiny_checkpoint, variant):
     assert backend.cache_bytes() == cache_bytes
 
 
-@pytest.mark.parametrize("variant", ["llama", "deepseek_v3"])
+@pytest.mark.parametrize("variant", ["llama", "deepseek_v3", "qwen3"])
 def test_mtp_rollback_equals_fresh_run(tiny_checkpoint, variant):
     """Depth-1 and depth-2 caches, each rolled back on its own, as after a rejected draft."""
     backend = MLXBackend.from_checkpoint(tiny_checkpoint(variant, mtp_layers=2), max_kv_size=64)

@@ -71,8 +71,9 @@ def _epoch(lengths):
     return out
 
 
-def test_recipe_trains_and_writes_hf_named_weights(tmp_path):
-    trunk = make_tiny(tmp_path / "trunk", arch="llama", mtp_layers=0, vocab_size=320, hidden_size=32,
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])  # qwen: q/k/v biases, QK norm in the MTP block
+def test_recipe_trains_and_writes_hf_named_weights(tmp_path, arch):
+    trunk = make_tiny(tmp_path / "trunk", arch=arch, mtp_layers=0, vocab_size=320, hidden_size=32,
                       intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
     config = RecipeConfig(steps=40, seq_len=32, batch_size=4, lr=3e-3, warmup_steps=5, chat_requests=6,
                           sampled_requests=2, self_instruct_requests=8, max_new_tokens=8, gen_batch_size=4,

@@ -1,5 +1,9 @@
 """Llama blocks: GroupQueryAttention with a shared past/present KV buffer, SwiGLU MLP.
 
+Qwen2 and Qwen3 blocks too: Qwen2 adds q/k/v biases (no o_proj bias), Qwen3 RMS-normalizes each
+query and key head (``q_norm``, ``k_norm``) before RoPE; since GQA rotates inside the op, those
+norms run on the packed QKV before it enters GQA.
+
 The KV cache of every layer is one preallocated ``(1, kv_heads, max_context, head_dim)`` buffer
 bound as both ``past_key_values.{slot}.*`` and ``present.{slot}.*`` (GQA's
 past_present_share_buffer mode): the op writes the new rows in place at ``seqlens_k``, so a
@@ -22,8 +26,9 @@ from collections.abc import Callable
 import numpy as np
 
 from edgemtp.converters.onnx_export.graph import (MS_DOMAIN, Block, GraphBuilder, drop_last_row, linear,
-                                                  repeat_last_row, swiglu_mlp)
+                                                  repeat_last_row, rms_norm, swiglu_mlp)
 from edgemtp.converters.onnx_export.rope import cos_sin_tables
+from edgemtp.layout import attention_biases, has_qk_norm
 
 
 def head_dim(config: dict) -> int:
@@ -39,7 +44,7 @@ def cache_layout(config: dict) -> dict:
 
 
 class LlamaLayers:
-    """Adds llama decoder blocks to ``g``; declares the position inputs GQA needs once."""
+    """Adds llama (qwen2, qwen3) decoder blocks to ``g``; declares the position inputs GQA needs once."""
 
     def __init__(self, g: GraphBuilder, read: Callable[[str], np.ndarray], config: dict, max_positions: int):
         self.g, self.read, self.config = g, read, config
@@ -65,9 +70,11 @@ class LlamaLayers:
         projections = ("q_proj", "k_proj", "v_proj")
         # One packed QKV MatMul; GQA splits it itself when key/value inputs are left empty.
         qkv = np.concatenate([read(f"{prefix}{p}.weight") for p in projections])
-        has_bias = self.config.get("attention_bias", False)
-        qkv_bias = np.concatenate([read(f"{prefix}{p}.bias") for p in projections]) if has_bias else None
+        has_qkv_bias, has_o_bias = attention_biases(self.config)
+        qkv_bias = np.concatenate([read(f"{prefix}{p}.bias") for p in projections]) if has_qkv_bias else None
         packed = linear(g, x, qkv, f"{name}.qkv", qkv_bias)
+        if has_qk_norm(self.config):
+            packed = self._qk_norm(packed, prefix, name)
 
         shape = [1, self.kv_heads, "max_context", self.head_dim]
         past_k = g.input(f"past_key_values.{slot}.key", np.float32, shape)
@@ -81,6 +88,22 @@ class LlamaLayers:
         out = drop_last_row(g, padded_out, 1, f"{name}.drop_last_row")
         g.output(present_k, present_k, np.float32, shape)
         g.output(present_v, present_v, np.float32, shape)
-        o_bias = read(prefix + "o_proj.bias") if has_bias else None
+        o_bias = read(prefix + "o_proj.bias") if has_o_bias else None
         return linear(g, out, read(prefix + "o_proj.weight"), f"{name}.o_proj", o_bias)
+
+    def _qk_norm(self, packed: str, prefix: str, name: str) -> str:
+        """Packed QKV with every query and key head RMS-normalized (Qwen3), values untouched."""
+        g = self.g
+        widths = [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim]
+        q, k, v = g.node("Split", [packed, g.const(widths)], name=f"{name}.split_qkv", outputs=3, axis=-1)
+        q = self._head_norm(q, weight_name=prefix + "q_norm.weight", name=f"{name}.q_norm")
+        k = self._head_norm(k, weight_name=prefix + "k_norm.weight", name=f"{name}.k_norm")
+        return g.node("Concat", [q, k, v], name=f"{name}.qk_normed", axis=-1)
+
+    def _head_norm(self, x: str, weight_name: str, name: str) -> str:
+        """RMSNorm over each ``head_dim`` slice of ``(1, rows, heads * head_dim)``."""
+        g = self.g
+        heads = g.node("Reshape", [x, g.const([0, 0, -1, self.head_dim])], name=f"{name}.split_heads")
+        normed = rms_norm(g, heads, self.read(weight_name), self.config.get("rms_norm_eps", 1e-6), name)
+        return g.node("Reshape", [normed, g.const([0, 0, -1])], name=f"{name}.join_heads")
 

@@ -14,6 +14,8 @@ from edgemtp.layout import mtp_prefix
 from edgemtp.mtp_copies import trunk_head_name
 
 ARCHS = {"llama": (llama.LlamaLayers, llama.cache_layout),
+         "qwen2": (llama.LlamaLayers, llama.cache_layout),
+         "qwen3": (llama.LlamaLayers, llama.cache_layout),
          "deepseek_v3": (deepseek_v3.DeepseekV3Layers, deepseek_v3.cache_layout)}
 
 

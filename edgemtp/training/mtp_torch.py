@@ -17,19 +17,33 @@ One layer computes ``x = eh_proj(concat[enorm(embed(t)), hnorm(h)])`` and runs
 
 from __future__ import annotations
 
+import copy
+import importlib
+
 import torch
 from torch import nn
+
+# The prefix of transformers' class names for each model_type we train MTP layers for; the classes
+# live in ``transformers.models.{model_type}.modeling_{model_type}``.
+_CLASS_PREFIXES = {"llama": "Llama", "deepseek_v3": "DeepseekV3", "qwen2": "Qwen2", "qwen3": "Qwen3"}
 
 
 def _decoder_classes(config):
     """The trunk's decoder block, RMSNorm and RoPE classes, picked by ``model_type``."""
-    if config.model_type == "deepseek_v3":
-        from transformers.models.deepseek_v3 import modeling_deepseek_v3 as m
+    prefix = _CLASS_PREFIXES[config.model_type]
+    module = importlib.import_module(f"transformers.models.{config.model_type}.modeling_{config.model_type}")
+    return (getattr(module, prefix + "DecoderLayer"), getattr(module, prefix + "RMSNorm"),
+            getattr(module, prefix + "RotaryEmbedding"))
 
-        return m.DeepseekV3DecoderLayer, m.DeepseekV3RMSNorm, m.DeepseekV3RotaryEmbedding
-    from transformers.models.llama import modeling_llama as m
 
-    return m.LlamaDecoderLayer, m.LlamaRMSNorm, m.LlamaRotaryEmbedding
+def _with_mtp_layer_types(config, num_layers: int):
+    """``config`` with ``layer_types`` covering the MTP layers too, when it has that list (Qwen):
+    their attention looks its type up by layer index, and MTP blocks attend to the full context."""
+    if getattr(config, "layer_types", None) is None:
+        return config
+    config = copy.deepcopy(config)
+    config.layer_types = [*config.layer_types[: config.num_hidden_layers], *["full_attention"] * num_layers]
+    return config
 
 
 class SharedHead(nn.Module):
@@ -67,6 +81,7 @@ class MTPHeads(nn.Module):
     def __init__(self, config, num_layers: int) -> None:
         super().__init__()
         _, _, rope_cls = _decoder_classes(config)
+        config = _with_mtp_layer_types(config, num_layers)
         self.num_hidden_layers = config.num_hidden_layers
         # layer_idx past the trunk's layers, as in the checkpoint layout.
         self.layers = nn.ModuleList(MTPLayer(config, config.num_hidden_layers + i) for i in range(num_layers))

@@ -2,7 +2,7 @@
 
 This is the single description of the Hugging Face weight layout that the tiny-checkpoint
 factory writes, ``Checkpoint.validate`` checks, and the converters walk. Names are exactly
-Hugging Face's (DeepSeek-V3 experts one tensor per expert, as on the Hub).
+Hugging Face's (DeepSeek-V3 and GLM-4.5 experts one tensor per expert, as on the Hub).
 
 MTP layer ``i`` lives at ``model.layers.{num_hidden_layers + i}.``: a full decoder block of
 the trunk's type plus ``enorm``, ``hnorm``, ``eh_proj`` and ``shared_head.{norm,head}``.
@@ -44,7 +44,7 @@ def mtp_prefix(config: dict, index: int) -> str:
 def expected_weights(config: dict) -> Shapes:
     """Every weight the config promises, trunk first then MTP layers, name -> shape."""
     model_type = check_supported(config)
-    block = _llama_block if model_type == "llama" else _deepseek_v3_block
+    block = _BLOCKS[model_type]
     hidden, vocab = config["hidden_size"], config["vocab_size"]
     layers = config["num_hidden_layers"]
 
@@ -78,14 +78,13 @@ def _mlp(prefix: str, hidden: int, intermediate: int, bias: bool = False) -> Sha
     return shapes
 
 
-def _llama_block(config: dict, layer: int, prefix: str) -> Shapes:
+def _gqa_attention(config: dict, attn: str, o_proj_bias: bool) -> Shapes:
+    """q/k/v/o projections of grouped-query attention; ``attention_bias`` adds q/k/v biases."""
     hidden = config["hidden_size"]
     heads = config["num_attention_heads"]
     kv_heads = config.get("num_key_value_heads") or heads
     head_dim = config.get("head_dim") or hidden // heads
-    attn = prefix + "self_attn."
     shapes: Shapes = {
-        prefix + "input_layernorm.weight": (hidden,),
         attn + "q_proj.weight": (heads * head_dim, hidden),
         attn + "k_proj.weight": (kv_heads * head_dim, hidden),
         attn + "v_proj.weight": (kv_heads * head_dim, hidden),
@@ -93,7 +92,16 @@ def _llama_block(config: dict, layer: int, prefix: str) -> Shapes:
     }
     if config.get("attention_bias", False):
         shapes.update({attn + "q_proj.bias": (heads * head_dim,), attn + "k_proj.bias": (kv_heads * head_dim,),
-                       attn + "v_proj.bias": (kv_heads * head_dim,), attn + "o_proj.bias": (hidden,)})
+                       attn + "v_proj.bias": (kv_heads * head_dim,)})
+        if o_proj_bias:
+            shapes[attn + "o_proj.bias"] = (hidden,)
+    return shapes
+
+
+def _llama_block(config: dict, layer: int, prefix: str) -> Shapes:
+    hidden = config["hidden_size"]
+    shapes: Shapes = {prefix + "input_layernorm.weight": (hidden,)}
+    shapes.update(_gqa_attention(config, prefix + "self_attn.", o_proj_bias=True))
     shapes[prefix + "post_attention_layernorm.weight"] = (hidden,)
     shapes.update(_mlp(prefix + "mlp.", hidden, config["intermediate_size"], config.get("mlp_bias", False)))
     return shapes
@@ -119,11 +127,32 @@ def _deepseek_v3_block(config: dict, layer: int, prefix: str) -> Shapes:
     shapes[attn + "kv_b_proj.weight"] = (heads * (nope + v_dim), kv_rank)
     shapes[attn + "o_proj.weight"] = (hidden, heads * v_dim)
     shapes[prefix + "post_attention_layernorm.weight"] = (hidden,)
+    shapes.update(_dense_or_routed_mlp(config, layer, prefix + "mlp."))
+    return shapes
 
-    mlp = prefix + "mlp."
+
+def _glm4_moe_block(config: dict, layer: int, prefix: str) -> Shapes:
+    """GQA attention with q/k/v biases (none on o_proj) and optional per-head QK norm, then
+    DeepSeek's MLP layout (dense leading layers, routed and shared experts after)."""
+    hidden = config["hidden_size"]
+    head_dim = config.get("head_dim") or hidden // config["num_attention_heads"]
+    attn = prefix + "self_attn."
+    shapes: Shapes = {prefix + "input_layernorm.weight": (hidden,)}
+    shapes.update(_gqa_attention(config, attn, o_proj_bias=False))
+    if config.get("use_qk_norm", False):
+        shapes.update({attn + "q_norm.weight": (head_dim,), attn + "k_norm.weight": (head_dim,)})
+    shapes[prefix + "post_attention_layernorm.weight"] = (hidden,)
+    shapes.update(_dense_or_routed_mlp(config, layer, prefix + "mlp."))
+    return shapes
+
+
+def _dense_or_routed_mlp(config: dict, layer: int, mlp: str) -> Shapes:
+    """DeepSeek-style MLP: dense below ``first_k_dense_replace``, else a router with a correction
+    bias, per-expert projections and optional shared experts."""
+    hidden = config["hidden_size"]
     if layer < config.get("first_k_dense_replace", 0):
-        shapes.update(_mlp(mlp, hidden, config["intermediate_size"]))
-        return shapes
+        return _mlp(mlp, hidden, config["intermediate_size"])
+    shapes: Shapes = {}
     experts = config["n_routed_experts"]
     expert_size = config["moe_intermediate_size"]
     shapes[mlp + "gate.weight"] = (experts, hidden)
@@ -133,3 +162,6 @@ def _deepseek_v3_block(config: dict, layer: int, prefix: str) -> Shapes:
     if config.get("n_shared_experts"):
         shapes.update(_mlp(mlp + "shared_experts.", hidden, expert_size * config["n_shared_experts"]))
     return shapes
+
+
+_BLOCKS = {"llama": _llama_block, "deepseek_v3": _deepseek_v3_block, "glm4_moe": _glm4_moe_block}

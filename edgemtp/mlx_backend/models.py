@@ -15,10 +15,10 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import create_attention_mask
 
-from edgemtp.mlx_backend import deepseek_v3, llama
+from edgemtp.mlx_backend import deepseek_v3, glm4_moe, llama
 from edgemtp.mlx_backend.cache import PreallocatedKVCache
 
-ARCHITECTURES: dict[str, ModuleType] = {"llama": llama, "deepseek_v3": deepseek_v3}
+ARCHITECTURES: dict[str, ModuleType] = {"llama": llama, "deepseek_v3": deepseek_v3, "glm4_moe": glm4_moe}
 
 
 def output_head(trunk: nn.Module) -> Callable[[mx.array], mx.array]:

@@ -1,7 +1,7 @@
 """Llama on MLX: mlx-lm's classes built from a Hugging Face config.
 
 Everything model-specific the backend needs lives in the six public names
-below; ``deepseek_v3.py`` exposes the same ones (``ARCHITECTURES`` in
+below; ``deepseek_v3.py`` and ``glm4_moe.py`` expose the same ones (``ARCHITECTURES`` in
 ``models.py`` picks the module by ``model_type``).
 """
 

@@ -114,7 +114,7 @@ def inspect_command(
 @app.command("make-tiny")
 def make_tiny_command(
     out: str = typer.Argument(..., help="Directory to create."),
-    arch: str = typer.Option("llama", "--arch", help="Variant: llama, llama_untied, deepseek_v3, deepseek_v3_no_qlora, qwen2 (Qwen2.5: q/k/v biases) or qwen3 (QK norm, explicit head_dim)."),
+    arch: str = typer.Option("llama", "--arch", help="Variant: llama, llama_untied, deepseek_v3, deepseek_v3_no_qlora, glm4_moe, glm4_moe_no_qk_norm, qwen2 (Qwen2.5: q/k/v biases) or qwen3 (QK norm, explicit head_dim)."),
     mtp_layers: int = typer.Option(1, "--mtp-layers", help="Number of MTP layers to add after the trunk."),
     mtp_head: str = typer.Option("own", "--mtp-head", help="Each MTP layer's shared_head.head: own (its own random head) or copy (a copy of the trunk's output head). MTP layers always store a copy of the embedding too, as DeepSeek-V3 and GLM-4.5 release them."),
     fp8: bool = typer.Option(False, "--fp8", help="Store projections as block-scaled float8 e4m3 like DeepSeek-V3."),
@@ -125,13 +125,13 @@ def make_tiny_command(
     layers: int | None = typer.Option(None, "--layers", help="Override num_hidden_layers (trunk layers)."),
     vocab_size: int | None = typer.Option(None, "--vocab-size", help="Override vocab_size (>= 259)."),
     intermediate_size: int | None = typer.Option(None, "--intermediate-size", help="Override the dense MLP width."),
-    experts: int | None = typer.Option(None, "--experts", help="Override n_routed_experts (deepseek_v3 only)."),
-    dense_layers: int | None = typer.Option(None, "--dense-layers", help="Override first_k_dense_replace: how many leading layers use the dense MLP instead of MoE (deepseek_v3 only). Set it to --layers for a bandwidth-bound bench model."),
+    experts: int | None = typer.Option(None, "--experts", help="Override n_routed_experts (MoE variants: deepseek_v3*, glm4_moe*)."),
+    dense_layers: int | None = typer.Option(None, "--dense-layers", help="Override first_k_dense_replace: how many leading layers use the dense MLP instead of MoE (MoE variants: deepseek_v3*, glm4_moe*). Set it to --layers for a bandwidth-bound bench model."),
     shard_mb: float | None = typer.Option(None, "--shard-mb", help="Split the weights into shards of about this many MB."),
     force: bool = typer.Option(False, "--force", help="Replace OUT if it already exists."),
 ) -> None:
     """Write a small random checkpoint in Hugging Face layout (for tests and benchmarks)."""
-    from edgemtp.factory import make_tiny
+    from edgemtp.factory import VARIANTS, make_tiny
 
     overrides = {key: value for key, value in {
         "hidden_size": hidden_size,
@@ -141,8 +141,10 @@ def make_tiny_command(
         "n_routed_experts": experts,
         "first_k_dense_replace": dense_layers,
     }.items() if value is not None}
-    if dense_layers is not None and not arch.startswith("deepseek_v3"):
-        raise UserError(f"--dense-layers applies to deepseek_v3 variants only, not {arch!r}; leave it out")
+    moe_variants = [name for name, config in VARIANTS.items() if "n_routed_experts" in config]
+    if (dense_layers is not None or experts is not None) and arch in VARIANTS and arch not in moe_variants:
+        raise UserError(f"--experts and --dense-layers apply to the MoE variants only ({', '.join(moe_variants)}), "
+                        f"not {arch!r}; leave them out")
     shard_bytes = int(shard_mb * 1e6) if shard_mb else None
     path = make_tiny(out, arch, mtp_layers=mtp_layers, fp8=fp8, seed=seed, dtype=dtype, fp8_block=fp8_block,
                      shard_bytes=shard_bytes, mtp_head=mtp_head, force=force, **overrides)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from edgemtp.errors import UserError
 
-SUPPORTED_MODEL_TYPES = ("deepseek_v3", "llama", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("deepseek_v3", "glm4_moe", "llama", "qwen2", "qwen3")
 
 # transformers' default when a config names no RoPE base at all.
 DEFAULT_ROPE_THETA = 10000.0
@@ -63,6 +63,15 @@ def rope_theta(config: dict) -> float:
     return float(config.get("rope_theta", DEFAULT_ROPE_THETA))
 
 
+def partial_rotary_factor(config: dict) -> float:
+    """The fraction of each head's dimensions that RoPE rotates (the leading ones), from
+    ``rope_parameters`` or the classic top-level key. GLM-4.5 configs default to half, as
+    transformers' ``Glm4MoeConfig`` does; other models rotate every dimension."""
+    default = 0.5 if config.get("model_type") == "glm4_moe" else 1.0
+    params = config.get("rope_parameters") or {}
+    return float(params.get("partial_rotary_factor", config.get("partial_rotary_factor", default)))
+
+
 def rope_scaling(config: dict) -> dict | None:
     """The RoPE scaling parameters in the classic form, or None for plain RoPE.
 
@@ -89,5 +98,7 @@ def with_both_rope_forms(config: dict) -> dict:
     parameters = {"rope_type": "default", "rope_theta": theta}
     if scaling is not None:
         parameters.update({key: value for key, value in scaling.items() if key != "type"})
+    if "partial_rotary_factor" in (config.get("rope_parameters") or {}) or "partial_rotary_factor" in config:
+        out["partial_rotary_factor"] = parameters["partial_rotary_factor"] = partial_rotary_factor(config)
     out["rope_parameters"] = parameters
     return out

@@ -127,6 +127,39 @@ _QWEN3 = {
     "attention_bias": False,
 }
 
+# GLM-4.5's shape at toy size. head_dim is explicit (heads * head_dim != hidden_size, as in the
+# release) and 32 so that the rotated half (16) gives cos/sin tables of width 8, the smallest
+# onnxruntime's GroupQueryAttention rotates partially.
+_GLM4_MOE = {
+    "architectures": ["Glm4MoeForCausalLM"],
+    "model_type": "glm4_moe",
+    "vocab_size": 384,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "moe_intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 32,
+    "partial_rotary_factor": 0.5,
+    "attention_bias": True,
+    "use_qk_norm": True,
+    "n_routed_experts": 8,
+    "n_shared_experts": 1,
+    "num_experts_per_tok": 2,
+    "n_group": 4,
+    "topk_group": 2,
+    "routed_scaling_factor": 2.5,
+    "norm_topk_prob": True,
+    "first_k_dense_replace": 1,
+    "hidden_act": "silu",
+    "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "rope_scaling": None,
+    "tie_word_embeddings": False,
+}
+
 # Named variants: a base config plus the features a test wants to exercise.
 VARIANTS: dict[str, dict] = {
     "llama": _LLAMA,  # GQA (4 query heads, 2 KV heads), tied embeddings
@@ -135,6 +168,8 @@ VARIANTS: dict[str, dict] = {
     "deepseek_v3_no_qlora": {**_DEEPSEEK_V3, "q_lora_rank": None},
     "qwen2": _QWEN2,
     "qwen3": _QWEN3,
+    "glm4_moe": _GLM4_MOE,  # GQA, partial RoPE, q/k/v biases, QK norm, grouped MoE, shared expert
+    "glm4_moe_no_qk_norm": {**_GLM4_MOE, "use_qk_norm": False},  # GLM-4.5's released setting
 }
 
 # Config keys that may be overridden although the base configs leave them out.

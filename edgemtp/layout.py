@@ -2,7 +2,7 @@
 
 This is the single description of the Hugging Face weight layout that the tiny-checkpoint
 factory writes, ``Checkpoint.validate`` checks, and the converters walk. Names are exactly
-Hugging Face's (DeepSeek-V3 experts one tensor per expert, as on the Hub).
+Hugging Face's (DeepSeek-V3 and GLM-4.5 experts one tensor per expert, as on the Hub).
 
 MTP layer ``i`` lives at ``model.layers.{num_hidden_layers + i}.``: a full decoder block of
 the trunk's type plus ``enorm``, ``hnorm``, ``eh_proj`` and ``shared_head.{norm,head}``, and,
@@ -51,7 +51,7 @@ def mtp_prefix(config: dict, index: int) -> str:
 def expected_weights(config: dict) -> Shapes:
     """Every weight the config promises, trunk first then MTP layers, name -> shape."""
     model_type = check_supported(config)
-    block = _deepseek_v3_block if model_type == "deepseek_v3" else _llama_block
+    block = _BLOCKS[model_type]
     hidden, vocab = config["hidden_size"], config["vocab_size"]
     layers = config["num_hidden_layers"]
 
@@ -88,27 +88,29 @@ def _mlp(prefix: str, hidden: int, intermediate: int, bias: bool = False) -> Sha
 
 def attention_biases(config: dict) -> tuple[bool, bool]:
     """Whether the q/k/v projections and ``o_proj`` have biases. Qwen2 always biases q, k and v
-    and never o (its config has no switch); llama and qwen3 bias all four when ``attention_bias``."""
+    and never o (its config has no switch); GLM-4.5 biases q, k and v when ``attention_bias``;
+    llama and qwen3 bias all four when ``attention_bias``."""
+    bias = bool(config.get("attention_bias", False))
     if config["model_type"] == "qwen2":
         return True, False
-    bias = bool(config.get("attention_bias", False))
+    if config["model_type"] == "glm4_moe":
+        return bias, False
     return bias, bias
 
 
 def has_qk_norm(config: dict) -> bool:
-    """Whether attention RMS-normalizes each query and key head before RoPE (Qwen3)."""
-    return config["model_type"] == "qwen3"
+    """Whether attention RMS-normalizes each query and key head before RoPE (Qwen3; GLM-4.5 when
+    ``use_qk_norm``)."""
+    return config["model_type"] == "qwen3" or bool(config.get("use_qk_norm", False))
 
 
-def _llama_block(config: dict, layer: int, prefix: str) -> Shapes:
-    """Llama's decoder block, which qwen2 (q/k/v biases) and qwen3 (QK norm) extend."""
+def _gqa_attention(config: dict, attn: str) -> Shapes:
+    """q/k/v/o projections of grouped-query attention, their biases and QK norms."""
     hidden = config["hidden_size"]
     heads = config["num_attention_heads"]
     kv_heads = config.get("num_key_value_heads") or heads
     head_dim = config.get("head_dim") or hidden // heads
-    attn = prefix + "self_attn."
     shapes: Shapes = {
-        prefix + "input_layernorm.weight": (hidden,),
         attn + "q_proj.weight": (heads * head_dim, hidden),
         attn + "k_proj.weight": (kv_heads * head_dim, hidden),
         attn + "v_proj.weight": (kv_heads * head_dim, hidden),
@@ -122,6 +124,14 @@ def _llama_block(config: dict, layer: int, prefix: str) -> Shapes:
         shapes[attn + "o_proj.bias"] = (hidden,)
     if has_qk_norm(config):
         shapes.update({attn + "q_norm.weight": (head_dim,), attn + "k_norm.weight": (head_dim,)})
+    return shapes
+
+
+def _llama_block(config: dict, layer: int, prefix: str) -> Shapes:
+    """Llama's decoder block, which qwen2 (q/k/v biases) and qwen3 (QK norm) extend."""
+    hidden = config["hidden_size"]
+    shapes: Shapes = {prefix + "input_layernorm.weight": (hidden,)}
+    shapes.update(_gqa_attention(config, prefix + "self_attn."))
     shapes[prefix + "post_attention_layernorm.weight"] = (hidden,)
     shapes.update(_mlp(prefix + "mlp.", hidden, config["intermediate_size"], config.get("mlp_bias", False)))
     return shapes
@@ -147,11 +157,28 @@ def _deepseek_v3_block(config: dict, layer: int, prefix: str) -> Shapes:
     shapes[attn + "kv_b_proj.weight"] = (heads * (nope + v_dim), kv_rank)
     shapes[attn + "o_proj.weight"] = (hidden, heads * v_dim)
     shapes[prefix + "post_attention_layernorm.weight"] = (hidden,)
+    shapes.update(_dense_or_routed_mlp(config, layer, prefix + "mlp."))
+    return shapes
 
-    mlp = prefix + "mlp."
+
+def _glm4_moe_block(config: dict, layer: int, prefix: str) -> Shapes:
+    """GQA attention with q/k/v biases (none on o_proj) and optional per-head QK norm, then
+    DeepSeek's MLP layout (dense leading layers, routed and shared experts after)."""
+    hidden = config["hidden_size"]
+    shapes: Shapes = {prefix + "input_layernorm.weight": (hidden,)}
+    shapes.update(_gqa_attention(config, prefix + "self_attn."))
+    shapes[prefix + "post_attention_layernorm.weight"] = (hidden,)
+    shapes.update(_dense_or_routed_mlp(config, layer, prefix + "mlp."))
+    return shapes
+
+
+def _dense_or_routed_mlp(config: dict, layer: int, mlp: str) -> Shapes:
+    """DeepSeek-style MLP: dense below ``first_k_dense_replace``, else a router with a correction
+    bias, per-expert projections and optional shared experts."""
+    hidden = config["hidden_size"]
     if layer < config.get("first_k_dense_replace", 0):
-        shapes.update(_mlp(mlp, hidden, config["intermediate_size"]))
-        return shapes
+        return _mlp(mlp, hidden, config["intermediate_size"])
+    shapes: Shapes = {}
     experts = config["n_routed_experts"]
     expert_size = config["moe_intermediate_size"]
     shapes[mlp + "gate.weight"] = (experts, hidden)
@@ -161,3 +188,7 @@ def _deepseek_v3_block(config: dict, layer: int, prefix: str) -> Shapes:
     if config.get("n_shared_experts"):
         shapes.update(_mlp(mlp + "shared_experts.", hidden, expert_size * config["n_shared_experts"]))
     return shapes
+
+
+_BLOCKS = {"llama": _llama_block, "qwen2": _llama_block, "qwen3": _llama_block, "deepseek_v3": _deepseek_v3_block,
+           "glm4_moe": _glm4_moe_block}

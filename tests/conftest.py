@@ -16,7 +16,7 @@ import pytest
 
 from edgemtp.factory import VARIANTS, make_tiny
 
-FACTORY_VARIANTS = list(VARIANTS)  # "llama", "llama_untied", "deepseek_v3", "deepseek_v3_no_qlora"
+FACTORY_VARIANTS = list(VARIANTS)  # "llama", "llama_untied", "deepseek_v3", "deepseek_v3_no_qlora", "glm4_moe", ...
 
 
 @pytest.fixture(scope="session", autouse=True)

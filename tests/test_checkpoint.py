@@ -98,7 +98,7 @@ def test_missing_config(llama_copy):
 
 def test_unknown_model_type_lists_supported(llama_copy):
     edit_config(llama_copy, model_type="gpt2")
-    with pytest.raises(UserError, match="unsupported model_type 'gpt2'; edgemtp supports deepseek_v3, llama"):
+    with pytest.raises(UserError, match="unsupported model_type 'gpt2'; edgemtp supports deepseek_v3, glm4_moe, llama"):
         Checkpoint.open(llama_copy)
 
 

@@ -87,8 +87,9 @@ def test_make_tiny_refusals(tmp_path, llama_copy):
     assert_user_error(run("make-tiny", tmp_path / "a", "--arch", "mistral"), "unknown tiny-model variant")
     assert_user_error(run("make-tiny", tmp_path / "b", "--vocab-size", "100"), "vocab_size 100 is too small")
     assert_user_error(run("make-tiny", tmp_path / "c", "--dtype", "int8"), "unknown dtype")
-    assert_user_error(run("make-tiny", tmp_path / "e", "--mtp-head", "shared"), "unknown MTP head")
-    assert_user_error(run("make-tiny", tmp_path / "d", "--dense-layers", "2"), "deepseek_v3 variants only")
+    assert_user_error(run("make-tiny", tmp_path / "f", "--mtp-head", "shared"), "unknown MTP head")
+    assert_user_error(run("make-tiny", tmp_path / "d", "--dense-layers", "2"), "apply to the MoE variants only")
+    assert_user_error(run("make-tiny", tmp_path / "e", "--experts", "4"), "apply to the MoE variants only")
     assert not any(p.name != "model" for p in tmp_path.iterdir())
 
 
@@ -104,6 +105,23 @@ def test_make_tiny_dense_layers_makes_a_dense_deepseek(tmp_path):
         names = list(f.keys())
     assert not [n for n in names if ".experts." in n]
     assert all(f"model.layers.{i}.mlp.gate_proj.weight" in names for i in range(3))
+
+
+def test_make_tiny_glm4_moe_takes_the_moe_options(tmp_path):
+    from safetensors import safe_open
+
+    out = tmp_path / "glm"
+    result = run("make-tiny", out, "--arch", "glm4_moe", "--layers", "3", "--dense-layers", "2", "--experts", "4",
+                 "--mtp-layers", "1")
+    assert result.returncode == 0, result.stderr
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "glm4_moe" and config["first_k_dense_replace"] == 2
+    with safe_open(str(out / "model.safetensors"), "np") as f:
+        names = list(f.keys())
+    assert "model.layers.1.mlp.gate_proj.weight" in names and "model.layers.2.mlp.experts.3.up_proj.weight" in names
+    assert "model.layers.3.mlp.experts.3.up_proj.weight" in names  # the MTP block is a MoE block
+    assert not [n for n in names if ".experts.4." in n]
+    assert "glm4_moe_no_qk_norm" in run("make-tiny", "--help").stdout
 
 
 def stored_tensor_bytes(path) -> int:

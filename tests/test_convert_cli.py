@@ -56,7 +56,7 @@ def test_missing_config(llama_copy, tmp_path):
 
 def test_unsupported_model_type_lists_supported(llama_copy, tmp_path):
     _edit_config(llama_copy, model_type="gpt2")
-    assert_user_error(run_cli(llama_copy, tmp_path / "out"), "deepseek_v3, llama")
+    assert_user_error(run_cli(llama_copy, tmp_path / "out"), "deepseek_v3, glm4_moe, llama")
 
 
 def test_truncated_safetensors(llama_copy, tmp_path):

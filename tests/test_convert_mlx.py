@@ -18,7 +18,7 @@ def _logits(model_dir, ids) -> np.ndarray:
     return np.array(model(mx.array([ids]))[0].astype(mx.float32))
 
 
-@pytest.mark.parametrize("arch", ["llama", "deepseek_v3", "qwen2", "qwen3"])
+@pytest.mark.parametrize("arch", ["llama", "deepseek_v3", "glm4_moe", "qwen2", "qwen3"])
 def test_mlx_lm_loads_and_generates(tiny_checkpoint, tmp_path, arch):
     src = tiny_checkpoint(arch)
     out = convert(src, tmp_path / "mlx", to="mlx", bits=4, group_size=32, mtp_bits=8, show_progress=False)
@@ -44,8 +44,9 @@ def test_mlx_lm_loads_and_generates(tiny_checkpoint, tmp_path, arch):
             return f.get_tensor(f"{module}.weight").shape[-1] // f.get_tensor(f"{module}.scales").shape[-1]
 
         assert stored_bits("model.embed_tokens") == 8 and stored_bits("model.layers.0.self_attn.o_proj") == 4
-    if arch == "deepseek_v3":
+    if arch in ("deepseek_v3", "glm4_moe"):
         assert "model.layers.1.mlp.switch_mlp.gate_proj.weight" in trunk
+    if arch == "deepseek_v3":
         assert "model.layers.0.self_attn.embed_q.weight" in trunk
         assert "model.layers.0.self_attn.unembed_out.weight" in trunk
         with safe_open(out / "model.safetensors", framework="numpy") as f:

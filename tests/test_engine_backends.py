@@ -17,6 +17,7 @@ from test_engine_greedy import check_no_cache_drift
 import edgemtp
 
 BACKENDS = {"mlx": "edgemtp.mlx_backend.backend", "onnx": "edgemtp.onnx_backend.loading"}
+ARCHS = ["deepseek_v3", "glm4_moe", "qwen2", "qwen3"]  # MLA and GQA attention, MoE and dense MTP blocks
 PROMPTS = ["hello world", "The quick brown fox", "a", "1 2 3 4 5 6 7 8"]
 
 
@@ -33,17 +34,17 @@ def available(backend: str) -> bool:
 def load(request, tiny_checkpoint):
     options = {"bits": None} if request.param == "onnx" else {}
 
-    def load_model(variant="deepseek_v3", **make_options):
-        return edgemtp.load(tiny_checkpoint(variant, **make_options), backend=request.param, **options)
+    def load_model(arch: str, **make_options):
+        return edgemtp.load(tiny_checkpoint(arch, **make_options), backend=request.param, **options)
 
     return load_model
 
 
-@pytest.mark.parametrize("variant", ["deepseek_v3", "qwen2", "qwen3"])
-def test_speculative_greedy_equals_plain_greedy(load, variant):
-    model = load(variant, mtp_layers=2)
-    same_model = load(variant, mtp_layers=2)
-    other_model = load(variant, mtp_layers=1, seed=1)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_speculative_greedy_equals_plain_greedy(load, arch):
+    model = load(arch, mtp_layers=2)
+    same_model = load(arch, mtp_layers=2)
+    other_model = load(arch, mtp_layers=1, seed=1)
     for prompt in PROMPTS:
         reference = model.generate(prompt, max_tokens=64, spec="none")
         for options in (dict(spec="mtp", num_draft=1), dict(spec="mtp", num_draft=3), dict(spec="ngram", num_draft=4),
@@ -56,7 +57,8 @@ def test_speculative_greedy_equals_plain_greedy(load, variant):
                 assert out.stats.accepted == out.stats.drafted > 0
 
 
-def test_long_generation_has_no_cache_drift(load):
-    model = load(mtp_layers=2)
+@pytest.mark.parametrize("arch", ARCHS)
+def test_long_generation_has_no_cache_drift(load, arch):
+    model = load(arch, mtp_layers=2)
     check_no_cache_drift(model, model.tokenizer.encode("once upon a time"), 2000, atol=2e-4,
                          chat=False, spec="mtp", num_draft=3)

@@ -80,6 +80,26 @@ def test_qwen_variant_features(tiny_checkpoint):
     assert np.abs(qwen2.read(attn + "k_proj.bias")).max() < 0.2
 
 
+def test_glm4_moe_variant_features(tiny_checkpoint):
+    checkpoint = Checkpoint.open(tiny_checkpoint("glm4_moe"))
+    config = checkpoint.config
+    assert config["head_dim"] * config["num_attention_heads"] != config["hidden_size"]
+    assert config["partial_rotary_factor"] == config["rope_parameters"]["partial_rotary_factor"] == 0.5
+    assert config["use_qk_norm"] and config["attention_bias"] and not config["tie_word_embeddings"]
+    assert config["n_group"] > config["topk_group"] and config["first_k_dense_replace"] == 1
+    names = checkpoint.mtp_names(0)
+    prefix = "model.layers.2."
+    for part in ("self_attn.q_norm.weight", "self_attn.k_proj.bias", "mlp.experts.7.down_proj.weight",
+                 "mlp.shared_experts.up_proj.weight", "mlp.gate.e_score_correction_bias", "eh_proj.weight"):
+        assert prefix + part in names
+    assert prefix + "self_attn.o_proj.bias" not in names
+    assert "model.layers.0.mlp.gate_proj.weight" in checkpoint.names()  # the dense leading layer
+    assert checkpoint.read(prefix + "self_attn.q_norm.weight").mean() > 0.9  # a norm, not a bias
+    assert np.abs(checkpoint.read(prefix + "self_attn.q_proj.bias")).max() < 0.2  # a bias
+    assert checkpoint.dtype(prefix + "mlp.gate.e_score_correction_bias") == "F32"
+    assert "q_norm" not in str(Checkpoint.open(tiny_checkpoint("glm4_moe_no_qk_norm")).names())
+
+
 def test_llama_tied_embeddings_have_no_lm_head(tiny_checkpoint):
     assert "lm_head.weight" not in Checkpoint.open(tiny_checkpoint("llama")).names()
     assert "lm_head.weight" in Checkpoint.open(tiny_checkpoint("llama_untied")).names()

@@ -25,7 +25,8 @@ from tests.test_mtp_parity import Reference
 from tests.test_onnx_parity import _dequantized_copy
 
 FORMATS = ("mlx", "onnx")
-CASES = [("llama", False), ("llama", True), ("deepseek_v3", False), ("deepseek_v3", True), ("qwen2", False), ("qwen3", False)]
+CASES = [("llama", False), ("llama", True), ("deepseek_v3", False), ("deepseek_v3", True), ("glm4_moe", False),
+         ("glm4_moe", True), ("qwen2", False), ("qwen3", False)]
 POSITIONS = 512
 MIN_AGREEMENT = {8: 0.99, 4: 0.95}
 MAX_PERPLEXITY_INCREASE = {8: 0.01, 4: 0.05}

@@ -77,7 +77,7 @@ def test_trunk_matches_transformers(tiny_checkpoint, variant):
     assert_close(hidden, ref_hidden)
 
 
-@pytest.mark.parametrize("variant", ["llama_untied", "deepseek_v3"])
+@pytest.mark.parametrize("variant", ["llama_untied", "deepseek_v3", "glm4_moe"])
 def test_fp8_checkpoint_matches_transformers_on_dequantized_weights(tiny_checkpoint, tmp_path, variant):
     path = tiny_checkpoint(variant, fp8=True)
     assert Checkpoint.open(path).is_fp8
@@ -178,7 +178,7 @@ def test_mlx_dir_streamed_from_checkpoint_loads_identically(tiny_checkpoint, tmp
         np.testing.assert_array_equal(got, expected)
 
 
-@pytest.mark.parametrize("variant", ["llama", "deepseek_v3", "qwen2", "qwen3"])
+@pytest.mark.parametrize("variant", ["llama", "deepseek_v3", "glm4_moe", "qwen2", "qwen3"])
 def test_quantized_mlx_dir_loads_identically(tiny_checkpoint, tmp_path, variant):
     path = tiny_checkpoint(variant)
     backend = MLXBackend.from_checkpoint(path)

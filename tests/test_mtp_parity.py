@@ -47,7 +47,7 @@ def block_as_model(ckpt: Checkpoint, index: int, out: Path) -> AutoModelForCausa
         elif not part.startswith(("embed_tokens.", "enorm.", "hnorm.", "eh_proj.")):
             weights["model.layers.0." + part] = ckpt.read(name)
     config = {key: value for key, value in ckpt.config.items() if key != "quantization_config"}
-    # One layer, MoE like DeepSeek's MTP blocks, own (untied) head.
+    # One layer, MoE like DeepSeek's and GLM-4.5's MTP blocks, own (untied) head.
     config.update(num_hidden_layers=1, num_nextn_predict_layers=0, first_k_dense_replace=0, tie_word_embeddings=False)
     out.mkdir()
     save_file(weights, out / "model.safetensors")
@@ -108,6 +108,9 @@ class Reference:
         ("qwen2", 2, 2),
         ("qwen3", 1, 1),
         ("qwen3", 1, 2),
+        ("glm4_moe", 1, 1),
+        ("glm4_moe", 2, 2),
+        ("glm4_moe_no_qk_norm", 1, 2),
     ],
 )
 def test_mtp_logits_match_reference(tiny_checkpoint, tmp_path, variant, mtp_layers, depth):
@@ -145,7 +148,7 @@ def test_missing_mtp_head_falls_back_to_trunk_head(tiny_checkpoint, tmp_path):
     assert np.abs(logits - expected).max() <= 1e-4 * np.abs(expected).max()
 
 
-@pytest.mark.parametrize("variant", ["llama", "deepseek_v3", "qwen3"])
+@pytest.mark.parametrize("variant", ["llama", "deepseek_v3", "glm4_moe", "qwen3"])
 def test_mtp_steps_continue_at_their_cache_position(tiny_checkpoint, variant):
     """Running depth 1 in pieces (RoPE position = cache position) equals one pass."""
     backend = MLXBackend.from_checkpoint(tiny_checkpoint(variant), max_kv_size=128)

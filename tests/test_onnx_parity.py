@@ -16,7 +16,8 @@ from edgemtp.layout import mtp_prefix
 from edgemtp.onnx_backend.backend import OnnxBackend
 
 TRUNK_CASES = [("llama", False), ("llama_untied", False), ("deepseek_v3", False), ("deepseek_v3", True),
-               ("deepseek_v3_no_qlora", False), ("deepseek_v3_no_qlora", True), ("qwen2", False), ("qwen3", False)]
+               ("deepseek_v3_no_qlora", False), ("deepseek_v3_no_qlora", True), ("glm4_moe", False), ("glm4_moe", True),
+               ("glm4_moe_no_qk_norm", False), ("qwen2", False), ("qwen3", False)]
 
 
 def _token_ids(count: int, vocab: int, seed: int = 0) -> list[int]:
@@ -68,7 +69,7 @@ def _mtp_block_model(checkpoint, index: int, out_dir) -> transformers.PreTrained
     ckpt = Checkpoint.open(checkpoint)
     config = dict(ckpt.config, num_hidden_layers=1, num_nextn_predict_layers=0, tie_word_embeddings=False)
     config.pop("quantization_config", None)
-    if config["model_type"] == "deepseek_v3":
+    if "first_k_dense_replace" in config:  # DeepSeek-V3, GLM-4.5: MTP blocks past the dense layers are MoE
         layer = ckpt.config["num_hidden_layers"] + index
         config["first_k_dense_replace"] = 1 if layer < ckpt.config.get("first_k_dense_replace", 0) else 0
     prefix = mtp_prefix(ckpt.config, index)
@@ -90,7 +91,7 @@ def _rms_norm(x: torch.Tensor, weight: np.ndarray, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * torch.from_numpy(weight)
 
 
-@pytest.mark.parametrize("variant", ["llama", "deepseek_v3", "qwen2", "qwen3"])
+@pytest.mark.parametrize("variant", ["llama", "deepseek_v3", "glm4_moe", "glm4_moe_no_qk_norm", "qwen2", "qwen3"])
 def test_mtp_logits_match_reference(tiny_checkpoint, tmp_path, variant):
     """Depth 1 and 2 (the second reusing the only MTP layer) against the contract's formula."""
     checkpoint = tiny_checkpoint(variant)

@@ -9,7 +9,7 @@ from edgemtp.converters.onnx_export import export_onnx
 from edgemtp.onnx_backend.backend import OnnxBackend
 
 
-@pytest.fixture(scope="module", params=["llama", "deepseek_v3", "qwen3"])
+@pytest.fixture(scope="module", params=["llama", "deepseek_v3", "glm4_moe", "qwen3"])
 def backend(request, tiny_checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("onnx") / request.param
     return OnnxBackend(export_onnx(tiny_checkpoint(request.param), out, bits=None), threads=1, max_context=64)
@@ -61,10 +61,8 @@ def test_context_limit_is_a_user_error(backend):
     assert backend.trunk_len() == 60
 
 
-# qwen graphs are llama's plus float nodes before attention (q/k/v bias, QK norm), which the
-# quantizer leaves alone at any bit width: one width covers them.
-@pytest.mark.parametrize(("arch", "bits"), [(arch, bits) for arch in ("llama", "deepseek_v3") for bits in (4, 8)]
-                         + [("qwen2", 8), ("qwen3", 8)])
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("arch", ["llama", "deepseek_v3", "glm4_moe", "glm4_moe_no_qk_norm", "qwen2", "qwen3"])
 def test_quantized_steps_are_independent_of_step_size(tiny_checkpoint, tmp_path, arch, bits):
     """Plain decoding feeds one token per step, verification k+1: both must give bitwise the
     same logits, or greedy speculative output drifts from plain greedy output. onnxruntime's

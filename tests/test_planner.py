@@ -7,7 +7,7 @@ import sys
 import pytest
 from safetensors.numpy import load_file
 
-from edgemtp import planner
+from edgemtp import planner, summary
 from edgemtp.errors import UserError
 from edgemtp.factory import make_tiny, tiny_config
 from edgemtp.planner import MemoryBudget
@@ -64,6 +64,9 @@ def test_kv_bytes_deepseek_mla_and_llama_gqa():
     assert planner.kv_bytes_per_token_per_layer(llama, 2) == 2 * 2 * 16 * 2
     assert planner.kv_bytes_per_token_per_layer(tiny_config("llama", head_dim=32), 4) == 2 * 2 * 32 * 4
     assert planner.kv_bytes_per_token_per_layer(tiny_config("qwen3"), 4) == 2 * 2 * 32 * 4  # explicit head_dim 32
+    glm = tiny_config("glm4_moe")  # GQA: 2 KV heads x its explicit head_dim 32 (not 64/4)
+    assert planner.kv_bytes_per_token_per_layer(glm, 2) == 2 * 2 * 32 * 2
+    assert summary.kv_cache_elements_per_token(glm) == 2 * 2 * 32
 
 
 def test_estimate_deepseek_by_hand():

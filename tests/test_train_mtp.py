@@ -71,7 +71,7 @@ def _epoch(lengths):
     return out
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])  # qwen: q/k/v biases, QK norm in the MTP block
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "glm4_moe"])  # q/k/v biases, QK norm, partial RoPE, MoE MTP blocks
 def test_recipe_trains_and_writes_hf_named_weights(tmp_path, arch):
     trunk = make_tiny(tmp_path / "trunk", arch=arch, mtp_layers=0, vocab_size=320, hidden_size=32,
                       intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)

@@ -1,4 +1,4 @@
-"""Export Hugging Face checkpoints (llama, deepseek_v3 with MTP layers) to ONNX graphs for onnxruntime."""
+"""Export Hugging Face checkpoints (llama, deepseek_v3, glm4_moe with MTP layers) to ONNX graphs for onnxruntime."""
 
 from edgemtp.converters.onnx_export.export import export_onnx
 

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import numpy as np
 import onnx
 
-from edgemtp.converters.onnx_export import deepseek_v3, llama
+from edgemtp.converters.onnx_export import deepseek_v3, glm4_moe, llama
 from edgemtp.converters.onnx_export.graph import GraphBuilder, decoder_stack, linear, rms_norm
 from edgemtp.converters.onnx_export.quantize import EMBEDDING_NODE
 from edgemtp.layout import mtp_prefix
@@ -16,7 +16,8 @@ from edgemtp.mtp_copies import trunk_head_name
 ARCHS = {"llama": (llama.LlamaLayers, llama.cache_layout),
          "qwen2": (llama.LlamaLayers, llama.cache_layout),
          "qwen3": (llama.LlamaLayers, llama.cache_layout),
-         "deepseek_v3": (deepseek_v3.DeepseekV3Layers, deepseek_v3.cache_layout)}
+         "deepseek_v3": (deepseek_v3.DeepseekV3Layers, deepseek_v3.cache_layout),
+         "glm4_moe": (glm4_moe.Glm4MoeLayers, llama.cache_layout)}
 
 
 def _embed(g: GraphBuilder, read: Callable[[str], np.ndarray], ids: str, name: str = "model.embed_tokens.weight") -> str:

@@ -54,6 +54,22 @@ def _match_rope_layout(layer: deepseek_v3.DeepseekV3DecoderLayer, config: dict) 
     layer.self_attn.rope.traditional = bool(config.get("rope_interleave", True))
 
 
+def stacked_experts(
+    name: str, read: Callable[[str], np.ndarray], experts: int
+) -> list[tuple[str, np.ndarray]] | None:
+    """mlx-lm's ``switch_mlp`` tensor for a per-expert HF weight (all experts stacked, as
+    mlx-lm's ``sanitize`` does): None for other weights, nothing for experts past 0 (they are
+    stacked together with expert 0)."""
+    expert = _EXPERT.match(name)
+    if not expert:
+        return None
+    if expert["expert"] != "0":
+        return []
+    mlp, proj = expert["mlp"], expert["proj"]
+    stacked = np.stack([read(f"{mlp}.experts.{e}.{proj}.weight") for e in range(experts)])
+    return [(f"{mlp}.switch_mlp.{proj}.weight", stacked)]
+
+
 def cache_dims(args: deepseek_v3.ModelArgs) -> tuple[tuple[int, int], tuple[int, int]]:
     """``(heads, dim)`` of the cached KV latent ("keys") and RoPE key ("values")."""
     return (1, args.kv_lora_rank), (1, args.qk_rope_head_dim)
@@ -72,13 +88,9 @@ def convert_weights(
     for name in names:
         if "rotary_emb.inv_freq" in name:
             continue
-        expert = _EXPERT.match(name)
-        if expert:
-            if expert["expert"] != "0":
-                continue  # stacked together with expert 0
-            mlp, proj = expert["mlp"], expert["proj"]
-            stacked = np.stack([read(f"{mlp}.experts.{e}.{proj}.weight") for e in range(args.n_routed_experts)])
-            yield f"{mlp}.switch_mlp.{proj}.weight", stacked
+        stacked = stacked_experts(name, read, args.n_routed_experts)
+        if stacked is not None:
+            yield from stacked
         elif name.endswith("self_attn.kv_b_proj.weight"):
             prefix = name.removesuffix("kv_b_proj.weight")
             heads, nope = args.num_attention_heads, args.qk_nope_head_dim

@@ -1,9 +1,9 @@
 """Llama on MLX: mlx-lm's classes built from a Hugging Face config.
 
 Everything model-specific the backend needs lives in the six public names
-below; ``deepseek_v3.py``, ``qwen2.py`` and ``qwen3.py`` expose the same ones
-(``ARCHITECTURES`` in ``models.py`` picks the module by ``model_type``); the
-qwen modules are llama's with mlx-lm's qwen classes (``llama_like``).
+below; ``deepseek_v3.py``, ``glm4_moe.py``, ``qwen2.py`` and ``qwen3.py`` expose the same
+ones (``ARCHITECTURES`` in ``models.py`` picks the module by ``model_type``); the qwen modules
+are llama's with mlx-lm's qwen classes (``llama_like``).
 """
 
 from __future__ import annotations

@@ -15,10 +15,11 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import create_attention_mask
 
-from edgemtp.mlx_backend import deepseek_v3, llama, qwen2, qwen3
+from edgemtp.mlx_backend import deepseek_v3, glm4_moe, llama, qwen2, qwen3
 from edgemtp.mlx_backend.cache import PreallocatedKVCache
 
-ARCHITECTURES: dict[str, ModuleType] = {"llama": llama, "deepseek_v3": deepseek_v3, "qwen2": qwen2, "qwen3": qwen3}
+ARCHITECTURES: dict[str, ModuleType] = {"llama": llama, "deepseek_v3": deepseek_v3, "glm4_moe": glm4_moe, "qwen2": qwen2,
+                                        "qwen3": qwen3}
 
 
 def output_head(trunk: nn.Module) -> Callable[[mx.array], mx.array]:

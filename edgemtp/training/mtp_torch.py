@@ -25,7 +25,7 @@ from torch import nn
 
 # The prefix of transformers' class names for each model_type we train MTP layers for; the classes
 # live in ``transformers.models.{model_type}.modeling_{model_type}``.
-_CLASS_PREFIXES = {"llama": "Llama", "deepseek_v3": "DeepseekV3", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+_CLASS_PREFIXES = {"llama": "Llama", "deepseek_v3": "DeepseekV3", "glm4_moe": "Glm4Moe", "qwen2": "Qwen2", "qwen3": "Qwen3"}
 
 
 def _decoder_classes(config):

@@ -153,7 +153,7 @@ def make_tiny_command(
 
 @app.command("train-mtp")
 def train_mtp_command(
-    trunk: str = typer.Argument(..., help="The frozen trunk: a llama GGUF file or a Hugging Face checkpoint directory."),
+    trunk: str = typer.Argument(..., help="The frozen trunk: a llama GGUF file or a Hugging Face checkpoint directory (llama, qwen2 or qwen3)."),
     out: str = typer.Argument(..., help="Output directory for mtp.safetensors, training_log.json and heldout_prompts.jsonl."),
     data: str = typer.Option(..., "--data", help="Corpus directory (tinystories_valid_head.txt, topical_chat.jsonl, gutenberg/*.txt)."),
     steps: int = typer.Option(2000, "--steps", help="Optimizer steps."),

@@ -70,7 +70,7 @@ def test_models_command_lists_the_registry():
         assert " ".join(model["convert"].split()) in " ".join(words)
         assert model["architecture"] in SUPPORTED_MODEL_TYPES
         if "parameters_b" in model:  # released checkpoints: their size at 4 and 8 bits
-            assert model["size_gb"]["4"] < model["size_gb"]["8"] < model["parameters_b"] * 1.2
+            assert 0 < model["size_gb"]["4"] < model["size_gb"]["8"]
             assert f"about {model['size_gb']['4']:,} GB at 4 bits" in " ".join(words)
     assert {"deepseek_v3", "glm4_moe", "qwen2", "qwen3"} <= {model["architecture"] for model in registry()}
     assert "(default)" in result.stdout

@@ -10,7 +10,7 @@ pytest.importorskip("transformers")
 
 from edgemtp.errors import UserError  # noqa: E402
 from edgemtp.factory import make_tiny  # noqa: E402
-from edgemtp.layout import expected_weights  # noqa: E402
+from edgemtp.layout import expected_weights, is_optional  # noqa: E402
 from edgemtp.training import data  # noqa: E402
 from edgemtp.training.recipe import RecipeConfig, chat_batches, train_mtp  # noqa: E402
 
@@ -71,7 +71,7 @@ def _epoch(lengths):
     return out
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "glm4_moe"])  # q/k/v biases, QK norm, partial RoPE, MoE MTP blocks
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])  # qwen: q/k/v biases, QK norm in the MTP block
 def test_recipe_trains_and_writes_hf_named_weights(tmp_path, arch):
     trunk = make_tiny(tmp_path / "trunk", arch=arch, mtp_layers=0, vocab_size=320, hidden_size=32,
                       intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
@@ -87,7 +87,7 @@ def test_recipe_trains_and_writes_hf_named_weights(tmp_path, arch):
 
     trunk_config = json.loads((trunk / "config.json").read_text())
     promised = {name: shape for name, shape in expected_weights({**trunk_config, "num_nextn_predict_layers": 1}).items()
-                if name.startswith("model.layers.2.") and "shared_head.head" not in name}
+                if name.startswith("model.layers.2.") and not is_optional(name)}  # they use the trunk's head and embedding
     with safe_open(str(tmp_path / "out" / "mtp.safetensors"), "pt") as f:
         assert set(f.keys()) == set(promised)
         for name, shape in promised.items():
@@ -190,3 +190,10 @@ def test_a_chats_file_that_is_not_one_is_refused(tmp_path):
     with pytest.raises(UserError, match="not a chats file written by train-mtp"):
         train_mtp(trunk, tmp_path / "out", _tiny_corpus(tmp_path / "corpus"), config, progress=lambda _: None)
     assert bad.read_bytes() == b"not safetensors" and not (tmp_path / "out" / "mtp.safetensors").exists()
+
+
+def test_moe_trunks_are_refused_with_one_line(tmp_path):
+    trunk = make_tiny(tmp_path / "trunk", arch="glm4_moe", mtp_layers=0)
+    with pytest.raises(UserError, match="ship their own MTP layers"):
+        train_mtp(trunk, tmp_path / "out", tmp_path, RecipeConfig(steps=1))
+    assert not (tmp_path / "out").exists()

@@ -25,7 +25,10 @@ from torch import nn
 
 # The prefix of transformers' class names for each model_type we train MTP layers for; the classes
 # live in ``transformers.models.{model_type}.modeling_{model_type}``.
-_CLASS_PREFIXES = {"llama": "Llama", "deepseek_v3": "DeepseekV3", "glm4_moe": "Glm4Moe", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+# MoE trunks (DeepSeek-V3, GLM-4.5) are left out: they ship their own MTP layers, and transformers 5
+# stores their experts fused, which the trunk loader (trunk_torch.py) does not build.
+_CLASS_PREFIXES = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3"}
+TRAINABLE_MODEL_TYPES = tuple(_CLASS_PREFIXES)
 
 
 def _decoder_classes(config):

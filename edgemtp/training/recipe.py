@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from edgemtp.bench import load_prompts
 from edgemtp.errors import UserError
 from edgemtp.training import data
-from edgemtp.training.mtp_torch import MTPHeads
+from edgemtp.training.mtp_torch import TRAINABLE_MODEL_TYPES, MTPHeads
 from edgemtp.training.trunk_torch import build_trunk, load_tokenizer, open_reader
 
 
@@ -265,12 +265,15 @@ def train_mtp(trunk_path: str | Path, out_dir: str | Path, corpus_dir: str | Pat
     started = time.time()
     random.seed(config.seed)
     torch.manual_seed(config.seed)
+    reader = open_reader(trunk_path)
+    if reader.config["model_type"] not in TRAINABLE_MODEL_TYPES:
+        raise UserError(f"{trunk_path}: train-mtp trains MTP layers for {', '.join(TRAINABLE_MODEL_TYPES)} trunks, not "
+                        f"{reader.config['model_type']}; GLM-4.5 and DeepSeek-V3 checkpoints ship their own MTP layers")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device(config.device)
     trunk_dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
 
-    reader = open_reader(trunk_path)
     trunk = build_trunk(reader, device=config.device, dtype=trunk_dtype)
     tokenizer = load_tokenizer(trunk_path, reader)
     pad_id = _special_ids(tokenizer)["pad_id"]

@@ -27,7 +27,9 @@ import numpy as np
 
 from edgemtp.converters.onnx_export.graph import (MS_DOMAIN, Block, GraphBuilder, drop_last_row, linear,
                                                   repeat_last_row, rms_norm, swiglu_mlp)
+from edgemtp.config import partial_rotary_factor
 from edgemtp.converters.onnx_export.rope import cos_sin_tables
+from edgemtp.errors import UserError
 from edgemtp.layout import attention_biases, has_qk_norm
 
 
@@ -43,19 +45,33 @@ def cache_layout(config: dict) -> dict:
             "shape": [1, kv_heads, "max_context", head_dim(config)]}
 
 
+# onnxruntime's GQA: "cos_cache dimension 1 must be <= head_size / 2 and a multiple of 8".
+_PARTIAL_ROTARY_MULTIPLE = 16
+
+
 class LlamaLayers:
-    """Adds llama (qwen2, qwen3) decoder blocks to ``g``; declares the position inputs GQA needs once."""
+    """Adds llama (qwen2, qwen3) decoder blocks to ``g``; declares the position inputs GQA needs once.
+
+    The attention also serves GLM-4.5 (glm4_moe.py): its biases and QK norm follow the model type
+    (``edgemtp.layout``), and partial RoPE stays inside GQA, which rotates the leading
+    ``2 * cos.shape[1]`` dimensions of each head (rotate-half) and passes the rest through, as
+    transformers' GLM-4.5 does; that width must be a multiple of 16 (GLM-4.5 rotates 64 of 128).
+    """
 
     def __init__(self, g: GraphBuilder, read: Callable[[str], np.ndarray], config: dict, max_positions: int):
         self.g, self.read, self.config = g, read, config
         self.heads = config["num_attention_heads"]
         self.kv_heads = config.get("num_key_value_heads") or self.heads
         self.head_dim = head_dim(config)
+        rotary_dim = int(self.head_dim * partial_rotary_factor(config))
+        if rotary_dim < self.head_dim and rotary_dim % _PARTIAL_ROTARY_MULTIPLE:
+            raise UserError(f"the ONNX exporter needs RoPE over a multiple of {_PARTIAL_ROTARY_MULTIPLE} dimensions "
+                            f"(onnxruntime's GroupQueryAttention); this model rotates {rotary_dim} of {self.head_dim}")
         # seqlens_k = total length after this step, its repeated row included (module docstring),
         # minus 1; total_sequence_length = that length.
         self.seqlens_k = g.input("seqlens_k", np.int32, [1])
         self.total_length = g.input("total_sequence_length", np.int32, [])
-        cos, sin = cos_sin_tables(config, self.head_dim, max_positions)
+        cos, sin = cos_sin_tables(config, rotary_dim, max_positions)
         self.cos, self.sin = g.weight("rope.cos", cos), g.weight("rope.sin", sin)
 
     def block(self, prefix: str, layer_index: int, slot: int) -> Block:
@@ -92,7 +108,7 @@ class LlamaLayers:
         return linear(g, out, read(prefix + "o_proj.weight"), f"{name}.o_proj", o_bias)
 
     def _qk_norm(self, packed: str, prefix: str, name: str) -> str:
-        """Packed QKV with every query and key head RMS-normalized (Qwen3), values untouched."""
+        """Packed QKV with every query and key head RMS-normalized (Qwen3, GLM-4.5), values untouched."""
         g = self.g
         widths = [self.heads * self.head_dim, self.kv_heads * self.head_dim, self.kv_heads * self.head_dim]
         q, k, v = g.node("Split", [packed, g.const(widths)], name=f"{name}.split_qkv", outputs=3, axis=-1)

@@ -17,6 +17,7 @@ import json
 import math
 import struct
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import ml_dtypes
@@ -68,7 +69,6 @@ class Checkpoint:
         self.path = path
         self.config = config
         self._entries = entries
-        self._digests: dict[str, str] = {}
 
     @classmethod
     def open(cls, path: str | Path, validate: bool = True) -> Checkpoint:
@@ -159,23 +159,11 @@ class Checkpoint:
         return values
 
     def digest(self, name: str) -> str:
-        """A hash of the tensor's stored bytes (dtype, shape and FP8 scale grid included), read in
-        chunks so that a multi-gigabyte tensor is never held in memory. Cached per name."""
-        if name not in self._digests:
-            digest = hashlib.blake2b(digest_size=16)
-            for entry in (self._entry(name), self._entries.get(name + SCALE_SUFFIX)):
-                if entry is None:
-                    continue
-                digest.update(f"{entry.dtype}{entry.shape}".encode())
-                with open(entry.file, "rb") as f:
-                    f.seek(entry.offset)
-                    left = entry.nbytes
-                    while left:
-                        chunk = f.read(min(left, 1 << 26))
-                        digest.update(chunk)
-                        left -= len(chunk)
-            self._digests[name] = digest.hexdigest()
-        return self._digests[name]
+        """A hash of the tensor's stored bytes (dtype, shape and FP8 scale grid included). Cached per
+        process by file position and modification time: the planner and the backend each open the
+        checkpoint, and one DeepSeek-V3 embedding copy is 1.9 GB to read."""
+        entries = [entry for entry in (self._entry(name), self._entries.get(name + SCALE_SUFFIX)) if entry is not None]
+        return "".join(_entry_digest(entry, entry.file.stat().st_mtime_ns) for entry in entries)
 
     # --- validation -------------------------------------------------------------
 
@@ -264,6 +252,21 @@ def refuse_pickles(path: Path) -> None:
     if pickles:
         raise UserError(f"{path} holds only pickle weights ({', '.join(pickles)}); edgemtp refuses to unpickle "
                         f"(it can run arbitrary code): convert them to safetensors first")
+
+
+@lru_cache(maxsize=None)
+def _entry_digest(entry: TensorEntry, mtime_ns: int) -> str:
+    """The hash behind ``Checkpoint.digest``, read in chunks so that a multi-gigabyte tensor is never
+    held in memory (``mtime_ns`` keys the cache to the file's current contents)."""
+    digest = hashlib.blake2b(f"{entry.dtype}{entry.shape}".encode(), digest_size=16)
+    with open(entry.file, "rb") as f:
+        f.seek(entry.offset)
+        left = entry.nbytes
+        while left:
+            chunk = f.read(min(left, 1 << 26))
+            digest.update(chunk)
+            left -= len(chunk)
+    return digest.hexdigest()
 
 
 def memory_map(file: Path) -> dict[str, np.ndarray]:

@@ -26,7 +26,7 @@ import numpy as np
 
 from edgemtp.config import with_both_rope_forms
 from edgemtp.errors import UserError
-from edgemtp.layout import expected_weights, is_fp8_quantized
+from edgemtp.layout import expected_weights, is_fp8_quantized, is_mtp_embedding
 from edgemtp.mtp_copies import trunk_head_name
 from edgemtp.safetensors_stream import TensorSpec, write_safetensors
 
@@ -299,7 +299,7 @@ def _tensor_specs(config: dict, seed: int, dtype, fp8_block: int | None, confide
 
 def _copied_from(name: str, config: dict, mtp_head: str) -> str:
     """The trunk tensor whose copy ``name`` is in a released-layout MTP layer, else ``name``."""
-    if name.startswith("model.layers.") and name.endswith(".embed_tokens.weight"):
+    if is_mtp_embedding(name):
         return "model.embed_tokens.weight"
     if mtp_head == "copy" and name.endswith(".shared_head.head.weight"):
         return trunk_head_name(config)

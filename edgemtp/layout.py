@@ -6,7 +6,7 @@ Hugging Face's (DeepSeek-V3 and GLM-4.5 experts one tensor per expert, as on the
 
 MTP layer ``i`` lives at ``model.layers.{num_hidden_layers + i}.``: a full decoder block of
 the trunk's type plus ``enorm``, ``hnorm``, ``eh_proj`` and ``shared_head.{norm,head}``, and,
-as DeepSeek-V3/R1, Kimi-K2 and GLM-4.5 release them, its own ``embed_tokens`` (in those
+as DeepSeek-V3/R1 and GLM-4.5 release them, its own ``embed_tokens`` (in those
 releases a copy of the trunk's embedding; see ``edgemtp.mtp_copies``).
 """
 
@@ -36,11 +36,16 @@ def is_fp8_quantized(name: str) -> bool:
 _MTP_EMBEDDING = re.compile(r"^model\.layers\.\d+\.embed_tokens\.weight$")
 
 
+def is_mtp_embedding(name: str) -> bool:
+    """Whether ``name`` is an MTP layer's ``embed_tokens`` (released checkpoints store one per layer)."""
+    return _MTP_EMBEDDING.match(name) is not None
+
+
 def is_optional(name: str) -> bool:
     """Weights a checkpoint may omit: an MTP layer without ``shared_head.head`` uses the
     trunk's output head, one without ``embed_tokens`` the trunk's embedding (as MTP layers
     trained by edgemtp do; released checkpoints store both)."""
-    return name.endswith(".shared_head.head.weight") or _MTP_EMBEDDING.match(name) is not None
+    return name.endswith(".shared_head.head.weight") or is_mtp_embedding(name)
 
 
 def mtp_prefix(config: dict, index: int) -> str:

@@ -1,6 +1,6 @@
 """Which tensors of an MTP layer are copies of the trunk's, so that they are stored and loaded once.
 
-DeepSeek-V3/R1/V3.1, Kimi-K2 and GLM-4.5 store in every MTP layer its own token embedding
+DeepSeek-V3/R1/V3.1 and GLM-4.5 store in every MTP layer its own token embedding
 (``embed_tokens``) and output head (``shared_head.head``); in those releases they are copies of
 the trunk's embedding and output head, 0.93 B parameters each for DeepSeek-V3. A copy that is
 byte-identical to the trunk's tensor is left out by the converters, and the MTP layer uses the

@@ -14,9 +14,7 @@ from pathlib import Path
 
 from edgemtp.checkpoint import Checkpoint
 from edgemtp.config import load_config, num_mtp_layers
-from edgemtp.converters.onnx_export.manifest import read_manifest
 from edgemtp.layout import expected_weights, mtp_prefix
-from edgemtp.mlx_backend.weights import MTP_FILE, is_mlx_dir
 from edgemtp.mtp_copies import MTP_TRUNK_PARTS, parts_from_trunk, trunk_copy_bytes
 
 KV_CACHE_TOKENS = 4096
@@ -48,12 +46,13 @@ class ModelSummary:
 def summarize(path: str | Path) -> ModelSummary:
     """Describe the model directory at ``path`` (HF, mlx-lm or edgemtp ONNX) without loading its weights."""
     config = load_config(path)
-    onnx_export = _onnx_storage_and_bytes(Path(path))
+    onnx_export = _onnx_export_summary(Path(path))
     copy_bytes = 0
     if onnx_export is not None:
-        where, (storage, weight_bytes) = str(Path(path)), onnx_export
-        from_trunk = [entry.get("from_trunk", []) for entry in read_manifest(Path(path))["mtp"]]
+        where, (storage, weight_bytes, from_trunk) = str(Path(path)), onnx_export
     else:
+        from edgemtp.mlx_backend.weights import is_mlx_dir  # imports mlx: only for non-ONNX directories
+
         mlx_quantization = config.get("quantization")
         mlx_dir = is_mlx_dir(Path(path), config)
         # MLX directories store mlx-lm's names (and packed quantized weights), not the config's layout.
@@ -83,11 +82,15 @@ def summarize(path: str | Path) -> ModelSummary:
     )
 
 
-def _onnx_storage_and_bytes(path: Path) -> tuple[str, int] | None:
-    """Storage and file bytes of an edgemtp ONNX export, or None for other directories."""
+def _onnx_export_summary(path: Path) -> tuple[str, int, list[list[str]]] | None:
+    """Storage, file bytes and what each MTP graph takes from the trunk, of an edgemtp ONNX export;
+    None for other directories."""
     from edgemtp.converters.onnx_export.manifest import is_onnx_export, read_manifest, weight_bytes
 
-    return (_onnx_storage(read_manifest(path)), weight_bytes(path)) if is_onnx_export(path) else None
+    if not is_onnx_export(path):
+        return None
+    manifest = read_manifest(path)
+    return _onnx_storage(manifest), weight_bytes(path), [entry["from_trunk"] for entry in manifest["mtp"]]
 
 
 def _onnx_storage(manifest: dict) -> str:
@@ -122,6 +125,8 @@ def parameter_counts(config: dict, mtp_from_trunk: list[list[str]]) -> tuple[int
 def _mlx_dir_from_trunk(path: Path, layers: int) -> list[list[str]]:
     """What each MTP layer of an MLX directory takes from the trunk: the parts mtp.safetensors lacks."""
     from safetensors import safe_open
+
+    from edgemtp.mlx_backend.weights import MTP_FILE
 
     names = set()
     if (path / MTP_FILE).is_file():

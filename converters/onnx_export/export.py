@@ -13,13 +13,13 @@ from edgemtp.checkpoint import Checkpoint
 from edgemtp.converters.onnx_export.graph import save_model
 from edgemtp.converters.onnx_export.manifest import MANIFEST, make_manifest
 from edgemtp.converters.onnx_export.model import ARCHS, build_mtp, build_trunk
-from edgemtp.mtp_copies import own_parts, parts_from_trunk
 from edgemtp.converters.onnx_export.quantize import quantize
 from edgemtp.converters.onnx_export.shared import FILE_NAME as SHARED_FILE
 from edgemtp.converters.onnx_export.shared import detach, embedding_tensors, same_tensors
 from edgemtp.draft_vocab import FILE_NAME as DRAFT_VOCAB_FILE
 from edgemtp.draft_vocab import read_draft_vocab
 from edgemtp.errors import UserError
+from edgemtp.mtp_copies import own_parts, parts_from_trunk
 from edgemtp.tokenizer import copy_tokenizer_files
 
 SUPPORTED_BITS = (4, 8, None)

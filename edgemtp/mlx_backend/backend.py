@@ -20,7 +20,6 @@ from edgemtp.config import check_supported, load_config
 from edgemtp.draft_vocab import load_draft_vocab
 from edgemtp.errors import UserError
 from edgemtp.mlx_backend.cache import PreallocatedKVCache
-from edgemtp.mtp_copies import own_parts
 from edgemtp.mlx_backend.models import ARCHITECTURES, MTPLayer, MTPStack, head_rows, output_head, run_trunk
 from edgemtp.mlx_backend.weights import (
     cast,
@@ -31,6 +30,7 @@ from edgemtp.mlx_backend.weights import (
     quantize_like_saved,
     read_mlx_dir,
 )
+from edgemtp.mtp_copies import own_parts
 
 DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 DEFAULT_MAX_KV_SIZE = 4096

@@ -220,9 +220,11 @@ def bench_command(
     import tempfile
     from pathlib import Path
 
-    from edgemtp import benchreport
     from edgemtp.api import default_backend
-    from edgemtp.bench import Target, convert_targets, default_model_targets, load_prompts, run_bench
+    from edgemtp.bench import report
+    from edgemtp.bench.figures import Target
+    from edgemtp.bench.prompts import load_prompts
+    from edgemtp.bench.runner import convert_targets, default_model_targets, run_bench
 
     choices = {"mlx": ["mlx"], "onnx": ["onnx"], "all": ["mlx", "onnx"]}
     backend = backend or default_backend()
@@ -244,13 +246,13 @@ def bench_command(
         result = run_bench(targets, prompt_list, max_tokens=max_tokens, repeats=repeats,
                            draft_dir=Path(draft_model) if draft_model else None,
                            bandwidth_bytes=bandwidth_mb * 2**20, progress=say)
-    benchreport.print_report(result)
+    report.print_report(result)
     if json_out:
-        benchreport.write_json(result, json_out)
+        report.write_json(result, json_out)
     if plot_out:
-        benchreport.write_plot(result, plot_out)
+        report.write_plot(result, plot_out)
     if markdown_out:
-        benchreport.write_markdown(result, markdown_out)
+        report.write_markdown(result, markdown_out)
 
 
 @app.command("convert")

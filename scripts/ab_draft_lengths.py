@@ -21,7 +21,8 @@ from collections import Counter
 from pathlib import Path
 
 import edgemtp
-from edgemtp.bench import load_prompts, measure_decoding
+from edgemtp.bench.decoding import measure_decoding
+from edgemtp.bench.prompts import load_prompts
 
 HELDOUT = Path(__file__).resolve().parents[1] / "models/smollm2-135m-mtp/heldout_prompts.jsonl"
 VARIANTS = {"plain": ("none", 0), **{f"k={k}": ("mtp", k) for k in range(1, 5)}, "auto": ("mtp", "auto")}

@@ -17,7 +17,8 @@ import statistics
 from pathlib import Path
 
 import edgemtp
-from edgemtp.bench import load_prompts, measure_decoding
+from edgemtp.bench.decoding import measure_decoding
+from edgemtp.bench.prompts import load_prompts
 from edgemtp.converters.onnx_export import export_onnx
 
 

@@ -17,7 +17,8 @@ import statistics
 import numpy as np
 
 import edgemtp
-from edgemtp.bench import load_prompts, measure_decoding
+from edgemtp.bench.decoding import measure_decoding
+from edgemtp.bench.prompts import load_prompts
 from edgemtp.onnx_backend import backend as onnx_backend
 
 NEW_RUN = onnx_backend._Graph.run

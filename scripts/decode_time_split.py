@@ -22,7 +22,8 @@ from collections import defaultdict
 import numpy as np
 
 import edgemtp
-from edgemtp.bench import load_prompts, measure_decoding
+from edgemtp.bench.decoding import measure_decoding
+from edgemtp.bench.prompts import load_prompts
 from edgemtp.engine.drafters import median_seconds, mtp_step_seconds
 
 VARIANTS = {"plain": ("none", None), "k=1": ("mtp", 1), "k=2": ("mtp", 2), "k=3": ("mtp", 3)}

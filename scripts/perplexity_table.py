@@ -4,7 +4,7 @@ conversion to each format at 8 and 4 bits, against its fp16 conversion: the READ
     python scripts/perplexity_table.py [--tokens 20480] [--only onnx4 ...]
 
 Text: Jane Austen's *Persuasion* from ../shared/data/corpus (held out: not used for training
-anything here). Every model is scored by ``edgemtp.perplexity.perplexity`` in windows of 512.
+anything here). Every model is scored by ``edgemtp.bench.perplexity.perplexity`` in windows of 512.
 
 MLX runs on Apple GPUs; its CPU build is far too slow for 20k tokens of a 135M model here,
 so MLX conversions are scored on their own stored weights (dequantized exactly as MLX's
@@ -27,7 +27,7 @@ import edgemtp
 from edgemtp.converters.convert import convert
 from edgemtp.converters.onnx_export import export_onnx
 from edgemtp.default_model import gguf_path
-from edgemtp.perplexity import perplexity
+from edgemtp.bench.perplexity import perplexity
 from edgemtp.tokenizer import Tokenizer
 
 TOKENS = 20_480

@@ -8,10 +8,12 @@ import sys
 import numpy as np
 import pytest
 
-from edgemtp import bench, benchreport
+from edgemtp.bench import decoding, figures, mlx_lm_peer, report, runner
+from edgemtp.bench.membw import read_bandwidth
+from edgemtp.bench.prompts import load_prompts
+from edgemtp.engine.drafters import mtp_step_seconds
 from edgemtp.engine.stats import Stats, peak_rss_bytes, reset_peak_rss
 from edgemtp.errors import UserError
-from edgemtp.membw import read_bandwidth
 
 # --- bandwidth -------------------------------------------------------------------------
 
@@ -38,36 +40,36 @@ def test_peak_rss_restarts_after_a_conversion_sized_allocation():
 
 
 def test_expected_tokens_per_step():
-    assert bench.expected_tokens_per_step([0.8, 0.5], 1) == pytest.approx(1.8)
-    assert bench.expected_tokens_per_step([0.8, 0.5], 2) == pytest.approx(1 + 0.8 + 0.8 * 0.5)
+    assert figures.expected_tokens_per_step([0.8, 0.5], 1) == pytest.approx(1.8)
+    assert figures.expected_tokens_per_step([0.8, 0.5], 2) == pytest.approx(1 + 0.8 + 0.8 * 0.5)
     # a position never reached counts as rejected
-    assert bench.expected_tokens_per_step([0.8, 0.5], 4) == pytest.approx(2.2)
-    assert bench.expected_tokens_per_step([], 3) == 1.0
+    assert figures.expected_tokens_per_step([0.8, 0.5], 4) == pytest.approx(2.2)
+    assert figures.expected_tokens_per_step([], 3) == 1.0
 
 
 def test_ideal_speedup_by_hand():
     curve = [1.0, 1.1, 1.2, 1.3]
     # two drafts per step: verify 3 tokens (1.2) + 2 draft steps of 0.1
-    assert bench.ideal_speedup(2.2, {2: 10}, curve, 0.1) == pytest.approx(2.2 / 1.4)
+    assert figures.ideal_speedup(2.2, {2: 10}, curve, 0.1) == pytest.approx(2.2 / 1.4)
     # mixed draft lengths are weighted by their step counts
     mixed = (3 * (1.1 + 0.1) + 1 * (1.3 + 0.3)) / 4
-    assert bench.ideal_speedup(2.0, {1: 3, 3: 1}, curve, 0.1) == pytest.approx(2.0 / mixed)
+    assert figures.ideal_speedup(2.0, {1: 3, 3: 1}, curve, 0.1) == pytest.approx(2.0 / mixed)
     # past the curve, extended along its last segment: T(6)/T(1) = 1.3 + 2 * 0.1
-    assert bench.ideal_speedup(3.0, {5: 1}, curve, 0.0) == pytest.approx(3.0 / 1.5)
-    assert bench.ideal_speedup(1.0, {}, curve, 0.0) == 1.0
+    assert figures.ideal_speedup(3.0, {5: 1}, curve, 0.0) == pytest.approx(3.0 / 1.5)
+    assert figures.ideal_speedup(1.0, {}, curve, 0.0) == 1.0
     # a dip in the measured curve is noise: T(2) = 1.3 and T(3) = 1.2 both count as their mean
-    assert bench.ideal_speedup(1.5, {1: 1}, [1.0, 1.3, 1.2, 1.4], 0.0) == pytest.approx(1.5 / 1.25)
+    assert figures.ideal_speedup(1.5, {1: 1}, [1.0, 1.3, 1.2, 1.4], 0.0) == pytest.approx(1.5 / 1.25)
 
 
 def test_bandwidth_fraction():
-    assert bench.bandwidth_fraction(10**9, 10.0, 20.0) == pytest.approx(0.5)
+    assert figures.bandwidth_fraction(10**9, 10.0, 20.0) == pytest.approx(0.5)
 
 
 # --- prompts -------------------------------------------------------------------------------------
 
 
 def test_default_prompts():
-    prompts = bench.load_prompts()
+    prompts = load_prompts()
     assert 12 <= len(prompts) <= 20 and all(isinstance(p, str) and p for p in prompts)
     assert any(p.startswith("def ") for p in prompts)  # code-like prompts are included
 
@@ -77,7 +79,7 @@ def test_bad_prompt_files(tmp_path, text):
     path = tmp_path / "prompts.json"
     path.write_text(text)
     with pytest.raises(UserError, match="prompts.json"):
-        bench.load_prompts(path)
+        load_prompts(path)
 
 
 # --- aggregation over prompts (a scripted fake model) ------------------------------------------------
@@ -113,28 +115,28 @@ SCRIPT = {
 
 def test_plain_aggregation_is_tokens_over_seconds():
     model = ScriptedModel(SCRIPT)
-    plain, outputs = bench.measure_decoding(model, ["a", "b"], max_tokens=16, repeats=2)
+    plain, outputs = decoding.measure_decoding(model, ["a", "b"], max_tokens=16, repeats=2)
     assert outputs == [[1, 2, 3, 4], [5, 6]]
     # 6 tokens in 4/10 + 2/20 = 0.5 s
     assert plain.tokens_per_s == pytest.approx(12.0)
     assert plain.generated_tokens == 6 and plain.identical_to_plain is None
     assert plain.ttft_s > 0
     # one short warm-up on the last prompt, then every prompt per repeat
-    assert model.calls[0] == ("b", bench.WARMUP_TOKENS, "none", None)
+    assert model.calls[0] == ("b", decoding.WARMUP_TOKENS, "none", None)
     assert len(model.calls) == 1 + 2 * 2
 
 
 def test_speculative_aggregation_and_identity_check():
     model = ScriptedModel(SCRIPT)
     reference = [[1, 2, 3, 4], [5, 6]]
-    spec, _ = bench.measure_decoding(model, ["a", "b"], max_tokens=16, repeats=1, spec="mtp", num_draft=1,
+    spec, _ = decoding.measure_decoding(model, ["a", "b"], max_tokens=16, repeats=1, spec="mtp", num_draft=1,
                                      reference=reference)
     assert spec.tokens_per_s == pytest.approx(6 / (4 / 20 + 2 / 40))
     assert spec.identical_to_plain is False  # prompt b diverged
     assert spec.tokens_per_step == pytest.approx(1 + 2 / 4)
     assert spec.acceptance_by_position == pytest.approx([0.5])  # weighted by steps: (2*1 + 2*0) / 4
     assert spec.draft_lengths == {1: 4}
-    same, _ = bench.measure_decoding(model, ["a"], max_tokens=16, repeats=1, spec="mtp", num_draft=1,
+    same, _ = decoding.measure_decoding(model, ["a"], max_tokens=16, repeats=1, spec="mtp", num_draft=1,
                                      reference=[[1, 2, 3, 4]])
     assert same.identical_to_plain is True
 
@@ -156,8 +158,8 @@ def test_cost_curve_leaves_the_cache_as_it_found_it(mlx_model):
     context = [5, 9, 33, 7, 100, 42]
     backend.reset()
     backend.trunk_step(context)
-    curve = bench.trunk_cost_curve(backend, repeats=2)
-    assert len(curve) == bench.COST_CURVE_TOKENS and all(t > 0 for t in curve)
+    curve = decoding.trunk_cost_curve(backend, repeats=2)
+    assert len(curve) == decoding.COST_CURVE_TOKENS and all(t > 0 for t in curve)
     assert backend.trunk_len() == len(context)
     # the next step after the timed (rolled back) ones gives exactly what it gives
     # after a fresh prefill of the same context
@@ -174,7 +176,7 @@ def test_mtp_step_cost_leaves_the_depth_cache_as_it_found_it(mlx_model):
     backend.reset()
     _, hidden = backend.trunk_step(context)
     backend.mtp_step(1, hidden[:-1], context[1:])
-    assert bench.mtp_step_seconds(backend, repeats=2) > 0
+    assert mtp_step_seconds(backend, repeats=2) > 0
     assert (backend.trunk_len(), backend.mtp_len(1)) == (len(context), len(context) - 1)
     # the depth-1 cache still gives what it gives after a fresh fill
     after, _ = backend.mtp_step(1, hidden[-1:], [11])
@@ -188,21 +190,21 @@ def test_mtp_step_cost_leaves_the_depth_cache_as_it_found_it(mlx_model):
 # --- report writers --------------------------------------------------------------------------------
 
 
-def _result() -> bench.BenchResult:
-    plain = bench.DecodeFigures(spec="none", num_draft=None, tokens_per_s=50.0, ttft_s=0.02, generated_tokens=100)
+def _result() -> figures.BenchResult:
+    plain = figures.DecodeFigures(spec="none", num_draft=None, tokens_per_s=50.0, ttft_s=0.02, generated_tokens=100)
     speculative = [
-        bench.DecodeFigures(spec="mtp", num_draft=k, tokens_per_s=50.0 + 10 * k, ttft_s=0.02, generated_tokens=100,
+        figures.DecodeFigures(spec="mtp", num_draft=k, tokens_per_s=50.0 + 10 * k, ttft_s=0.02, generated_tokens=100,
                             acceptance_by_position=[0.8, 0.6][:k], tokens_per_step=1.5, draft_lengths={k: 60},
                             identical_to_plain=True, measured_speedup=1 + k / 5, ideal_speedup=1.3)
         for k in (1, 2)
-    ] + [bench.DecodeFigures(spec="mtp", num_draft="auto", tokens_per_s=65.0, ttft_s=0.02, generated_tokens=100,
+    ] + [figures.DecodeFigures(spec="mtp", num_draft="auto", tokens_per_s=65.0, ttft_s=0.02, generated_tokens=100,
                              identical_to_plain=True, measured_speedup=1.3, ideal_speedup=1.4)]
-    target = bench.TargetFigures(
+    target = figures.TargetFigures(
         backend="mlx", model="tiny", plan=[("total", "1.00 GiB")], weight_bytes_per_token=200_000_000, plain=plain,
         speculative=speculative, cost_curve=[1.0, 1.05, 1.1, 1.2, 1.3, 1.4, 1.5, 1.6], trunk_step_s=0.02,
         draft_cost={"ngram": 0.0, "mtp": 0.12}, bandwidth_fraction=0.5, peak_rss_bytes=2**30,
         mlx_lm_tokens_per_s=40.0, mlx_lm_note="mlx-lm stream_generate")
-    return bench.BenchResult(machine={"platform": "test", "processor": "test-cpu", "bandwidth_threads": 2},
+    return figures.BenchResult(machine={"platform": "test", "processor": "test-cpu", "bandwidth_threads": 2},
                              bandwidth_gb_s=20.0, targets=[target], settings={"max_tokens": 64, "repeats": 3,
                                                                                "prompts": 2})
 
@@ -211,7 +213,7 @@ def test_rich_report():
     from rich.console import Console
 
     console = Console(record=True, width=200)
-    benchreport.print_report(_result(), console)
+    report.print_report(_result(), console)
     text = console.export_text()
     assert "20.0 GB/s" in text and "50% of measured" in text
     assert "1.25×" in text  # ours 50 tok/s over mlx-lm's 40
@@ -219,9 +221,9 @@ def test_rich_report():
 
 
 def test_markdown_table():
-    markdown = benchreport.to_markdown(_result())
+    markdown = report.to_markdown(_result())
     rows = [line for line in markdown.splitlines() if line.startswith("| ")]
-    assert rows[0] == "| " + " | ".join(benchreport.DECODE_COLUMNS) + " |"
+    assert rows[0] == "| " + " | ".join(report.DECODE_COLUMNS) + " |"
     assert rows[1].startswith("| plain | – | 50.0 |")
     assert rows[2] == "| mtp | 1 | 60.0 | 20 | 1.50 | 0.80 | 1.30 | 1.20 | yes |"
     assert len(rows) == 1 + 1 + 3
@@ -229,7 +231,7 @@ def test_markdown_table():
 
 def test_json_has_every_figure(tmp_path):
     path = tmp_path / "bench.json"
-    benchreport.write_json(_result(), path)
+    report.write_json(_result(), path)
     data = json.loads(path.read_text())
     target = data["targets"][0]
     assert data["bandwidth_gb_s"] == 20.0 and target["mlx_lm_ratio"] == pytest.approx(1.25)
@@ -240,7 +242,7 @@ def test_json_has_every_figure(tmp_path):
 
 def test_plot_is_a_png(tmp_path):
     path = tmp_path / "bench.png"
-    benchreport.write_plot(_result(), path)
+    report.write_plot(_result(), path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -267,10 +269,10 @@ def test_bench_command_end_to_end(tmp_path, monkeypatch, tiny_checkpoint):
     data = json.loads((out / "b.json").read_text())
     target = data["targets"][0]
     rows = target["speculative"]
-    assert [(r["spec"], r["num_draft"]) for r in rows] == [(d, k) for d in ("mtp", "ngram") for k in bench.DRAFT_LENGTHS]
+    assert [(r["spec"], r["num_draft"]) for r in rows] == [(d, k) for d in ("mtp", "ngram") for k in runner.DRAFT_LENGTHS]
     # greedy speculative decoding must reproduce plain decoding token for token
     assert all(r["identical_to_plain"] is True for r in rows)
-    assert target["plain"]["generated_tokens"] > 0 and len(target["cost_curve"]) == bench.COST_CURVE_TOKENS
+    assert target["plain"]["generated_tokens"] > 0 and len(target["cost_curve"]) == decoding.COST_CURVE_TOKENS
     assert target["weight_bytes_per_token"] > 0 and data["bandwidth_gb_s"] > 0
     # the 4-bit conversion keeps the trunk mlx-lm loadable, so the side-by-side ran
     assert target["model"].endswith("(mlx 4-bit)") and target["mlx_lm_tokens_per_s"] > 0
@@ -284,7 +286,7 @@ def test_mlx_lm_rate_counts_tokens_after_the_first_like_edgemtp():
     from types import SimpleNamespace
 
     last = SimpleNamespace(generation_tokens=24, generation_tps=24 / 2.3)
-    decoded, seconds = bench.mlx_lm_decode(last)
+    decoded, seconds = mlx_lm_peer.mlx_lm_decode(last)
     assert decoded == 23 and seconds == pytest.approx(2.3)
-    assert bench.mlx_lm_decode(None) == (0, 0.0)
-    assert bench.mlx_lm_decode(SimpleNamespace(generation_tokens=1, generation_tps=0.0)) == (0, 0.0)
+    assert mlx_lm_peer.mlx_lm_decode(None) == (0, 0.0)
+    assert mlx_lm_peer.mlx_lm_decode(SimpleNamespace(generation_tokens=1, generation_tps=0.0)) == (0, 0.0)

@@ -382,7 +382,7 @@ def test_a_new_default_conversion_removes_the_ones_it_supersedes(monkeypatch, tm
 
 
 def test_bench_compares_mtp_drafting_with_and_without_the_draft_vocabulary(tiny_checkpoint, tmp_path, monkeypatch):
-    from edgemtp import bench, benchreport
+    from edgemtp.bench import figures, report, runner
 
     monkeypatch.setenv("EDGEMTP_CACHE", str(tmp_path / "cache"))  # the auto policy caches step costs there
     vocab_file = tmp_path / "vocab.safetensors"
@@ -390,8 +390,8 @@ def test_bench_compares_mtp_drafting_with_and_without_the_draft_vocabulary(tiny_
     source = tiny_checkpoint("llama", mtp_layers=1, confident=True)
     pruned = convert(source, tmp_path / "pruned", to="onnx", bits=8, show_progress=False, draft_vocab=vocab_file)
     full = convert(source, tmp_path / "full", to="onnx", bits=8, show_progress=False)
-    targets = [bench.Target(pruned, "onnx", "tiny"), bench.Target(full, "onnx", "tiny, full head", drafters=("mtp",))]
-    result = bench.run_bench(targets, ["Once upon a time"], max_tokens=8, repeats=1, bandwidth_bytes=16 << 20,
+    targets = [figures.Target(pruned, "onnx", "tiny"), figures.Target(full, "onnx", "tiny, full head", drafters=("mtp",))]
+    result = runner.run_bench(targets, ["Once upon a time"], max_tokens=8, repeats=1, bandwidth_bytes=16 << 20,
                              progress=lambda line: None)
 
     with_vocab, without = result.targets
@@ -399,6 +399,6 @@ def test_bench_compares_mtp_drafting_with_and_without_the_draft_vocabulary(tiny_
     assert {f.spec for f in with_vocab.speculative} == {"mtp", "ngram"}
     assert {f.spec for f in without.speculative} == {"mtp"} and set(without.draft_cost) == {"mtp"}
     assert all(f.identical_to_plain for target in result.targets for f in target.speculative)
-    rows = benchreport.draft_vocab_rows(result)
+    rows = report.draft_vocab_rows(result)
     assert [row[:2] for row in rows] == [["tiny", f"{len(_kept_ids())} tokens"], ["tiny, full head", "full vocabulary"]]
-    assert "draft vocabulary vs full vocabulary" in benchreport.to_markdown(result)
+    assert "draft vocabulary vs full vocabulary" in report.to_markdown(result)

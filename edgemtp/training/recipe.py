@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from edgemtp.bench import load_prompts
+from edgemtp.bench.prompts import load_prompts
 from edgemtp.errors import UserError
 from edgemtp.training import data
 from edgemtp.training.mtp_torch import TRAINABLE_MODEL_TYPES, MTPHeads

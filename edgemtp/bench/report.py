@@ -1,6 +1,6 @@
 """Presenting ``edgemtp bench`` results: a rich table, JSON, README markdown and a plot.
 
-Every writer works from a :class:`edgemtp.bench.BenchResult` alone, so results saved as
+Every writer works from a :class:`edgemtp.bench.figures.BenchResult` alone, so results saved as
 JSON and the live run render the same way. Files are written to a temporary name and
 renamed when complete.
 """
@@ -12,7 +12,7 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
-from edgemtp.bench import BenchResult, DecodeFigures, TargetFigures
+from edgemtp.bench.figures import BenchResult, DecodeFigures, TargetFigures
 
 # Short headers so the table fits an 80-column terminal.
 DECODE_COLUMNS = ("mode", "k", "tok/s", "TTFT ms", "tok/step", "accept by pos", "ideal ×", "real ×", "= plain")

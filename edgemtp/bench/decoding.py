@@ -1,0 +1,113 @@
+"""Timing edgemtp's own decoding: tokens/s and time to first token over a prompt set, acceptance
+per draft position, and the cost curve of one trunk step over n tokens."""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+from edgemtp.bench.figures import DecodeFigures
+from edgemtp.engine.drafters import median_seconds
+
+COST_CURVE_TOKENS = 8  # the cost curve covers trunk steps of 1..8 tokens
+WARMUP_TOKENS = 8
+
+
+def _run_prompts(model, prompts, max_tokens, spec, num_draft, draft_model):
+    """One pass over the prompt set: (token lists, first-token seconds, final stats) per prompt."""
+    outputs, ttfts, finals = [], [], []
+    options = {"spec": spec} if spec == "none" else {"spec": spec, "num_draft": num_draft, "draft_model": draft_model}
+    for prompt in prompts:
+        tokens: list[int] = []
+        stats = None
+        start = time.perf_counter()
+        first = None
+        for _text, token_ids, stats in model.stream(prompt, max_tokens=max_tokens, temperature=0.0, **options):
+            if first is None and token_ids:
+                first = time.perf_counter() - start
+            tokens.extend(token_ids)
+        outputs.append(tokens)
+        ttfts.append(first if first is not None else time.perf_counter() - start)
+        finals.append(stats)
+    return outputs, ttfts, finals
+
+
+def measure_decoding(model, prompts, *, max_tokens, repeats, spec="none", num_draft=None, draft_model=None,
+                     reference=None):
+    """Decode every prompt ``repeats`` times after a warm-up; returns (DecodeFigures, token lists).
+
+    ``reference`` (plain decoding's token lists) turns on the greedy-identity check.
+    The warm-up decodes the LAST prompt: the engine reuses the cached prefix a new
+    prompt shares with the previous one, and prompts differ from their neighbours, so
+    every timed prompt (the first included) is processed from its first differing token.
+    """
+    _run_prompts(model, prompts[-1:], WARMUP_TOKENS, spec, num_draft, draft_model)
+    rates, ttfts = [], []
+    for _ in range(repeats):
+        outputs, first_token_s, finals = _run_prompts(model, prompts, max_tokens, spec, num_draft, draft_model)
+        generated = sum(s.generated_tokens for s in finals)
+        seconds = sum(s.generated_tokens / s.tokens_per_s for s in finals if s.tokens_per_s > 0)
+        rates.append(generated / seconds if seconds > 0 else 0.0)
+        ttfts.extend(first_token_s)
+    figures = DecodeFigures(
+        spec=spec,
+        num_draft=num_draft if spec != "none" else None,
+        tokens_per_s=statistics.median(rates),
+        ttft_s=statistics.median(ttfts),
+        generated_tokens=generated,
+    )
+    if spec != "none":
+        _fill_acceptance(figures, finals)
+    if reference is not None:
+        figures.identical_to_plain = outputs == reference
+    return figures, outputs
+
+
+def _fill_acceptance(figures: DecodeFigures, finals) -> None:
+    """Pool the per-prompt acceptance counters of one repeat (greedy: every repeat is the same).
+
+    Per-position rates are averaged weighted by each prompt's number of trunk steps,
+    which is how often position 1 was reached.
+    """
+    steps = sum(s.steps for s in finals)
+    if steps == 0:
+        return
+    figures.tokens_per_step = 1 + sum(s.accepted for s in finals) / steps
+    positions = max(len(s.acceptance_by_position) for s in finals)
+    figures.acceptance_by_position = [
+        sum(s.steps * s.acceptance_by_position[i] for s in finals if len(s.acceptance_by_position) > i)
+        / sum(s.steps for s in finals if len(s.acceptance_by_position) > i)
+        for i in range(positions)
+    ]
+    for s in finals:
+        for k, count in s.draft_lengths.items():
+            figures.draft_lengths[int(k)] = figures.draft_lengths.get(int(k), 0) + count
+
+
+# --- step costs -----------------------------------------------------------------------------
+
+
+def trunk_cost_curve(backend, repeats: int) -> list[float]:
+    """Seconds of one trunk step over n = 1..COST_CURVE_TOKENS tokens.
+
+    Measured on top of whatever the cache holds (a real decoding context), and every
+    timed step is rolled back, so the caches end exactly as they were: the engine's
+    session, which remembers what its caches hold, stays correct.
+    """
+    curve = []
+    for n in range(1, COST_CURVE_TOKENS + 1):
+        tokens = [i % backend.vocab_size for i in range(n)]
+
+        def step(tokens=tokens):
+            backend.trunk_step(tokens)
+            backend.trunk_rollback(len(tokens))
+
+        curve.append(median_seconds(step, repeats))
+    return curve
+
+
+def draft_vocab_size(backend) -> int | None:
+    """Tokens the MTP draft head scores, or None when it scores the full vocabulary."""
+    return None if backend.draft_ids is None else len(backend.draft_ids)
+
+

@@ -217,6 +217,7 @@ class PipelineBackend:
         self.max_context = stage.max_context
         self.num_mtp_layers = num_mtp_layers
         self.draft_ids = draft_ids if num_mtp_layers else None
+        self._broken = False
         self._mtp_lens: dict[int, int] = {}  # what the last rank's MTP caches hold, as rank 0 knows it
         self._status = np.zeros(self.size * STATUS_FIELDS, dtype=np.float32)
         self._memory = self._status.reshape(self.size, STATUS_FIELDS)[:, 1:].copy()  # MiB, from the last trunk pass
@@ -229,6 +230,7 @@ class PipelineBackend:
                   reply: list[tuple[tuple[int, ...], mx.Dtype]]) -> list[mx.array]:
         header = self._header(op, rows, start, depth)
         status = mx.array(self._status)
+        self._broken = True  # until the reply is in: a failed exchange leaves the pipeline unusable
         with self.watchdog.waiting_for(1):
             if op == TRUNK or self.last == 1:
                 _send(self.group, 1, header)
@@ -242,6 +244,7 @@ class PipelineBackend:
             status = _recv(self.group, self.last, self._status.shape, mx.float32)
             out = [_recv(self.group, self.last, shape, dtype) for shape, dtype in reply]
         self._status = np.array(status)
+        self._broken = False
         return out
 
     def _compute_seconds(self) -> float:
@@ -333,7 +336,9 @@ class PipelineBackend:
         }
 
     def close(self) -> None:
-        """Tell every other rank to stop serving."""
+        """Tell every other rank to stop serving (unless a failed exchange already ended the run)."""
+        if self._broken:
+            return
         header = self._header(STOP, 0, 0)
         with self.watchdog.waiting_for(1):
             _send(self.group, 1, header)
@@ -363,9 +368,13 @@ def plan_largest_context(path: Path, budgets: list[MemoryBudget], max_kv_size: i
                          cap: int) -> tuple[list[RankPlan], int]:
     """The per-rank plans at ``max_kv_size`` or, without one, at the longest context up to ``cap``
     (halving) that fits every rank; the refusal names the rank that is short."""
+    max_positions = int(load_config(path).get("max_position_embeddings") or cap)
     if max_kv_size is not None:
+        if max_kv_size > max_positions:
+            raise UserError(f"--max-kv-size {max_kv_size} exceeds the model's max_position_embeddings "
+                            f"{max_positions}; pass --max-kv-size {max_positions} or less")
         return plan_pipeline(path, budgets, max_kv_size, dtype), max_kv_size
-    context = min(cap, int(load_config(path).get("max_position_embeddings") or cap))
+    context = min(cap, max_positions)
     while True:
         try:
             return plan_pipeline(path, budgets, context, dtype), context

@@ -19,6 +19,7 @@ from edgemtp.planner import (
     BUDGET_FRACTION,
     DTYPE_BYTES,
     MAX_DRAFT,
+    MIN_USEFUL_CONTEXT,
     MemoryBudget,
     _gib,
     _layer_index,
@@ -151,6 +152,26 @@ def plan_pipeline(path: str | Path, budgets: list[MemoryBudget], context: int, d
             f"({plan.budget.source}), {_gib(plan.total - plan.usable)} short; add a machine, pass a smaller "
             "--max-kv-size, or convert with fewer bits (edgemtp convert --bits 4)")
     return plans
+
+
+def plan_largest_context(path: Path, budgets: list[MemoryBudget], max_kv_size: int | None, dtype: str,
+                         cap: int) -> tuple[list[RankPlan], int]:
+    """The per-rank plans at ``max_kv_size`` or, without one, at the longest context up to ``cap``
+    (halving) that fits every rank; the refusal names the rank that is short."""
+    max_positions = int(load_config(path).get("max_position_embeddings") or cap)
+    if max_kv_size is not None:
+        if max_kv_size > max_positions:
+            raise UserError(f"--max-kv-size {max_kv_size} exceeds the model's max_position_embeddings "
+                            f"{max_positions}; pass --max-kv-size {max_positions} or less")
+        return plan_pipeline(path, budgets, max_kv_size, dtype), max_kv_size
+    context = min(cap, max_positions)
+    while True:
+        try:
+            return plan_pipeline(path, budgets, context, dtype), context
+        except UserError:
+            if context // 2 < MIN_USEFUL_CONTEXT:
+                raise
+            context //= 2
 
 
 def plan_rows(plans: list[RankPlan]) -> list[tuple[str, str]]:

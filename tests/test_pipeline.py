@@ -158,3 +158,18 @@ def test_onnx_under_mlx_launch_is_one_line_error(tiny_checkpoint, monkeypatch, t
     monkeypatch.setenv("MLX_HOSTFILE", str(tmp_path / "hosts.json"))
     with pytest.raises(UserError, match="MLX backend only, not onnx; pass --backend mlx"):
         edgemtp.load(tiny_checkpoint("llama"), backend="onnx")
+
+
+def test_inspect_ranks_prints_each_rank(tiny_checkpoint):
+    from typer.testing import CliRunner
+
+    from edgemtp.cli import app
+
+    path = tiny_checkpoint("llama", mtp_layers=1, num_hidden_layers=3)
+    result = CliRunner().invoke(app, ["inspect", str(path), "--ranks", "2"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "pipeline over 2 machines like this one" in result.output
+    assert "rank 0 │ embedding, layers 0-" in result.output
+    assert "final norm, head, MTP layers" in result.output
+    result = CliRunner().invoke(app, ["inspect", str(path), "--ranks", "4"], env={"COLUMNS": "200"})
+    assert "4 ranks for 3 layers; launch at most 3 ranks" in result.output

@@ -44,8 +44,8 @@ from edgemtp.mlx_backend.weights import (
     read_mlx_dir,
 )
 from edgemtp.mtp_copies import own_parts
-from edgemtp.pipeline_plan import RankPlan, plan_pipeline
-from edgemtp.planner import MIN_USEFUL_CONTEXT, MemoryBudget, detect_memory_budget
+from edgemtp.pipeline_plan import RankPlan, plan_largest_context
+from edgemtp.planner import MemoryBudget, detect_memory_budget
 
 TRUNK, MTP, STOP = 1, 2, 3
 STATUS_FIELDS = 4  # per rank: compute seconds, weight MiB, cache MiB, peak RSS MiB
@@ -362,26 +362,6 @@ def _budgets(group) -> list[MemoryBudget]:
                          f"{mine.source} of {hosts[r]}" + (f", shared by {hosts.count(hosts[r])} ranks"
                                                             if hosts.count(hosts[r]) > 1 else ""))
             for r in range(size)]
-
-
-def plan_largest_context(path: Path, budgets: list[MemoryBudget], max_kv_size: int | None, dtype: str,
-                         cap: int) -> tuple[list[RankPlan], int]:
-    """The per-rank plans at ``max_kv_size`` or, without one, at the longest context up to ``cap``
-    (halving) that fits every rank; the refusal names the rank that is short."""
-    max_positions = int(load_config(path).get("max_position_embeddings") or cap)
-    if max_kv_size is not None:
-        if max_kv_size > max_positions:
-            raise UserError(f"--max-kv-size {max_kv_size} exceeds the model's max_position_embeddings "
-                            f"{max_positions}; pass --max-kv-size {max_positions} or less")
-        return plan_pipeline(path, budgets, max_kv_size, dtype), max_kv_size
-    context = min(cap, max_positions)
-    while True:
-        try:
-            return plan_pipeline(path, budgets, context, dtype), context
-        except UserError:
-            if context // 2 < MIN_USEFUL_CONTEXT:
-                raise
-            context //= 2
 
 
 def join_pipeline(path: str | Path, *, max_kv_size: int | None, context_cap: int, dtype: str = "float32",

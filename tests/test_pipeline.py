@@ -173,3 +173,24 @@ def test_inspect_ranks_prints_each_rank(tiny_checkpoint):
     assert "final norm, head, MTP layers" in result.output
     result = CliRunner().invoke(app, ["inspect", str(path), "--ranks", "4"], env={"COLUMNS": "200"})
     assert "4 ranks for 3 layers; launch at most 3 ranks" in result.output
+
+
+def test_tui_memory_panel_shows_each_rank():
+    from rich.console import Console
+
+    from edgemtp.engine.stats import Stats
+    from edgemtp.tui.streaming import StreamUpdate
+    from edgemtp.tui.widgets import StatsPanel
+
+    stats = Stats(pipeline={"ranks": [{"rank": 0, "host": "10.0.0.1", "layers": [0, 2], "weight_bytes": 2_000_000,
+                                       "cache_bytes": 1_000_000, "peak_memory_bytes": 5_000_000},
+                                      {"rank": 1, "host": "10.0.0.2", "layers": [2, 4], "weight_bytes": 4_000_000,
+                                       "cache_bytes": 0, "peak_memory_bytes": 7_000_000}],
+                            "trunk_passes": 3, "seconds_per_pass": 0.0125, "communication_seconds_per_pass": 0.0025,
+                            "mtp_steps": 0, "communication_seconds_per_mtp_step": 0.0})
+    update = StreamUpdate(stats=stats, weight_bytes=6_000_000, cache_bytes=1_000_000)
+    console = Console(width=80, record=True)
+    console.print(StatsPanel._memory(update, budget_bytes=10**9))
+    lines = [" ".join(line.split()) for line in console.export_text().splitlines()]
+    assert "rank 0 3.0 MB (5.0 MB peak)" in lines and "rank 1 4.0 MB (7.0 MB peak)" in lines
+    assert "comm/pass 2.5 of 12.5 ms" in lines

@@ -373,8 +373,11 @@ def join_pipeline(path: str | Path, *, max_kv_size: int | None, context_cap: int
     rank, size = group.rank(), group.size()
     plans, context = plan_largest_context(path, _budgets(group), max_kv_size, dtype, context_cap)
     stage = load_stage(path, plans[rank], size, max_kv_size=context, dtype=dtype, draft_vocab=draft_vocab)
-    mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group))  # everyone loaded: from here on, waits are short
     watchdog = Watchdog(rank, peer_timeout())
+    # Everyone loaded: from here on, waits are short. Loading takes as long as it takes (no time
+    # limit), but a rank that fails to load ends the others with one line, not a traceback.
+    with watchdog.waiting_for((rank + 1) % size, timed=False):
+        mx.eval(mx.distributed.all_sum(mx.array(1.0), group=group))
     if rank != 0:
         serve(stage, group, watchdog)
         raise SystemExit(0)

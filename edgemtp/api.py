@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgemtp.distributed import launched
 from edgemtp.draft_vocab import scatter_logits
 from edgemtp.engine.backend import Backend
 from edgemtp.engine.generate import Chunk, Generation, Session, collect
@@ -22,8 +23,8 @@ from edgemtp.tokenizer import IdsOnlyTokenizer, Tokenizer, load_tokenizer
 
 
 def default_backend() -> str:
-    """MLX where it runs on the GPU (Apple Silicon), ONNX Runtime elsewhere."""
-    if platform.system() == "Darwin" and platform.machine() == "arm64":
+    """MLX where it runs on the GPU (Apple Silicon) or under ``mlx.launch``, ONNX Runtime elsewhere."""
+    if platform.system() == "Darwin" and platform.machine() == "arm64" or launched():
         return "mlx"
     return "onnx"
 
@@ -77,6 +78,10 @@ def load(path: str | Path | None = None, backend: str | None = None, max_kv_size
     MLX: ``dtype`` (``"float32"``, ``"float16"`` or ``"bfloat16"``) and ``draft_vocab`` (False: the
     MTP head scores the full vocabulary even when the model stores a draft vocabulary); for ONNX:
     ``threads``.
+
+    Under ``mlx.launch`` (several ranks) the MLX backend runs as a pipeline over the group
+    (``edgemtp.mlx_backend.pipeline``): only rank 0 returns; every other rank serves rank 0's
+    passes and exits when rank 0's process ends.
     """
     backend = backend or default_backend()
     if path is None:  # the embedded default model, converted for this backend on first use
@@ -90,6 +95,14 @@ def load(path: str | Path | None = None, backend: str | None = None, max_kv_size
     if unknown:
         raise UserError(f"the {backend} backend has no load option {', '.join(unknown)}; "
                         f"its options are {', '.join(_BACKEND_OPTIONS[backend])} (and max_kv_size)")
+    if launched():  # one rank of several (mlx.launch): a pipeline over the group
+        if backend != "mlx":
+            raise UserError(f"several machines (mlx.launch) run on the MLX backend only, not {backend}; "
+                            "pass --backend mlx or leave --backend out")
+        from edgemtp.mlx_backend.pipeline import join_pipeline
+
+        pipeline = join_pipeline(path, max_kv_size=max_kv_size, context_cap=DEFAULT_CONTEXT_CAP, **options)
+        return Model(pipeline.config, load_tokenizer(path), pipeline)
     context = planned_context(path, backend, max_kv_size)
     loaded = _BACKEND_LOADERS[backend](path, max_kv_size=context, **options)
     return Model(loaded.config, load_tokenizer(path), loaded)

@@ -54,6 +54,7 @@ def _require(modules: tuple[str, ...], extra: str, what: str) -> None:
 def inspect_command(
     path: str = typer.Argument(..., help="Model directory: Hugging Face or mlx-lm (config.json + *.safetensors) or an edgemtp ONNX export."),
     as_json: bool = typer.Option(False, "--json", help="Print the numbers as JSON instead of a table."),
+    ranks: int = typer.Option(1, "--ranks", help="Also plan a pipeline over this many machines like this one (mlx.launch): the layers and memory of each rank."),
 ) -> None:
     """Show a model's architecture, parameter counts, storage format and memory needs."""
     import dataclasses
@@ -62,9 +63,15 @@ def inspect_command(
     from edgemtp.mtp_copies import MTP_TRUNK_PARTS
     from edgemtp.summary import summarize
 
+    if ranks < 1:
+        raise UserError(f"--ranks must be at least 1, got {ranks}")
     summary = summarize(path)
     if as_json:
-        typer.echo(json.dumps(dataclasses.asdict(summary), indent=2))
+        out = dataclasses.asdict(summary)
+        if ranks > 1:
+            out["pipeline"] = [dataclasses.asdict(plan) | {"total": plan.total, "usable": plan.usable}
+                               for plan in _pipeline_plan(path, ranks)]
+        typer.echo(json.dumps(out, indent=2))
         return
 
     from rich.console import Console
@@ -109,6 +116,31 @@ def inspect_command(
     except UserError as exc:  # a model too big for this machine can still be inspected
         plan_table.add_row("does not fit", str(exc))
     Console().print(plan_table)
+    if ranks > 1:
+        from edgemtp.pipeline_plan import plan_rows
+
+        ranks_table = Table(title=f"pipeline over {ranks} machines like this one (mlx.launch)", show_header=False)
+        ranks_table.add_column("rank", style="bold")
+        ranks_table.add_column("holds")
+        try:
+            for label, value in plan_rows(_pipeline_plan(path, ranks)):
+                ranks_table.add_row(label, value)
+        except UserError as exc:
+            ranks_table.add_row("does not fit", str(exc))
+        Console().print(ranks_table)
+
+
+def _pipeline_plan(path: str, ranks: int):
+    """The per-rank plan over ``ranks`` machines with this machine's memory budget, at the context
+    a launched run would pick."""
+    from pathlib import Path
+
+    from edgemtp.api import DEFAULT_CONTEXT_CAP
+    from edgemtp.pipeline_plan import plan_largest_context
+    from edgemtp.planner import detect_memory_budget
+
+    plans, _ = plan_largest_context(Path(path), [detect_memory_budget()] * ranks, None, "float32", DEFAULT_CONTEXT_CAP)
+    return plans
 
 
 @app.command("make-tiny")

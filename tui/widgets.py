@@ -223,9 +223,17 @@ class StatsPanel(Vertical):
     @staticmethod
     def _memory(update: StreamUpdate, budget_bytes: int) -> Table:
         total = update.weight_bytes + update.cache_bytes
+        # Several machines (mlx.launch): each rank's share and the time a pass spends in transit.
+        pipeline = update.stats.pipeline if update.stats is not None else {}
+        ranks = [(f"rank {r['rank']}", f"{format_bytes(r['weight_bytes'] + r['cache_bytes'])} "
+                  f"({format_bytes(r['peak_memory_bytes'])} peak)") for r in pipeline.get("ranks", [])]
+        if pipeline:
+            ranks.append(("comm/pass", f"{1e3 * pipeline['communication_seconds_per_pass']:.1f} of "
+                                       f"{1e3 * pipeline['seconds_per_pass']:.1f} ms"))
         return _rows(
             ("weights", format_bytes(update.weight_bytes)),
             ("KV cache", format_bytes(update.cache_bytes)),
             ("total", f"{format_bytes(total)} of {format_bytes(budget_bytes)}"),
             ("", _bar(total / budget_bytes)),
+            *ranks,
         )

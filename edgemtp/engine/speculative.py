@@ -74,6 +74,8 @@ def decode(backend: Backend, drafter, policy, sampler: Sampler, seq: list[int], 
     drafter.observe(seq, start, hidden)
     decode_began = time.perf_counter()
     stats.prompt_tokens_per_s = stats.prompt_tokens / (decode_began - began)
+    if hasattr(backend, "ranks_report"):  # several machines: time per pass counts decoding passes only
+        backend.reset_pass_times()
     stats.add_tokens(["bonus"])
     stats.record_memory()
     yield seq[-1:], ["bonus"]
@@ -102,7 +104,7 @@ def decode(backend: Backend, drafter, policy, sampler: Sampler, seq: list[int], 
         stop = next((i for i, t in enumerate(new) if t in stop_ids), None)
         if stop is not None:  # the caches may run past the stop token; the output does not
             new, provenance = new[: stop + 1], provenance[: stop + 1]
-        _record_step(stats, len(drafts), accepted, provenance, decode_began)
+        _record_step(backend, stats, len(drafts), accepted, provenance, decode_began)
         yield new, provenance
         if stop is not None:
             return
@@ -117,7 +119,7 @@ def _plain_greedy(backend, seq: list[int], max_tokens: int, stop_ids: set[int], 
     try:
         for token in tokens:
             seq.append(token)
-            _record_step(stats, 0, 0, ["bonus"], decode_began)
+            _record_step(backend, stats, 0, 0, ["bonus"], decode_began)
             yield [token], ["bonus"]
             if token in stop_ids:
                 return
@@ -125,9 +127,13 @@ def _plain_greedy(backend, seq: list[int], max_tokens: int, stop_ids: set[int], 
         tokens.close()  # rolls back a step queued ahead
 
 
-def _record_step(stats: Stats, drafted: int, accepted: int, provenance: list[str], decode_began: float) -> None:
+def _record_step(backend: Backend, stats: Stats, drafted: int, accepted: int, provenance: list[str],
+                 decode_began: float) -> None:
     """Count a trunk step's tokens, then refresh the decode speed (every token after the first,
-    which came with the prompt pass, over the time since) and the peak memory."""
+    which came with the prompt pass, over the time since), the peak memory and, over several
+    machines, each rank's memory and the time per pass."""
     stats.record_step(drafted, accepted, provenance)
     stats.tokens_per_s = (stats.generated_tokens - 1) / (time.perf_counter() - decode_began)
     stats.record_memory()
+    if hasattr(backend, "ranks_report"):
+        stats.pipeline = backend.ranks_report()

@@ -52,6 +52,9 @@ class Stats:
     # (what pooling over several generations needs).
     verified_by_position: list[int] = field(default_factory=list)
     accepted_by_position: list[int] = field(default_factory=list)
+    # Several machines (edgemtp/mlx_backend/pipeline.py): per-rank memory and time per pass,
+    # PipelineBackend.ranks_report(); empty on one machine.
+    pipeline: dict = field(default_factory=dict)
 
     def record_step(self, drafted: int, accepted: int, provenance: list[str]) -> None:
         self.steps += 1
@@ -99,4 +102,19 @@ def format_summary(stats: Stats, spec: str) -> str:
             f"Draft lengths (length:steps): {lengths}",
         ]
     lines.append(f"Peak memory: {stats.peak_memory_bytes / 1e9:.3f} GB")
+    if stats.pipeline:
+        lines.extend(format_pipeline(stats.pipeline))
     return "\n".join(lines)
+
+
+def format_pipeline(report: dict) -> list[str]:
+    """Per-rank lines of a pipeline run (``PipelineBackend.ranks_report``)."""
+    lines = [f"Rank {r['rank']} ({r['host']}): layers {r['layers'][0]}-{r['layers'][1] - 1}, weights "
+             f"{r['weight_bytes'] / 1e9:.3f} GB, caches {r['cache_bytes'] / 1e9:.3f} GB, peak memory "
+             f"{r['peak_memory_bytes'] / 1e9:.3f} GB" for r in report["ranks"]]
+    lines.append(f"Pipeline: {report['trunk_passes']} passes, {1e3 * report['seconds_per_pass']:.2f} ms per pass, "
+                 f"{1e3 * report['communication_seconds_per_pass']:.2f} ms of it communication")
+    if report["mtp_steps"]:
+        lines.append(f"Drafting: {report['mtp_steps']} MTP steps on the last rank, "
+                     f"{1e3 * report['communication_seconds_per_mtp_step']:.2f} ms communication each")
+    return lines

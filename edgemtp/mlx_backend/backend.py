@@ -20,7 +20,7 @@ from edgemtp.config import check_supported, load_config
 from edgemtp.draft_vocab import load_draft_vocab
 from edgemtp.errors import UserError
 from edgemtp.mlx_backend.cache import PreallocatedKVCache
-from edgemtp.mlx_backend.models import ARCHITECTURES, MTPLayer, MTPStack, head_rows, output_head, run_trunk
+from edgemtp.mlx_backend.models import ARCHITECTURES, MTPLayer, MTPStack, head_rows, output_head, run_layers, run_trunk
 from edgemtp.mlx_backend.weights import (
     cast,
     is_mlx_dir,
@@ -87,7 +87,8 @@ class MLXBackend:
         self.max_context = max_kv_size
         self._mask_as_array = arch.MASK_AS_ARRAY
         self._cache_dims = arch.cache_dims(arch.model_args(config))
-        self._head = output_head(trunk)
+        # A pipeline stage before the last one holds neither the final norm nor the head.
+        self._head = output_head(trunk) if "norm" in trunk.model else None
         self.draft_ids = draft_ids if self.num_mtp_layers else None
         if self.draft_ids is not None:
             self._prune_mtp_heads(self.draft_ids)
@@ -197,6 +198,12 @@ class MLXBackend:
         logits, hidden = run_trunk(self.trunk, ids, self._trunk_caches, self._mask_as_array)
         mx.eval(logits, hidden)
         return self._to_numpy(logits), self._to_numpy(hidden)
+
+    def forward_layers(self, h: mx.array) -> mx.array:
+        """``h`` ``(1, n, H)`` through this backend's trunk layers, appending to their caches (a
+        pipeline stage, ``edgemtp.mlx_backend.pipeline``, holds a slice of the trunk's layers)."""
+        self._check_room(self.trunk_len(), h.shape[1])
+        return run_layers(self.trunk.model.layers, h, self._trunk_caches, self._mask_as_array)
 
     def greedy_tokens(self, token: int, count: int) -> Iterator[int]:
         """Plain greedy decoding after the pending ``token``: yields up to ``count`` tokens.

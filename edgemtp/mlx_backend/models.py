@@ -54,12 +54,16 @@ def run_trunk(
 ) -> tuple[mx.array, mx.array]:
     """``tokens`` ``(1, n)`` -> ``(logits (1, n, V), hidden (1, n, H))``, hidden after the final norm."""
     inner = trunk.model
-    h = inner.embed_tokens(tokens)
-    mask = create_attention_mask(h, caches[0], return_array=mask_as_array)
-    for layer, cache in zip(inner.layers, caches):
-        h = layer(h, mask, cache=cache)
-    hidden = inner.norm(h)
+    hidden = inner.norm(run_layers(inner.layers, inner.embed_tokens(tokens), caches, mask_as_array))
     return output_head(trunk)(hidden), hidden
+
+
+def run_layers(layers: list[nn.Module], h: mx.array, caches: list[PreallocatedKVCache], mask_as_array: bool) -> mx.array:
+    """``h`` ``(1, n, H)`` through ``layers`` (the trunk's, or a pipeline stage's slice of them)."""
+    mask = create_attention_mask(h, caches[0], return_array=mask_as_array)
+    for layer, cache in zip(layers, caches):
+        h = layer(h, mask, cache=cache)
+    return h
 
 
 class SharedHead(nn.Module):

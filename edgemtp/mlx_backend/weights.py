@@ -18,7 +18,7 @@ expert projection.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import mlx.core as mx
@@ -51,11 +51,13 @@ def _materialized(name: str, array, dtype: mx.Dtype) -> mx.array:
     return array
 
 
-def iter_trunk_weights(ckpt: Checkpoint, dtype: mx.Dtype = mx.float32) -> Iterator[tuple[str, mx.array]]:
-    """Yield ``(mlx_lm_name, array)`` for every trunk parameter, one at a time, in ``dtype``."""
+def iter_trunk_weights(ckpt: Checkpoint, dtype: mx.Dtype = mx.float32,
+                       keep: Callable[[str], bool] = lambda name: True) -> Iterator[tuple[str, mx.array]]:
+    """Yield ``(mlx_lm_name, array)`` for every trunk parameter, one at a time, in ``dtype``.
+    ``keep(name)`` picks the checkpoint tensors to read (a pipeline stage reads its own only)."""
     arch = ARCHITECTURES[ckpt.config["model_type"]]
     args = arch.model_args(ckpt.config)
-    names = ckpt.trunk_names()
+    names = [name for name in ckpt.trunk_names() if keep(name)]
     if ckpt.config.get("tie_word_embeddings", False):
         names = [name for name in names if name != "lm_head.weight"]
     for name, array in arch.convert_weights(names, ckpt.read, args):

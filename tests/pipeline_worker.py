@@ -1,0 +1,22 @@
+"""One rank of a pipeline test run (tests/test_pipeline.py starts one process per rank, as
+``mlx.launch`` does). Rank 0 prints, as one JSON line, the tokens of every case in ``CASES``;
+the other ranks serve inside ``edgemtp.load`` and print nothing."""
+
+import json
+import sys
+
+import edgemtp
+
+# (spec, num_draft, temperature, seed): plain and MTP decoding, greedy and seeded sampling.
+CASES = [("none", 0, 0.0, None), ("mtp", 2, 0.0, None), ("none", 0, 0.8, 7), ("mtp", 2, 0.8, 7)]
+PROMPT = [5, 17, 3, 99, 42, 8]
+
+
+def run_cases(model, max_tokens: int) -> list[list[int]]:
+    return [model.generate(PROMPT, spec=spec, num_draft=k, temperature=temp, seed=seed, max_tokens=max_tokens,
+                           chat=False).tokens for spec, k, temp, seed in CASES]
+
+
+if __name__ == "__main__":
+    model = edgemtp.load(sys.argv[1], backend="mlx", max_kv_size=128)
+    print(json.dumps(run_cases(model, int(sys.argv[2]))), flush=True)

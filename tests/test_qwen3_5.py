@@ -1,0 +1,193 @@
+"""Qwen3.5 (``qwen3_5``): the released layout, its MTP layer against transformers' own layer
+classes, and rollback of the Gated DeltaNet states on MLX.
+
+The trunk's parity with transformers runs with every factory variant in ``test_mlx_parity.py``.
+Random tiny models draft badly, so speculative runs here reject most drafts and every rollback
+path runs: back to the start of the verify step and again over the accepted tokens.
+"""
+
+from __future__ import annotations
+
+import json
+
+import mlx.core as mx
+import numpy as np
+import pytest
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, Qwen3_5TextConfig
+from transformers.models.qwen3_5.modeling_qwen3_5 import (
+    Qwen3_5DecoderLayer,
+    Qwen3_5RMSNorm,
+    Qwen3_5TextRotaryEmbedding,
+)
+
+import edgemtp
+from edgemtp.api import Model
+from edgemtp.checkpoint import Checkpoint
+from edgemtp.mlx_backend.backend import MLXBackend
+from edgemtp.mlx_backend.cache import RecurrentStateCache
+
+torch.set_num_threads(1)
+transformers.logging.set_verbosity_error()  # mtp.* is "unexpected" to transformers
+SEQ_LEN = 40
+
+
+def token_ids(n: int, seed: int) -> list[int]:
+    return np.random.default_rng(seed).integers(0, 384, n).tolist()
+
+
+def test_factory_writes_the_released_layout(tiny_checkpoint):
+    path = tiny_checkpoint("qwen3_5")
+    config = json.loads((path / "config.json").read_text())
+    assert config["model_type"] == "qwen3_5" and config["architectures"] == ["Qwen3_5ForConditionalGeneration"]
+    text = config["text_config"]
+    assert text["model_type"] == "qwen3_5_text" and text["mtp_num_hidden_layers"] == 1
+    assert text["layer_types"] == ["linear_attention"] * 3 + ["full_attention"]
+
+    ckpt = Checkpoint.open(path)
+    assert ckpt.num_mtp_layers == 1 and ckpt.config["hidden_size"] == 64  # text keys read through
+    assert sorted(name for name in ckpt.mtp_names(0) if not name.startswith("mtp.layers.")) == [
+        "mtp.fc.weight", "mtp.norm.weight", "mtp.pre_fc_norm_embedding.weight", "mtp.pre_fc_norm_hidden.weight"]
+    assert "mtp.layers.0.self_attn.q_proj.weight" in ckpt.mtp_names(0)
+    assert all(name.startswith("model.language_model.") for name in ckpt.trunk_names())
+
+    model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, dtype=torch.float32)
+    assert type(model).__name__ == "Qwen3_5ForCausalLM"
+    # transformers ignores mtp.* by name (_keys_to_ignore_on_load_unexpected); nothing else is left over.
+    assert not info["missing_keys"] and not info["mismatched_keys"] and not info["unexpected_keys"]
+    # Zero-centred norms are stored as w (transformers scales by 1 + w).
+    np.testing.assert_array_equal(model.model.norm.weight.detach().numpy(),
+                                  ckpt.read("model.language_model.norm.weight"))
+    assert abs(ckpt.read("model.language_model.norm.weight").mean()) < 0.1
+
+
+class MTPReference:
+    """Qwen3.5's MTP module from transformers' own classes: ``Qwen3_5RMSNorm`` for
+    ``pre_fc_norm_embedding``, ``pre_fc_norm_hidden`` and ``norm``, a ``Qwen3_5DecoderLayer`` of
+    the full-attention kind for ``layers.0``, the trunk's ``lm_head``:
+
+        x = fc(concat[pre_fc_norm_embedding(embed(t[i+1])), pre_fc_norm_hidden(h[i])])
+        logits = lm_head(norm(layers.0(x)))   # causal, RoPE positions 0..n-1
+
+    (vLLM's ``Qwen3_5MultiTokenPredictor`` in the same order), with ``h`` the trunk's hidden
+    states after its final norm, from transformers."""
+
+    def __init__(self, path):
+        ckpt = Checkpoint.open(path)
+        self.trunk = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        config = Qwen3_5TextConfig(**json.loads((path / "config.json").read_text())["text_config"])
+        config._attn_implementation = "eager"
+        hidden, eps = config.hidden_size, config.rms_norm_eps
+        tensors = {name.removeprefix("mtp."): torch.from_numpy(ckpt.read(name)) for name in ckpt.mtp_names(0)}
+        self.norms = {}
+        for part in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm"):
+            self.norms[part] = Qwen3_5RMSNorm(hidden, eps)
+            self.norms[part].load_state_dict({"weight": tensors[f"{part}.weight"]})
+        self.fc = tensors["fc.weight"]
+        self.layer = Qwen3_5DecoderLayer(config, layer_idx=config.layer_types.index("full_attention")).eval()
+        self.layer.load_state_dict({name.removeprefix("layers.0."): tensor for name, tensor in tensors.items()
+                                    if name.startswith("layers.0.")})
+        self.rotary = Qwen3_5TextRotaryEmbedding(config)
+
+    @torch.no_grad()
+    def layer_step(self, hidden: torch.Tensor, tokens: list[int]) -> tuple[np.ndarray, torch.Tensor]:
+        embedded = self.norms["pre_fc_norm_embedding"](self.trunk.model.embed_tokens(torch.tensor(tokens)))
+        x = torch.cat([embedded, self.norms["pre_fc_norm_hidden"](hidden)], dim=-1) @ self.fc.T
+        n = len(tokens)
+        positions = torch.arange(n)[None]
+        mask = torch.full((n, n), float("-inf")).triu(1)[None, None]
+        h1 = self.layer(x[None], position_embeddings=self.rotary(x[None], positions), attention_mask=mask)[0]
+        return self.trunk.lm_head(self.norms["norm"](h1)).numpy(), h1
+
+    @torch.no_grad()
+    def mtp_logits(self, ids: list[int], depth: int) -> np.ndarray:
+        hidden = self.trunk.model(torch.tensor([ids])).last_hidden_state[0]
+        for d in range(1, depth + 1):  # depths past the one layer reuse it
+            logits, hidden = self.layer_step(hidden[:-1], ids[d:])
+        return logits
+
+
+@pytest.mark.parametrize(("variant", "depth"), [("qwen3_5", 1), ("qwen3_5_untied", 2)])
+def test_mtp_logits_match_transformers_layers(tiny_checkpoint, variant, depth):
+    path = tiny_checkpoint(variant)
+    model = Model({}, None, MLXBackend.from_checkpoint(path, max_kv_size=128))
+    ids = token_ids(SEQ_LEN, seed=5)
+
+    logits = model.mtp_logits(ids, depth=depth)
+    expected = MTPReference(path).mtp_logits(ids, depth)
+
+    assert logits.shape == (SEQ_LEN - depth, 384)
+    assert np.abs(logits - expected).max() <= 1e-4 * np.abs(expected).max()
+
+
+def recurrent_states(backend: MLXBackend) -> list[np.ndarray]:
+    return [np.array(array) for cache in backend._trunk_caches if isinstance(cache, RecurrentStateCache)
+            for array in cache.arrays()]
+
+
+def assert_same_trunk(backend: MLXBackend, fresh: MLXBackend, next_token: int) -> None:
+    """Same length, same Gated DeltaNet states, same logits for the next token."""
+    assert backend.trunk_len() == fresh.trunk_len()
+    for state, expected in zip(recurrent_states(backend), recurrent_states(fresh), strict=True):
+        assert np.abs(state - expected).max() <= 1e-5 * max(np.abs(expected).max(), 1.0)
+    logits, _ = backend.trunk_step([next_token])
+    expected, _ = fresh.trunk_step([next_token])
+    assert np.abs(logits - expected).max() <= 1e-4 * np.abs(expected).max()
+
+
+def test_rollback_leaves_the_state_of_a_run_that_never_saw_the_dropped_tokens(tiny_checkpoint):
+    path = tiny_checkpoint("qwen3_5")
+    ids = token_ids(30, seed=7)
+    backend = MLXBackend.from_checkpoint(path, max_kv_size=64)
+    backend.trunk_step(ids[:20])
+    backend.trunk_step(ids[20:26])
+    backend.trunk_rollback(4)  # inside the last step: back to its start, then 2 tokens again
+    fresh = MLXBackend.from_checkpoint(path, max_kv_size=64)
+    fresh.trunk_step(ids[:22])
+    assert_same_trunk(backend, fresh, ids[22])
+
+    backend.trunk_rollback(8)  # past the last step's start: from empty, 15 tokens again
+    fresh.reset()
+    fresh.trunk_step(ids[:15])
+    assert_same_trunk(backend, fresh, ids[15])
+
+    backend.trunk_rollback(backend.trunk_len())
+    assert backend.trunk_len() == 0 and not recurrent_states(backend)
+
+
+def test_pipelined_greedy_decoding_rolls_back_its_queued_step(tiny_checkpoint):
+    path = tiny_checkpoint("qwen3_5")
+    prompt = token_ids(12, seed=8)
+    backend = MLXBackend.from_checkpoint(path, max_kv_size=64)
+    logits, _ = backend.trunk_step(prompt)
+    tokens = list(backend.greedy_tokens(int(logits[-1].argmax()), 10))
+    fresh = MLXBackend.from_checkpoint(path, max_kv_size=64)
+    fresh.trunk_step(prompt + [int(logits[-1].argmax())] + tokens[:-1])
+    assert_same_trunk(backend, fresh, tokens[-1])
+
+
+@pytest.mark.parametrize("variant", ["qwen3_5", "qwen3_5_untied"])
+def test_speculative_greedy_equals_plain_greedy_mlx(tiny_checkpoint, variant):
+    path = tiny_checkpoint(variant)
+    model = edgemtp.load(path, backend="mlx")
+    other_model = edgemtp.load(tiny_checkpoint(variant, seed=1), backend="mlx")
+    rejections = 0
+    for prompt in ("hello world", "The quick brown fox", "1 2 3 4 5 6 7 8"):
+        reference = model.generate(prompt, max_tokens=48, spec="none")
+        for options in (dict(spec="mtp", num_draft=1), dict(spec="mtp", num_draft=3), dict(spec="ngram", num_draft=4),
+                        dict(spec="draft", num_draft=2, draft_model=other_model)):
+            out = model.generate(prompt, max_tokens=48, **options)
+            assert out.tokens == reference.tokens, (prompt, options)
+            rejections += out.stats.provenance.count("correction")
+    assert rejections > 20, "the drafts must be rejected often"
+
+    # After all those rollbacks the trunk holds what a fresh run over the same tokens holds.
+    fresh = MLXBackend.from_checkpoint(path)
+    tokens = model._session.tokens
+    fresh.trunk_step(tokens)
+    backend = model.backend
+    for state, expected in zip(recurrent_states(backend), recurrent_states(fresh), strict=True):
+        assert np.abs(state - expected).max() <= 1e-5 * max(np.abs(expected).max(), 1.0)
+    assert backend.trunk_len() == len(tokens)
+    mx.eval()  # nothing left pending

@@ -191,3 +191,27 @@ def test_speculative_greedy_equals_plain_greedy_mlx(tiny_checkpoint, variant):
         assert np.abs(state - expected).max() <= 1e-5 * max(np.abs(expected).max(), 1.0)
     assert backend.trunk_len() == len(tokens)
     mx.eval()  # nothing left pending
+
+
+def test_mlx_conversion_matches_transformers_and_loads_in_mlx_lm(tiny_checkpoint, tmp_path):
+    import mlx_lm
+
+    from edgemtp.converters.convert import convert
+
+    path = tiny_checkpoint("qwen3_5_untied")
+    ids = token_ids(SEQ_LEN, seed=9)
+    full = convert(path, tmp_path / "f32", to="mlx", bits=16, dtype="float32", show_progress=False)
+    backend = MLXBackend.load(full)
+    logits, _ = backend.trunk_step(ids)
+    with torch.no_grad():
+        expected = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)(torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(logits - expected).max() <= 1e-4 * np.abs(expected).max()
+    mtp = Model({}, None, backend).mtp_logits(ids, depth=1)
+    assert np.abs(mtp - MTPReference(path).mtp_logits(ids, 1)).max() <= 1e-4 * np.abs(mtp).max()
+
+    # 4 bits: mlx-lm's own qwen3_5 model and edgemtp's backend read the same directory alike.
+    quantized = convert(path, tmp_path / "q4", to="mlx", bits=4, group_size=32, show_progress=False)
+    model, _ = mlx_lm.load(str(quantized))
+    theirs = np.array(model(mx.array([ids]))[0].astype(mx.float32))
+    ours, _ = MLXBackend.load(quantized).trunk_step(ids)
+    np.testing.assert_allclose(ours, theirs, atol=1e-4 * np.abs(theirs).max())

@@ -223,6 +223,26 @@ def layer_types(config: dict) -> list[str]:
             for i in range(config["num_hidden_layers"])]
 
 
+def attention_layers(config: dict) -> int:
+    """Trunk layers that cache keys and values: all of them, but Qwen3.5's full-attention ones only."""
+    if config.get("model_type") == "qwen3_5":
+        return layer_types(config).count("full_attention")
+    return int(config["num_hidden_layers"])
+
+
+def recurrent_state_bytes(config: dict) -> int:
+    """Bytes of Qwen3.5's Gated DeltaNet states, fixed whatever the context: per linear-attention
+    layer a recurrent state of ``value heads x value dim x key dim`` and the convolution's last
+    ``kernel - 1`` inputs, both counted as float32 (the recurrent state always is). 0 elsewhere."""
+    if config.get("model_type") != "qwen3_5":
+        return 0
+    value_heads, key_dim, value_dim = (config["linear_num_value_heads"], config["linear_key_head_dim"],
+                                       config["linear_value_head_dim"])
+    conv_dim = 2 * config["linear_num_key_heads"] * key_dim + value_heads * value_dim
+    per_layer = value_heads * value_dim * key_dim + (config.get("linear_conv_kernel_dim", 4) - 1) * conv_dim
+    return 4 * per_layer * layer_types(config).count("linear_attention")
+
+
 _QWEN3_5_NORM = re.compile(r"norm(_embedding|_hidden)?\.weight$")
 
 

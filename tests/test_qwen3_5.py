@@ -215,3 +215,15 @@ def test_mlx_conversion_matches_transformers_and_loads_in_mlx_lm(tiny_checkpoint
     theirs = np.array(model(mx.array([ids]))[0].astype(mx.float32))
     ours, _ = MLXBackend.load(quantized).trunk_step(ids)
     np.testing.assert_allclose(ours, theirs, atol=1e-4 * np.abs(theirs).max())
+
+
+def test_memory_counts_keys_and_values_of_full_attention_layers_only(tiny_checkpoint):
+    from edgemtp.planner import estimate
+    from edgemtp.summary import kv_cache_bytes
+
+    config = Checkpoint.open(tiny_checkpoint("qwen3_5")).config
+    per_token = 2 * 2 * 32 * 2  # keys and values, 2 KV heads of 32, 16-bit
+    # 3 Gated DeltaNet layers: a 4x16x16 float32 state and 3 convolution inputs of 2*32+64 channels.
+    states = 3 * 4 * (4 * 16 * 16 + 3 * 128)
+    assert kv_cache_bytes(config, 100) == 100 * (1 + 1) * per_token + states  # 1 full-attention layer + MTP
+    assert estimate(config, weights=0, context=100, dtype="float16").kv_cache == 100 * per_token + states

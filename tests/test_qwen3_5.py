@@ -227,3 +227,12 @@ def test_memory_counts_keys_and_values_of_full_attention_layers_only(tiny_checkp
     states = 3 * 4 * (4 * 16 * 16 + 3 * 128)
     assert kv_cache_bytes(config, 100) == 100 * (1 + 1) * per_token + states  # 1 full-attention layer + MTP
     assert estimate(config, weights=0, context=100, dtype="float16").kv_cache == 100 * per_token + states
+
+
+def test_onnx_export_refuses_in_one_line(tiny_checkpoint, tmp_path):
+    from edgemtp.converters.onnx_export.export import export_onnx
+    from edgemtp.errors import UserError
+
+    with pytest.raises(UserError, match="qwen3_5 has no ONNX export yet; convert it --to mlx"):
+        export_onnx(tiny_checkpoint("qwen3_5"), tmp_path / "onnx")
+    assert not any(tmp_path.iterdir())

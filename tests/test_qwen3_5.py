@@ -236,3 +236,14 @@ def test_onnx_export_refuses_in_one_line(tiny_checkpoint, tmp_path):
     with pytest.raises(UserError, match="qwen3_5 has no ONNX export yet; convert it --to mlx"):
         export_onnx(tiny_checkpoint("qwen3_5"), tmp_path / "onnx")
     assert not any(tmp_path.iterdir())
+
+
+def test_long_speculative_run_leaves_no_drift_mlx(tiny_checkpoint):
+    """After hundreds of rejected drafts, the trunk's next logits and every MTP depth's draft
+    logits equal a fresh teacher-forced run over the same tokens."""
+    from test_engine_greedy import check_no_cache_drift
+
+    model = edgemtp.load(tiny_checkpoint("qwen3_5"), backend="mlx")
+    out = check_no_cache_drift(model, model.tokenizer.encode("once upon a time"), 300, atol=2e-4,
+                               chat=False, spec="mtp", num_draft=3)
+    assert out.stats.provenance.count("correction") > 50

@@ -210,6 +210,7 @@ def _dense_or_routed_mlp(config: dict, layer: int, mlp: str) -> Shapes:
 
 QWEN3_5_TRUNK = "model.language_model."
 QWEN3_5_MTP = "mtp."
+QWEN3_5_VISION = "model.visual."  # the released checkpoints' vision tower, which edgemtp never loads
 
 
 def layer_types(config: dict) -> list[str]:

@@ -247,3 +247,26 @@ def test_long_speculative_run_leaves_no_drift_mlx(tiny_checkpoint):
     out = check_no_cache_drift(model, model.tokenizer.encode("once upon a time"), 300, atol=2e-4,
                                chat=False, spec="mtp", num_draft=3)
     assert out.stats.provenance.count("correction") > 50
+
+
+def test_the_vision_tower_is_skipped_and_not_planned_for(tiny_checkpoint, tmp_path):
+    import shutil
+
+    from safetensors.numpy import save_file
+
+    from edgemtp.config import load_config
+    from edgemtp.planner import weight_files
+
+    path = tmp_path / "with_vision"
+    shutil.copytree(tiny_checkpoint("qwen3_5"), path)
+    before = weight_files(path, load_config(path))
+    save_file({"model.visual.blocks.0.attn.qkv.weight": np.ones((64, 64), np.float32)}, path / "visual.safetensors")
+    after = weight_files(path, load_config(path))
+    # Only the new file's header (file sizes are summed) is left of its 16 KiB.
+    assert 0 < after.total - before.total < 1024 and after.mtp == before.mtp > 0
+    assert after.trunk_stream - before.trunk_stream == after.total - before.total
+
+    ids = token_ids(16, seed=3)
+    logits, _ = MLXBackend.load(path).trunk_step(ids)
+    expected, _ = MLXBackend.load(tiny_checkpoint("qwen3_5")).trunk_step(ids)
+    np.testing.assert_array_equal(logits, expected)

@@ -23,7 +23,7 @@ from mlx_lm.models import qwen3_5
 
 from edgemtp.config import partial_rotary_factor, rope_theta
 from edgemtp.errors import UserError
-from edgemtp.layout import QWEN3_5_MTP, QWEN3_5_TRUNK, is_zero_centred_norm, layer_types
+from edgemtp.layout import QWEN3_5_MTP, QWEN3_5_TRUNK, QWEN3_5_VISION, is_zero_centred_norm, layer_types
 
 # The full-attention layers take mlx-lm's "causal" string mask (fast SDPA path).
 MASK_AS_ARRAY = False
@@ -83,7 +83,7 @@ def convert_weights(
 ) -> Iterator[tuple[str, np.ndarray]]:
     """Released tensors -> MLX tensors (see the module docstring); the vision tower is skipped."""
     for name in names:
-        if name.startswith("model.visual.") or "rotary_emb.inv_freq" in name:
+        if name.startswith(QWEN3_5_VISION) or "rotary_emb.inv_freq" in name:
             continue
         value = read(name)
         if name.endswith("conv1d.weight"):

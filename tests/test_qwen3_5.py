@@ -270,3 +270,41 @@ def test_the_vision_tower_is_skipped_and_not_planned_for(tiny_checkpoint, tmp_pa
     logits, _ = MLXBackend.load(path).trunk_step(ids)
     expected, _ = MLXBackend.load(tiny_checkpoint("qwen3_5")).trunk_step(ids)
     np.testing.assert_array_equal(logits, expected)
+
+
+def test_speculative_sampling_keeps_the_target_distribution_mlx(tiny_checkpoint):
+    """Temperature 1, top-k 4: the first two tokens (the second from a verify step drafting one
+    token with the MTP layer, then rolled back) follow the trunk's exact joint distribution."""
+    import itertools
+
+    from scipy.stats import chisquare
+
+    from edgemtp.engine.sampling import Sampler
+
+    model = edgemtp.load(tiny_checkpoint("qwen3_5"), backend="mlx")
+    prompt, samples, warp = token_ids(6, seed=11), 800, dict(temperature=1.0, top_k=4)
+    sampler = Sampler(**warp)
+    first = sampler.probs(model.logits(prompt)[-1])[0]
+    expected = {}
+    for t1 in np.flatnonzero(first):
+        second = sampler.probs(model.logits(prompt + [int(t1)])[-1])[0]
+        expected.update({(int(t1), int(t2)): first[t1] * second[t2] for t2 in np.flatnonzero(second)})
+
+    counts: dict[tuple, int] = {}
+    accepted = rejected = 0
+    for seed in range(samples):
+        out = model.generate(prompt, max_tokens=3, seed=seed, spec="mtp", num_draft=1, chat=False, **warp)
+        key = tuple(out.tokens[:2])
+        counts[key] = counts.get(key, 0) + 1
+        accepted += out.stats.accepted
+        rejected += out.stats.provenance.count("correction")
+    assert accepted > 0 and rejected > 0, "the drafts must be both accepted and rejected"
+    assert set(counts) <= set(expected), "sampled a pair the target excludes"
+    # Chi-square over the pairs expected at least 5 times, the rarer ones pooled into one cell.
+    common = [key for key in expected if expected[key] * samples >= 5]
+    rare = [key for key in expected if expected[key] * samples < 5]
+    cells = [[key] for key in common] + ([rare] if rare else [])
+    observed = np.array([sum(counts.get(key, 0) for key in cell) for cell in cells])
+    wanted = np.array([sum(expected[key] for key in cell) for cell in cells]) * samples
+    assert len(common) >= 8
+    assert chisquare(observed, wanted * observed.sum() / wanted.sum()).pvalue > 0.001

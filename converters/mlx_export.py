@@ -112,8 +112,9 @@ def _write_tensors(path: Path, tensors: Iterator[tuple[str, "object"]], bits: in
             out.add(f"{base}.weight", weight)
             out.add(f"{base}.scales", scales)
             out.add(f"{base}.biases", biases)
-        elif "e_score_correction_bias" in name:
-            out.add(name, np.array(array.astype(mx.float32)))  # routing decisions stay float32, as in mlx-lm
+        elif "e_score_correction_bias" in name or name.endswith("A_log"):
+            # Routing decisions and Gated DeltaNet's decay rates stay float32, as in mlx-lm.
+            out.add(name, np.array(array.astype(mx.float32)))
         else:
             out.add(name, np.array(array.astype(mx.float32)).astype(DTYPES[dtype]))
         del array

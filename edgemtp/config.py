@@ -17,7 +17,11 @@ from pathlib import Path
 
 from edgemtp.errors import UserError
 
-SUPPORTED_MODEL_TYPES = ("deepseek_v3", "glm4_moe", "llama", "qwen2", "qwen3")
+SUPPORTED_MODEL_TYPES = ("deepseek_v3", "glm4_moe", "llama", "qwen2", "qwen3", "qwen3_5")
+
+# Released Qwen3.5 checkpoints are vision-language models: the text model's keys sit under
+# ``text_config`` (model_type ``qwen3_5_text``) and the top level names ``qwen3_5``.
+NESTED_TEXT_CONFIG_TYPES = ("qwen3_5",)
 
 # transformers' default when a config names no RoPE base at all.
 DEFAULT_ROPE_THETA = 10000.0
@@ -37,7 +41,20 @@ def load_config(path: str | Path) -> dict:
         raise UserError(f"{config_path} is not valid JSON ({exc}); fix or re-download the file") from None
     if not isinstance(config, dict):
         raise UserError(f"{config_path} must hold a JSON object; fix or re-download the file")
-    return config
+    return flat_text_config(config)
+
+
+def flat_text_config(config: dict) -> dict:
+    """The text model's keys at the top level, as every other family stores them.
+
+    A Qwen3.5 config nests them in ``text_config``; they are lifted (over the top level's, except
+    ``model_type``, which stays ``qwen3_5``) and the vision tower's config is dropped: edgemtp runs
+    the text model only. Other configs come back unchanged.
+    """
+    if config.get("model_type") not in NESTED_TEXT_CONFIG_TYPES or not isinstance(config.get("text_config"), dict):
+        return config
+    outer = {key: value for key, value in config.items() if key not in ("text_config", "vision_config")}
+    return {**outer, **config["text_config"], "model_type": config["model_type"]}
 
 
 def check_supported(config: dict, where: str | Path = "config.json") -> str:
@@ -51,8 +68,9 @@ def check_supported(config: dict, where: str | Path = "config.json") -> str:
 
 
 def num_mtp_layers(config: dict) -> int:
-    """Number of multi-token-prediction layers stored after the trunk layers (DeepSeek's key)."""
-    return int(config.get("num_nextn_predict_layers") or 0)
+    """Number of multi-token-prediction layers: DeepSeek's ``num_nextn_predict_layers`` or Qwen's
+    ``mtp_num_hidden_layers``."""
+    return int(config.get("num_nextn_predict_layers") or config.get("mtp_num_hidden_layers") or 0)
 
 
 def rope_theta(config: dict) -> float:
@@ -66,8 +84,9 @@ def rope_theta(config: dict) -> float:
 def partial_rotary_factor(config: dict) -> float:
     """The fraction of each head's dimensions that RoPE rotates (the leading ones), from
     ``rope_parameters`` or the classic top-level key. GLM-4.5 configs default to half, as
-    transformers' ``Glm4MoeConfig`` does; other models rotate every dimension."""
-    default = 0.5 if config.get("model_type") == "glm4_moe" else 1.0
+    transformers' ``Glm4MoeConfig`` does, Qwen3.5 configs to a quarter, as ``Qwen3_5TextConfig``
+    does; other models rotate every dimension."""
+    default = {"glm4_moe": 0.5, "qwen3_5": 0.25}.get(config.get("model_type"), 1.0)
     params = config.get("rope_parameters") or {}
     return float(params.get("partial_rotary_factor", config.get("partial_rotary_factor", default)))
 
@@ -100,5 +119,9 @@ def with_both_rope_forms(config: dict) -> dict:
         parameters.update({key: value for key, value in scaling.items() if key != "type"})
     if "partial_rotary_factor" in (config.get("rope_parameters") or {}) or "partial_rotary_factor" in config:
         out["partial_rotary_factor"] = parameters["partial_rotary_factor"] = partial_rotary_factor(config)
+    # Qwen3.5's multimodal RoPE sections: with text-only positions every section rotates by the
+    # same position, so they change nothing here, but the released configs carry them.
+    parameters.update({key: value for key, value in (config.get("rope_parameters") or {}).items()
+                       if key.startswith("mrope_")})
     out["rope_parameters"] = parameters
     return out

@@ -26,7 +26,7 @@ import numpy as np
 
 from edgemtp.config import with_both_rope_forms
 from edgemtp.errors import UserError
-from edgemtp.layout import expected_weights, is_fp8_quantized, is_mtp_embedding
+from edgemtp.layout import expected_weights, is_fp8_quantized, is_mtp_embedding, is_zero_centred_norm, layer_types
 from edgemtp.mtp_copies import trunk_head_name
 from edgemtp.safetensors_stream import TensorSpec, write_safetensors
 
@@ -160,6 +160,36 @@ _GLM4_MOE = {
     "tie_word_embeddings": False,
 }
 
+# Qwen3.5-0.8B's text model in miniature, in the released (vision-language) config: three Gated
+# DeltaNet layers then one gated full-attention layer (layer_types follows num_hidden_layers, every
+# full_attention_interval-th layer full), QK norm, a quarter of head_dim rotated, tied embeddings as
+# in 0.8B and 2B, one MTP layer under mtp.*. make_tiny nests these keys in text_config.
+_QWEN3_5 = {
+    "architectures": ["Qwen3_5ForConditionalGeneration"],
+    "model_type": "qwen3_5",
+    "vocab_size": 384,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 4,
+    "full_attention_interval": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 32,
+    "linear_num_key_heads": 2,
+    "linear_num_value_heads": 4,
+    "linear_key_head_dim": 16,
+    "linear_value_head_dim": 16,
+    "linear_conv_kernel_dim": 4,
+    "hidden_act": "silu",
+    "max_position_embeddings": 2048,
+    "rms_norm_eps": 1e-6,
+    "rope_parameters": {"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25,
+                        "mrope_section": [11, 11, 10], "mrope_interleaved": True},
+    "tie_word_embeddings": True,
+    "attention_bias": False,
+    "mtp_use_dedicated_embeddings": False,
+}
+
 # Named variants: a base config plus the features a test wants to exercise.
 VARIANTS: dict[str, dict] = {
     "llama": _LLAMA,  # GQA (4 query heads, 2 KV heads), tied embeddings
@@ -170,6 +200,8 @@ VARIANTS: dict[str, dict] = {
     "qwen3": _QWEN3,
     "glm4_moe": _GLM4_MOE,  # GQA, partial RoPE, q/k/v biases, QK norm, grouped MoE, shared expert
     "glm4_moe_no_qk_norm": {**_GLM4_MOE, "use_qk_norm": False},  # GLM-4.5's released setting
+    "qwen3_5": _QWEN3_5,  # Gated DeltaNet + gated attention, partial RoPE, QK norm, tied embeddings
+    "qwen3_5_untied": {**_QWEN3_5, "tie_word_embeddings": False},  # as Qwen3.5-9B
 }
 
 # Config keys that may be overridden although the base configs leave them out.
@@ -244,7 +276,7 @@ def make_tiny(
 
     tensors = _tensor_specs(config, seed, _DTYPES[dtype], fp8_block if fp8 else None, confident, mtp_head)
     _write_weights(partial, tensors, shard_bytes)
-    (partial / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    (partial / "config.json").write_text(json.dumps(_released_config(config), indent=2) + "\n")
     (partial / "generation_config.json").write_text(json.dumps({"eos_token_id": eos_id}, indent=2) + "\n")
     tokenizer.save(str(partial / "tokenizer.json"))
     (partial / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(), indent=2) + "\n")
@@ -267,11 +299,29 @@ def tiny_config(arch: str = "llama", mtp_layers: int = 1, **overrides) -> dict:
     if mtp_layers < 0:
         raise UserError(f"mtp_layers must be >= 0, got {mtp_layers}")
     base.update(overrides)
-    base["num_nextn_predict_layers"] = mtp_layers
+    if base["model_type"] == "qwen3_5":
+        if mtp_layers > 1:
+            raise UserError("qwen3_5 checkpoints carry one MTP layer, as released; pass mtp_layers 0 or 1")
+        base["layer_types"] = layer_types(base)
+        base["mtp_num_hidden_layers"] = mtp_layers
+    else:
+        base["num_nextn_predict_layers"] = mtp_layers
     if base["vocab_size"] < 256 + len(SPECIAL_TOKENS):
         raise UserError(f"vocab_size {base['vocab_size']} is too small for a byte-level tokenizer; use at least "
                         f"{256 + len(SPECIAL_TOKENS)}")
     return with_both_rope_forms(base)
+
+
+def _released_config(config: dict) -> dict:
+    """The config.json as the family releases it: Qwen3.5's text keys nested in ``text_config``
+    under a vision-language top level (no vision tower is written); other families flat."""
+    if config["model_type"] != "qwen3_5":
+        return config
+    outer = ("architectures", "model_type", "quantization_config")
+    text = {key: value for key, value in config.items() if key not in outer}
+    top = {key: config[key] for key in outer if key in config}
+    return {**top, "tie_word_embeddings": config["tie_word_embeddings"], "torch_dtype": config["torch_dtype"],
+            "text_config": {**text, "model_type": "qwen3_5_text"}}
 
 
 # --- weights ----------------------------------------------------------------
@@ -293,7 +343,10 @@ def _tensor_specs(config: dict, seed: int, dtype, fp8_block: int | None, confide
         else:
             # The router's correction bias stays float32, as in DeepSeek-V3.
             tensor_dtype = np.float32 if name.endswith("e_score_correction_bias") else dtype
-            specs.append(TensorSpec(stored, np.dtype(tensor_dtype), shape, _value_chunks(name, shape, seed, confident)))
+            chunks = _value_chunks(name, shape, seed, confident)
+            if is_zero_centred_norm(config["model_type"], name):
+                chunks = _shifted(chunks, -1.0)  # stored as w for a scale of 1 + w
+            specs.append(TensorSpec(stored, np.dtype(tensor_dtype), shape, chunks))
     return specs
 
 
@@ -360,9 +413,9 @@ def _confident_rows(name: str, shape: tuple[int, ...], seed: int, start: int, st
     if name.endswith(("lm_head.weight", "shared_head.head.weight")):
         return _embedding_rows(shape, seed, start, stop)
     rows = _random_rows(name, shape, seed, start, stop)
-    if name.endswith(("o_proj.weight", "down_proj.weight")):
+    if name.endswith(("o_proj.weight", "down_proj.weight", "linear_attn.out_proj.weight")):
         return rows * np.float32(_CONFIDENT_RESIDUAL_SCALE)
-    if name.endswith("eh_proj.weight"):
+    if name.endswith(("eh_proj.weight", "mtp.fc.weight")):
         index = np.arange(start, stop)
         rows[index - start, index] += 1.0
     return rows
@@ -381,6 +434,13 @@ def _value_chunks(name: str, shape: tuple[int, ...], seed: int, confident: bool)
         for start, stop in _row_chunks(shape):
             yield _initial_rows(name, shape, seed, start, stop, confident)
     return chunks
+
+
+def _shifted(chunks, offset: float):
+    def shifted() -> Iterator[np.ndarray]:
+        for chunk in chunks():
+            yield chunk + np.float32(offset)
+    return shifted
 
 
 def _fp8_chunks(name: str, shape: tuple[int, ...], seed: int, block: int, confident: bool, scales: bool):

@@ -8,6 +8,12 @@ MTP layer ``i`` lives at ``model.layers.{num_hidden_layers + i}.``: a full decod
 the trunk's type plus ``enorm``, ``hnorm``, ``eh_proj`` and ``shared_head.{norm,head}``, and,
 as DeepSeek-V3/R1 and GLM-4.5 release them, its own ``embed_tokens`` (in those
 releases a copy of the trunk's embedding; see ``edgemtp.mtp_copies``).
+
+Qwen3.5 (``qwen3_5``) keeps its released names instead: the trunk under
+``model.language_model.``, its one MTP layer under ``mtp.`` (``fc``, ``pre_fc_norm_embedding``,
+``pre_fc_norm_hidden``, ``layers.0.`` a full-attention block, ``norm``; the head is the trunk's).
+The backends map those names onto the convention above (``eh_proj``, ``enorm``, ``hnorm``,
+``shared_head.norm``) when they load them.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import re
 
 from edgemtp.config import check_supported, num_mtp_layers
+from edgemtp.errors import UserError
 
 Shapes = dict[str, tuple[int, ...]]
 
@@ -50,12 +57,16 @@ def is_optional(name: str) -> bool:
 
 def mtp_prefix(config: dict, index: int) -> str:
     """Weight-name prefix of MTP layer ``index`` (0-based)."""
+    if config.get("model_type") == "qwen3_5":
+        return QWEN3_5_MTP
     return f"model.layers.{config['num_hidden_layers'] + index}."
 
 
 def expected_weights(config: dict) -> Shapes:
     """Every weight the config promises, trunk first then MTP layers, name -> shape."""
     model_type = check_supported(config)
+    if model_type == "qwen3_5":
+        return _qwen3_5_weights(config)
     block = _BLOCKS[model_type]
     hidden, vocab = config["hidden_size"], config["vocab_size"]
     layers = config["num_hidden_layers"]
@@ -192,6 +203,112 @@ def _dense_or_routed_mlp(config: dict, layer: int, mlp: str) -> Shapes:
         shapes.update(_mlp(f"{mlp}experts.{expert}.", hidden, expert_size))
     if config.get("n_shared_experts"):
         shapes.update(_mlp(mlp + "shared_experts.", hidden, expert_size * config["n_shared_experts"]))
+    return shapes
+
+
+# --- Qwen3.5: released names (see the module docstring) ----------------------
+
+QWEN3_5_TRUNK = "model.language_model."
+QWEN3_5_MTP = "mtp."
+QWEN3_5_VISION = "model.visual."  # the released checkpoints' vision tower, which edgemtp never loads
+
+
+def layer_types(config: dict) -> list[str]:
+    """``"linear_attention"`` or ``"full_attention"`` per trunk layer of a Qwen3.5 config: its
+    ``layer_types``, else every ``full_attention_interval``-th layer (default 4) full, as
+    transformers derives them."""
+    if config.get("layer_types"):
+        return list(config["layer_types"])
+    interval = config.get("full_attention_interval", 4)
+    return ["full_attention" if (i + 1) % interval == 0 else "linear_attention"
+            for i in range(config["num_hidden_layers"])]
+
+
+def attention_layers(config: dict) -> int:
+    """Trunk layers that cache keys and values: all of them, but Qwen3.5's full-attention ones only."""
+    if config.get("model_type") == "qwen3_5":
+        return layer_types(config).count("full_attention")
+    return int(config["num_hidden_layers"])
+
+
+def recurrent_state_bytes(config: dict) -> int:
+    """Bytes of Qwen3.5's Gated DeltaNet states, fixed whatever the context: per linear-attention
+    layer a recurrent state of ``value heads x value dim x key dim`` and the convolution's last
+    ``kernel - 1`` inputs, both counted as float32 (the recurrent state always is). 0 elsewhere."""
+    if config.get("model_type") != "qwen3_5":
+        return 0
+    value_heads, key_dim, value_dim = (config["linear_num_value_heads"], config["linear_key_head_dim"],
+                                       config["linear_value_head_dim"])
+    conv_dim = 2 * config["linear_num_key_heads"] * key_dim + value_heads * value_dim
+    per_layer = value_heads * value_dim * key_dim + (config.get("linear_conv_kernel_dim", 4) - 1) * conv_dim
+    return 4 * per_layer * layer_types(config).count("linear_attention")
+
+
+_QWEN3_5_NORM = re.compile(r"norm(_embedding|_hidden)?\.weight$")
+
+
+def is_zero_centred_norm(model_type: str, name: str) -> bool:
+    """Whether RMSNorm weight ``name`` is stored as ``w`` for a scale of ``1 + w`` (Qwen3.5's
+    norms, the MTP module's ``pre_fc_norm_*`` included, all but the gated norm inside Gated DeltaNet)."""
+    return (model_type == "qwen3_5" and _QWEN3_5_NORM.search(name) is not None
+            and not name.endswith("linear_attn.norm.weight"))
+
+
+def _qwen3_5_weights(config: dict) -> Shapes:
+    hidden, vocab = config["hidden_size"], config["vocab_size"]
+    if num_mtp_layers(config) > 1:
+        raise UserError(f"mtp_num_hidden_layers is {num_mtp_layers(config)}; edgemtp reads Qwen3.5's MTP module "
+                        "with one layer (as released); set it to 1 in config.json")
+    shapes: Shapes = {QWEN3_5_TRUNK + "embed_tokens.weight": (vocab, hidden)}
+    for layer, kind in enumerate(layer_types(config)):
+        shapes.update(_qwen3_5_block(config, kind, f"{QWEN3_5_TRUNK}layers.{layer}."))
+    shapes[QWEN3_5_TRUNK + "norm.weight"] = (hidden,)
+    if not config.get("tie_word_embeddings", False):
+        shapes["lm_head.weight"] = (vocab, hidden)
+    if num_mtp_layers(config):
+        shapes[QWEN3_5_MTP + "fc.weight"] = (hidden, 2 * hidden)
+        shapes[QWEN3_5_MTP + "pre_fc_norm_embedding.weight"] = (hidden,)
+        shapes[QWEN3_5_MTP + "pre_fc_norm_hidden.weight"] = (hidden,)
+        shapes.update(_qwen3_5_block(config, "full_attention", QWEN3_5_MTP + "layers.0."))
+        shapes[QWEN3_5_MTP + "norm.weight"] = (hidden,)
+    return shapes
+
+
+def _qwen3_5_block(config: dict, kind: str, prefix: str) -> Shapes:
+    """A Gated DeltaNet or a gated full-attention block (``q_proj`` also yields the output gate:
+    twice the query width), then a dense MLP."""
+    hidden = config["hidden_size"]
+    shapes: Shapes = {prefix + "input_layernorm.weight": (hidden,)}
+    if kind == "linear_attention":
+        attn = prefix + "linear_attn."
+        value_heads = config["linear_num_value_heads"]
+        key_dim = config["linear_num_key_heads"] * config["linear_key_head_dim"]
+        value_dim = value_heads * config["linear_value_head_dim"]
+        conv_dim = 2 * key_dim + value_dim
+        shapes.update({
+            attn + "in_proj_qkv.weight": (conv_dim, hidden),
+            attn + "in_proj_z.weight": (value_dim, hidden),
+            attn + "in_proj_b.weight": (value_heads, hidden),
+            attn + "in_proj_a.weight": (value_heads, hidden),
+            attn + "conv1d.weight": (conv_dim, 1, config.get("linear_conv_kernel_dim", 4)),
+            attn + "dt_bias": (value_heads,),
+            attn + "A_log": (value_heads,),
+            attn + "norm.weight": (config["linear_value_head_dim"],),
+            attn + "out_proj.weight": (hidden, value_dim),
+        })
+    else:
+        attn = prefix + "self_attn."
+        heads, kv_heads, head_dim = config["num_attention_heads"], config["num_key_value_heads"], config["head_dim"]
+        shapes.update({
+            attn + "q_proj.weight": (2 * heads * head_dim, hidden),
+            attn + "k_proj.weight": (kv_heads * head_dim, hidden),
+            attn + "v_proj.weight": (kv_heads * head_dim, hidden),
+            attn + "o_proj.weight": (hidden, heads * head_dim),
+            attn + "q_norm.weight": (head_dim,),
+            attn + "k_norm.weight": (head_dim,),
+        })
+    shapes[prefix + "post_attention_layernorm.weight"] = (hidden,)
+    shapes.update(_mlp(prefix + "mlp.", hidden, config["intermediate_size"]))
     return shapes
 
 

@@ -32,6 +32,7 @@ from edgemtp.config import check_supported, load_config, num_mtp_layers
 from edgemtp.draft_vocab import FILE_NAME as DRAFT_VOCAB_FILE
 from edgemtp.engine.generate import AUTO_MAX_DRAFT
 from edgemtp.errors import UserError
+from edgemtp.layout import QWEN3_5_MTP, QWEN3_5_TRUNK, QWEN3_5_VISION, attention_layers, recurrent_state_bytes
 from edgemtp.mtp_copies import trunk_copy_bytes
 
 # Files whose bytes are model weights, for the formats our two backends load.
@@ -188,24 +189,29 @@ def weight_files(model_dir: Path, config: dict) -> WeightFiles:
     total = sum(p.stat().st_size for p in files)
     mtp_files = [p for p in files if p.relative_to(model_dir).parts[0].startswith("mtp")]
     mtp = sum(p.stat().st_size for p in mtp_files)
-    embedding = experts = 0
+    embedding = experts = vision = 0
     hf_mtp_layers = False  # MTP layers under Hugging Face names (converted directories keep them apart)
     trunk_files = [p for p in files if p not in mtp_files]
     safetensors_files = [p for p in trunk_files if p.suffix == ".safetensors"]
     if safetensors_files and len(safetensors_files) == len(trunk_files):
         first_mtp_layer = int(config["num_hidden_layers"])
+        released_mtp = QWEN3_5_MTP if config["model_type"] == "qwen3_5" else None  # Qwen3.5 keeps mtp.*
         tied = bool(config.get("tie_word_embeddings", False))
         for path in safetensors_files:
             for name, (dtype, shape) in _safetensors_entries(path).items():
                 nbytes = _SAFETENSORS_DTYPE_BYTES[dtype] * math.prod(shape)
+                if name.startswith(QWEN3_5_VISION):  # never loaded: edgemtp runs the text model
+                    vision += nbytes
+                    continue
                 layer = _layer_index(name)
-                if layer is not None and layer >= first_mtp_layer:
+                if (layer is not None and layer >= first_mtp_layer) or (released_mtp and name.startswith(released_mtp)):
                     mtp += nbytes
                     hf_mtp_layers = True
-                elif name.startswith("model.embed_tokens.") and not tied:
+                elif name.startswith(("model.embed_tokens.", QWEN3_5_TRUNK + "embed_tokens.")) and not tied:
                     embedding += nbytes
                 elif any(marker in name for marker in _ROUTED_EXPERT_MARKERS):
                     experts += nbytes
+    total -= vision
     if hf_mtp_layers:
         # An MTP layer's copies of the trunk's embedding or head are loaded once (edgemtp/mtp_copies.py).
         copies = trunk_copy_bytes(Checkpoint.open(model_dir, validate=False))
@@ -330,13 +336,13 @@ def estimate(config: dict, weights: int, context: int, dtype: str = DEFAULT_DTYP
     if dtype not in DTYPE_BYTES:
         raise UserError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPE_BYTES)}")
     per_layer_token = kv_bytes_per_token_per_layer(config, DTYPE_BYTES[dtype])
-    layers = int(config["num_hidden_layers"])
+    layers = attention_layers(config)
     # One MTP cache per draft depth (each a single layer deep), up to the longest draft.
     mtp_depths = MAX_DRAFT if num_mtp_layers(config) > 0 else 0
     return Estimate(
         context=context,
         weights=weights,
-        kv_cache=per_layer_token * layers * context,
+        kv_cache=per_layer_token * layers * context + recurrent_state_bytes(config),
         mtp_caches=per_layer_token * mtp_depths * context,
         activations=activation_bytes(config, context),
         repacked=repacked,

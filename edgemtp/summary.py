@@ -14,7 +14,7 @@ from pathlib import Path
 
 from edgemtp.checkpoint import Checkpoint
 from edgemtp.config import load_config, num_mtp_layers
-from edgemtp.layout import expected_weights, mtp_prefix
+from edgemtp.layout import attention_layers, expected_weights, mtp_prefix, recurrent_state_bytes
 from edgemtp.mtp_copies import MTP_TRUNK_PARTS, parts_from_trunk, trunk_copy_bytes
 
 KV_CACHE_TOKENS = 4096
@@ -150,9 +150,9 @@ def kv_cache_elements_per_token(config: dict) -> int:
 
 
 def kv_cache_bytes(config: dict, tokens: int, element_bytes: int = KV_CACHE_ELEMENT_BYTES) -> int:
-    """Bytes of the trunk and MTP caches for ``tokens`` positions."""
-    layers = config["num_hidden_layers"] + num_mtp_layers(config)
-    return tokens * layers * kv_cache_elements_per_token(config) * element_bytes
+    """Bytes of the trunk and MTP caches for ``tokens`` positions (and Qwen3.5's fixed-size states)."""
+    layers = attention_layers(config) + num_mtp_layers(config)
+    return tokens * layers * kv_cache_elements_per_token(config) * element_bytes + recurrent_state_bytes(config)
 
 
 def _storage(checkpoint: Checkpoint, mlx_quantization: dict | None) -> str:

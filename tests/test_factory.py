@@ -17,7 +17,8 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.mark.parametrize("variant", FACTORY_VARIANTS)
+# Qwen3.5's released layout (nested config, model.language_model.*, mtp.*): tests/test_qwen3_5.py.
+@pytest.mark.parametrize("variant", [variant for variant in FACTORY_VARIANTS if not variant.startswith("qwen3_5")])
 def test_variant_loads_in_transformers_with_every_trunk_weight(tiny_checkpoint, variant):
     path = tiny_checkpoint(variant)
     checkpoint = Checkpoint.open(path)

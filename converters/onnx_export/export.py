@@ -53,6 +53,9 @@ def export_onnx(checkpoint: str | Path, out_dir: str | Path, bits: int | None = 
 
     ckpt = Checkpoint.open(checkpoint)
     config = ckpt.config
+    if config["model_type"] not in ARCHS:
+        raise UserError(f"{config['model_type']} has no ONNX export yet; convert it --to mlx and run it with "
+                        "--backend mlx")
     draft_ids = read_draft_vocab(draft_vocab, int(config["vocab_size"])) if draft_vocab is not None else None
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):

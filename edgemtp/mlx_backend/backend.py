@@ -19,8 +19,17 @@ from edgemtp.checkpoint import Checkpoint
 from edgemtp.config import check_supported, load_config
 from edgemtp.draft_vocab import load_draft_vocab
 from edgemtp.errors import UserError
-from edgemtp.mlx_backend.cache import PreallocatedKVCache
-from edgemtp.mlx_backend.models import ARCHITECTURES, MTPLayer, MTPStack, head_rows, output_head, run_layers, run_trunk
+from edgemtp.mlx_backend.cache import PreallocatedKVCache, RecurrentStateCache
+from edgemtp.mlx_backend.models import (
+    ARCHITECTURES,
+    MTPLayer,
+    MTPStack,
+    head_rows,
+    is_recurrent,
+    output_head,
+    run_layers,
+    run_trunk,
+)
 from edgemtp.mlx_backend.weights import (
     cast,
     is_mlx_dir,
@@ -97,7 +106,11 @@ class MLXBackend:
         # thread (the TUI decodes in a worker) can run the model.
         mx.eval([value for module in (trunk, mtp) for sub in module.modules()
                  for value in sub.values() if isinstance(value, mx.array)])
-        self._trunk_caches = [self._new_cache() for _ in trunk.model.layers]
+        self._trunk_caches = [RecurrentStateCache() if is_recurrent(layer) else self._new_cache()
+                              for layer in trunk.model.layers]
+        self._recurrent = [cache for cache in self._trunk_caches if isinstance(cache, RecurrentStateCache)]
+        # The tokens in the trunk's caches: a rollback re-runs some of them through recurrent layers.
+        self._trunk_tokens: list[int] = []
         # One cache per depth; depths past the last MTP layer reuse it with their own cache.
         self._mtp_caches = {depth: self._new_cache() for depth in range(1, self.num_mtp_layers + 1)}
 
@@ -188,15 +201,25 @@ class MLXBackend:
 
     def reset(self) -> None:
         for cache in self._trunk_caches + list(self._mtp_caches.values()):
-            cache.trim(cache.offset)
+            if isinstance(cache, RecurrentStateCache):
+                cache.clear()
+            else:
+                cache.trim(cache.offset)
+        self._trunk_tokens.clear()
+
+    def _run_trunk(self, ids: mx.array) -> tuple[mx.array, mx.array]:
+        """One trunk step over ``ids`` ``(1, n)``, its start marked in every recurrent cache."""
+        for cache in self._recurrent:
+            cache.mark()
+        return run_trunk(self.trunk, ids, self._trunk_caches, self._mask_as_array)
 
     def trunk_step(self, tokens: list[int]) -> tuple[np.ndarray, np.ndarray]:
         if not tokens:
             raise ValueError("trunk_step needs at least one token")
         self._check_room(self.trunk_len(), len(tokens))
-        ids = mx.array([tokens], dtype=mx.int32)
-        logits, hidden = run_trunk(self.trunk, ids, self._trunk_caches, self._mask_as_array)
+        logits, hidden = self._run_trunk(mx.array([tokens], dtype=mx.int32))
         mx.eval(logits, hidden)
+        self._trunk_tokens.extend(tokens)
         return self._to_numpy(logits), self._to_numpy(hidden)
 
     def forward_layers(self, h: mx.array) -> mx.array:
@@ -217,10 +240,11 @@ class MLXBackend:
         self._check_room(self.trunk_len(), count)
 
         def step(y: mx.array) -> mx.array:
-            logits, _ = run_trunk(self.trunk, y.reshape(1, 1), self._trunk_caches, self._mask_as_array)
+            logits, _ = self._run_trunk(y.reshape(1, 1))
             return mx.argmax(logits[0, -1], keepdims=True)
 
         y = step(mx.array([token], dtype=mx.int32))
+        self._trunk_tokens.append(token)
         mx.async_eval(y)
         ahead = False  # whether a step for the last yielded token is queued
         try:
@@ -229,7 +253,10 @@ class MLXBackend:
                 if ahead:
                     next_y = step(y)
                     mx.async_eval(next_y)
-                yield int(y.item())
+                value = int(y.item())
+                if ahead:
+                    self._trunk_tokens.append(value)
+                yield value
                 if ahead:
                     y = next_y
         finally:
@@ -240,8 +267,37 @@ class MLXBackend:
         return self._trunk_caches[0].offset
 
     def trunk_rollback(self, n: int) -> None:
+        keep = self.trunk_len() - min(n, self.trunk_len())
+        if self._recurrent:
+            self._recompute_to(keep)
+        else:
+            for cache in self._trunk_caches:
+                cache.trim(n)
+        del self._trunk_tokens[keep:]
+
+    def _recompute_to(self, keep: int) -> None:
+        """Roll a trunk with recurrent layers back to ``keep`` positions.
+
+        Recurrent states cannot be cut back, so every cache returns to the start of the last step
+        (or to empty, when ``keep`` lies before it) and the trunk runs again over the kept tokens
+        after that point: the states then hold exactly what a run that never saw the dropped
+        tokens holds. The key/value caches are cut to the same point and rewritten alongside.
+        """
+        start = self._recurrent[0].marked_offset
+        if keep < start:
+            start = 0
         for cache in self._trunk_caches:
-            cache.trim(n)
+            if isinstance(cache, PreallocatedKVCache):
+                cache.trim(cache.offset - start)
+            elif start:
+                cache.restore()
+            else:
+                cache.clear()
+        if keep > start:
+            self._run_trunk(mx.array([self._trunk_tokens[start:keep]], dtype=mx.int32))
+            mx.eval([array for cache in self._recurrent for array in cache.arrays()],
+                    [(cache.keys, cache.values) for cache in self._trunk_caches
+                     if isinstance(cache, PreallocatedKVCache)])
 
     # --- MTP --------------------------------------------------------------------
 

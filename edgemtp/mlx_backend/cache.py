@@ -61,3 +61,54 @@ class PreallocatedKVCache:
     def nbytes(self) -> int:
         """Bytes reserved by the buffers (they are allocated up front)."""
         return self.keys.nbytes + self.values.nbytes
+
+
+class RecurrentStateCache:
+    """The state of one Gated DeltaNet layer (qwen3_5): the last ``kernel - 1`` inputs of its causal
+    convolution (``[0]``) and its recurrent state (``[1]``), behind the interface mlx-lm's
+    ``GatedDeltaNet`` calls (``ArraysCache``'s indexing, ``lengths``, ``advance``).
+
+    Unlike keys and values, a recurrent state cannot be cut back to an earlier position. ``mark()``
+    keeps the state at the start of a step (references to immutable MLX arrays, so nothing is
+    copied) and ``restore()`` returns to it; the backend then runs the trunk again over the
+    positions of that step that were kept (``MLXBackend.trunk_rollback``).
+    """
+
+    lengths = None  # no padded batches: every position of a step is real
+
+    def __init__(self):
+        self.clear()
+
+    def clear(self) -> None:
+        self.state: list[mx.array | None] = [None, None]
+        self.offset = 0
+        self.mark()
+
+    def __getitem__(self, index: int) -> mx.array | None:
+        return self.state[index]
+
+    def __setitem__(self, index: int, value: mx.array) -> None:
+        self.state[index] = value
+
+    def advance(self, n: int) -> None:
+        self.offset += n
+
+    def mark(self) -> None:
+        """Remember the current state as the start of the next step."""
+        self._marked = (self.offset, list(self.state))
+
+    @property
+    def marked_offset(self) -> int:
+        return self._marked[0]
+
+    def restore(self) -> None:
+        """Return to the state ``mark()`` remembered."""
+        self.offset, self.state = self._marked[0], list(self._marked[1])
+
+    def arrays(self) -> list[mx.array]:
+        return [array for array in self.state if array is not None]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the current state (allocated by the layer on its first step)."""
+        return sum(array.nbytes for array in self.arrays())

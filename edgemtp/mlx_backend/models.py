@@ -15,11 +15,11 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx_lm.models.base import create_attention_mask
 
-from edgemtp.mlx_backend import deepseek_v3, glm4_moe, llama, qwen2, qwen3
-from edgemtp.mlx_backend.cache import PreallocatedKVCache
+from edgemtp.mlx_backend import deepseek_v3, glm4_moe, llama, qwen2, qwen3, qwen3_5
+from edgemtp.mlx_backend.cache import PreallocatedKVCache, RecurrentStateCache
 
 ARCHITECTURES: dict[str, ModuleType] = {"llama": llama, "deepseek_v3": deepseek_v3, "glm4_moe": glm4_moe, "qwen2": qwen2,
-                                        "qwen3": qwen3}
+                                        "qwen3": qwen3, "qwen3_5": qwen3_5}
 
 
 def output_head(trunk: nn.Module) -> Callable[[mx.array], mx.array]:
@@ -49,8 +49,14 @@ def head_rows(head: nn.Module, rows: mx.array) -> nn.Module:
     return layer
 
 
+def is_recurrent(layer: nn.Module) -> bool:
+    """Whether a trunk layer keeps a recurrent state rather than keys and values (qwen3_5's Gated
+    DeltaNet layers, which mlx-lm marks ``is_linear``)."""
+    return getattr(layer, "is_linear", False)
+
+
 def run_trunk(
-    trunk: nn.Module, tokens: mx.array, caches: list[PreallocatedKVCache], mask_as_array: bool
+    trunk: nn.Module, tokens: mx.array, caches: list[PreallocatedKVCache | RecurrentStateCache], mask_as_array: bool
 ) -> tuple[mx.array, mx.array]:
     """``tokens`` ``(1, n)`` -> ``(logits (1, n, V), hidden (1, n, H))``, hidden after the final norm."""
     inner = trunk.model
@@ -60,9 +66,11 @@ def run_trunk(
 
 def run_layers(layers: list[nn.Module], h: mx.array, caches: list[PreallocatedKVCache], mask_as_array: bool) -> mx.array:
     """``h`` ``(1, n, H)`` through ``layers`` (the trunk's, or a pipeline stage's slice of them)."""
-    mask = create_attention_mask(h, caches[0], return_array=mask_as_array)
+    attention_cache = next((cache for cache in caches if isinstance(cache, PreallocatedKVCache)), None)
+    mask = create_attention_mask(h, attention_cache, return_array=mask_as_array)
     for layer, cache in zip(layers, caches):
-        h = layer(h, mask, cache=cache)
+        # A recurrent layer sees every position of the step; its mask would mark padding.
+        h = layer(h, None if is_recurrent(layer) else mask, cache=cache)
     return h
 
 

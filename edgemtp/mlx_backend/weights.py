@@ -37,8 +37,9 @@ def cast(name: str, array: mx.array, dtype: mx.Dtype) -> mx.array:
     """``array`` in the compute dtype, except what must keep its own type."""
     # Quantized weights are integers. The MoE routing bias stays float32, as
     # mlx-lm keeps it (its cast_predicate): it decides expert selection, where
-    # bf16 rounding flips choices.
-    if not mx.issubdtype(array.dtype, mx.floating) or "e_score_correction_bias" in name:
+    # bf16 rounding flips choices. Gated DeltaNet's A_log stays float32 too (mlx-lm's qwen3_5
+    # cast_predicate): the state decays by exp(-exp(A_log) ...) at every position.
+    if not mx.issubdtype(array.dtype, mx.floating) or "e_score_correction_bias" in name or name.endswith("A_log"):
         return array
     return array.astype(dtype)
 

@@ -26,18 +26,21 @@ DEFAULTS = {
 def convert(src, out, to: str = "mlx", bits: int | None = None, group_size: int | None = None,
             mtp_bits: int | None = None, dtype: str | None = None, force: bool = False,
             show_progress: bool = True, mtp_file: Path | None = None,
-            draft_vocab: str | Path | None = None) -> Path:
+            draft_vocab: str | Path | None = None, genai: bool = False) -> Path:
     """Convert ``src`` into ``out`` for backend ``to``; returns ``out``.
 
     ``mtp_file`` attaches MTP layers kept outside the source (the default model's).
     ``draft_vocab`` is a draft vocabulary file (``edgemtp draft-vocab``) stored with the output,
     so the MTP draft head scores only its tokens; ``"none"`` stores none; None takes the
     ``draft_vocab.safetensors`` of the source directory or beside ``mtp_file``, if there is one.
+    ``genai`` (ONNX only) writes onnxruntime-genai's layout instead of edgemtp's (onnx_export/genai.py).
     """
     from edgemtp.converters.sources import WithMTPLayers, open_source
 
     if to not in TARGETS:
         raise UserError(f"--to {to} is not a target; use one of {', '.join(TARGETS)}")
+    if genai and to != "onnx":
+        raise UserError("--genai writes onnxruntime-genai's ONNX layout; use it with --to onnx")
     options = DEFAULTS[to] | {k: v for k, v in {"bits": bits, "mtp_bits": mtp_bits, "group_size": group_size,
                                                  "dtype": dtype}.items() if v is not None}
     if bits == 16 and mtp_bits is None:  # full precision means the MTP layers too
@@ -64,7 +67,7 @@ def convert(src, out, to: str = "mlx", bits: int | None = None, group_size: int 
             if vocab_file is not None:  # the MLX backend slices the head rows when it loads
                 shutil.copyfile(vocab_file, partial / DRAFT_VOCAB_FILE)
         else:
-            _to_onnx(ckpt, partial, options, show_progress, vocab_file)
+            _to_onnx(ckpt, partial, options, show_progress, vocab_file, genai)
     return out
 
 
@@ -142,10 +145,11 @@ def _to_mlx(ckpt, out: Path, options: dict, show_progress: bool) -> None:
                    dtype=options["dtype"], progress=advance)
 
 
-def _to_onnx(ckpt, out: Path, options: dict, show_progress: bool, draft_vocab: Path | None) -> None:
+def _to_onnx(ckpt, out: Path, options: dict, show_progress: bool, draft_vocab: Path | None, genai: bool) -> None:
     # The ONNX exporter reads HF directories; other sources are first written as one.
     from edgemtp.checkpoint import Checkpoint
     from edgemtp.converters.onnx_export.export import export_onnx
+    from edgemtp.converters.onnx_export.genai import export_genai
 
     bits = None if options["bits"] == 16 else options["bits"]
     mtp_bits = None if options["mtp_bits"] == 16 else options["mtp_bits"]
@@ -154,16 +158,21 @@ def _to_onnx(ckpt, out: Path, options: dict, show_progress: bool, draft_vocab: P
         if show_progress:
             print(f"[{done}/{total}] {message}", flush=True)
 
+    def export(path: Path, affine_trunk: bool = False) -> None:
+        if genai:  # its MTP head scores the full vocabulary (genai.py), so no draft vocabulary
+            export_genai(path, out, bits=bits, group_size=options["group_size"], mtp_bits=mtp_bits, progress=step,
+                         affine_trunk=affine_trunk)
+        else:
+            export_onnx(path, out, bits=bits, group_size=options["group_size"], mtp_bits=mtp_bits,
+                        dtype=options["dtype"], progress=step, draft_vocab=draft_vocab, affine_trunk=affine_trunk)
+
     if isinstance(ckpt, Checkpoint):
-        export_onnx(ckpt.path, out, bits=bits, group_size=options["group_size"], mtp_bits=mtp_bits,
-                    dtype=options["dtype"], progress=step, draft_vocab=draft_vocab)
+        export(ckpt.path)
         return
-    affine_trunk = ckpt.affine_4bit_blocks
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".hf-") as tmp:
         with byte_progress(sum(ckpt.nbytes(n) for n in ckpt.names()), "unpacking to float32", show_progress) as advance:
             write_hf_dir(ckpt, Path(tmp), advance)
-        export_onnx(tmp, out, bits=bits, group_size=options["group_size"], mtp_bits=mtp_bits,
-                    dtype=options["dtype"], progress=step, draft_vocab=draft_vocab, affine_trunk=affine_trunk)
+        export(Path(tmp), affine_trunk=ckpt.affine_4bit_blocks)
 
 
 def write_hf_dir(ckpt, out: Path, advance=lambda n: None) -> Path:

@@ -299,6 +299,7 @@ def convert_command(
     force: bool = typer.Option(False, "--force", help="Replace OUT if it already exists."),
     draft_vocab: str | None = typer.Option(None, "--draft-vocab", help="FILE from `edgemtp draft-vocab`: the MTP draft head scores only its tokens (verification stays over the full vocabulary), or none. Default: draft_vocab.safetensors of the source directory, if any."),
     mtp_file: str | None = typer.Option(None, "--mtp-file", help="MTP layers kept outside SRC: the mtp.safetensors `edgemtp train-mtp` writes for a trunk that ships none."),
+    genai: bool = typer.Option(False, "--genai", help="With --to onnx: write onnxruntime-genai's layout (genai_config.json, model.onnx, the first MTP layer as mtp/ for og.MtpGenerator) instead of edgemtp's; llama, qwen2 and qwen3 trunks."),
 ) -> None:
     """Convert a model (HF directory, GGUF or Hub repo) into an MLX or ONNX model directory."""
     from pathlib import Path
@@ -308,7 +309,7 @@ def convert_command(
     if mtp_file is not None and not Path(mtp_file).is_file():
         raise UserError(f"--mtp-file {mtp_file} does not exist; pass the mtp.safetensors that `edgemtp train-mtp` wrote")
     path = convert(src, out, to=to, bits=bits, group_size=group_size, mtp_bits=mtp_bits, dtype=dtype, force=force,
-                   draft_vocab=draft_vocab, mtp_file=Path(mtp_file) if mtp_file else None)
+                   draft_vocab=draft_vocab, mtp_file=Path(mtp_file) if mtp_file else None, genai=genai)
     typer.echo(f"wrote {path}")
 
 

@@ -7,6 +7,7 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
+import onnx
 from safetensors.numpy import save_file
 
 from edgemtp.checkpoint import Checkpoint
@@ -28,6 +29,18 @@ SUPPORTED_BITS = (4, 8, None)
 Progress = Callable[[str, int, int], None]
 
 
+def check_options(bits: int | None, mtp_bits: int | None, group_size: int, dtype: str) -> None:
+    """Refuse what the exporter cannot write (a ``UserError`` naming the fix)."""
+    for value in (bits, mtp_bits):
+        if value not in SUPPORTED_BITS:
+            raise UserError(f"unsupported bit width {value}; use 4, 8 or none (float32 weights)")
+    if dtype != "float32":
+        raise UserError(f"dtype {dtype!r} is not supported by the ONNX exporter; use float32 "
+                        "(weights are still int4/int8 with --bits)")
+    if group_size < 16 or group_size & (group_size - 1):
+        raise UserError(f"group size {group_size} must be a power of two >= 16 (MatMulNBits); use 32, 64 or 128")
+
+
 def export_onnx(checkpoint: str | Path, out_dir: str | Path, bits: int | None = 4, group_size: int = 32,
                 mtp_bits: int | None = None, dtype: str = "float32", progress: Progress | None = None,
                 draft_vocab: str | Path | None = None, affine_trunk: bool = False) -> Path:
@@ -42,27 +55,14 @@ def export_onnx(checkpoint: str | Path, out_dir: str | Path, bits: int | None = 
     a 4-bit trunk then reproduces exactly (quantize.py); MTP weights always come as float.
     """
     mtp_bits = bits if mtp_bits is None else mtp_bits
-    for value in (bits, mtp_bits):
-        if value not in SUPPORTED_BITS:
-            raise UserError(f"unsupported bit width {value}; use 4, 8 or none (float32 weights)")
-    if dtype != "float32":
-        raise UserError(f"dtype {dtype!r} is not supported by the ONNX exporter; use float32 "
-                        "(weights are still int4/int8 with --bits)")
-    if group_size < 16 or group_size & (group_size - 1):
-        raise UserError(f"group size {group_size} must be a power of two >= 16 (MatMulNBits); use 32, 64 or 128")
-
+    check_options(bits, mtp_bits, group_size, dtype)
     ckpt = Checkpoint.open(checkpoint)
     config = ckpt.config
     if config["model_type"] not in ARCHS:
         raise UserError(f"{config['model_type']} has no ONNX export yet; convert it --to mlx and run it with "
                         "--backend mlx")
     draft_ids = read_draft_vocab(draft_vocab, int(config["vocab_size"])) if draft_vocab is not None else None
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()):
-        raise UserError(f"{out} already exists and is not empty; choose another output directory or delete it")
-    partial = out.with_name(out.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
+    out, partial = empty_partial_dir(out_dir)
 
     max_positions = int(config.get("max_position_embeddings", 4096))
     graphs = [("trunk", lambda: build_trunk(config, ckpt.read, max_positions), bits, affine_trunk)]
@@ -72,13 +72,7 @@ def export_onnx(checkpoint: str | Path, out_dir: str | Path, bits: int | None = 
     embedding: dict = {}  # the trunk's embedding tensors, written once (shared.py)
     shared_inputs: dict[str, list[str]] = {}  # graph -> the embedding tensors it takes as inputs
     for done, (name, build, graph_bits, affine) in enumerate(graphs):
-        if progress:
-            progress(f"building {name}", done, len(graphs))
-        model = build()
-        if graph_bits is not None:
-            if progress:
-                progress(f"quantizing {name} to int{graph_bits}", done, len(graphs))
-            model = quantize(model, graph_bits, group_size, affine)
+        model = build_graph(name, build, graph_bits, group_size, affine, progress, done, len(graphs))
         table = embedding_tensors(model)
         embedding = embedding or table  # the trunk comes first
         # An MTP graph shares the table when it gathers from the same bytes: not when the layer has
@@ -103,7 +97,36 @@ def export_onnx(checkpoint: str | Path, out_dir: str | Path, bits: int | None = 
     manifest = make_manifest(config, cache, bits, mtp_bits, group_size, dtype, max_positions,
                              None if draft_ids is None else len(draft_ids), affine_trunk, from_trunk, shared_inputs)
     (partial / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return publish(partial, out)
+
+
+def empty_partial_dir(out_dir: str | Path) -> tuple[Path, Path]:
+    """``(out, partial)``: the export is written into the empty ``partial`` and renamed to ``out``
+    by ``publish``; an ``out`` that already holds something is refused."""
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} already exists and is not empty; choose another output directory or delete it")
+    partial = out.with_name(out.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    return out, partial
+
+
+def publish(partial: Path, out: Path) -> Path:
     if out.exists():
         out.rmdir()
     partial.rename(out)
     return out
+
+
+def build_graph(name: str, build: Callable[[], onnx.ModelProto], bits: int | None, group_size: int, affine: bool,
+                progress: Progress | None, done: int, total: int) -> onnx.ModelProto:
+    """``build()``, quantized to ``bits`` unless None, reporting both stages to ``progress``."""
+    if progress:
+        progress(f"building {name}", done, total)
+    model = build()
+    if bits is not None:
+        if progress:
+            progress(f"quantizing {name} to int{bits}", done, total)
+        model = quantize(model, bits, group_size, affine)
+    return model

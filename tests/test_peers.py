@@ -135,3 +135,14 @@ def test_llama_cpp_greedy_equals_edgemtp_plain(tiny_checkpoint, tmp_path):
     reference = _edgemtp_plain(convert(gguf, tmp_path / "onnx", to="onnx", bits=16))
     assert len(reference) == TOKENS
     assert _greedy("llamacpp", {"model": str(gguf), "threads": 2, "eos": [], "context": 256}) == reference
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--backend", "all"], "one checkpoint on one backend"),
+    (["--bits", "8"], "one checkpoint on one backend"),
+    (["--max-tokens", "1"], "--max-tokens of at least 2"),
+])
+def test_peers_bad_options_are_one_line_errors(args, fragment):
+    from test_cli_basic import assert_user_error, run
+
+    assert_user_error(run("bench", "--peers", *args), fragment)

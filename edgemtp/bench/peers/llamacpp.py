@@ -23,8 +23,9 @@ class Engine:
         self.eos = set(spec["eos"])
 
     def greedy(self, ids: list[int], max_tokens: int) -> Iterator[list[int]]:
-        # reset: every prompt is evaluated from its first token, as onnxruntime-genai's are.
-        for count, token in enumerate(self.llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True), 1):
+        # temp 0 is llama-cpp-python's greedy sampler. Like edgemtp, it reuses the cached prefix a
+        # prompt shares with the previous one (onnxruntime-genai's generator starts afresh).
+        for count, token in enumerate(self.llm.generate(ids, temp=0.0, repeat_penalty=1.0), 1):
             yield [int(token)]
             if token in self.eos or count >= max_tokens:
                 return

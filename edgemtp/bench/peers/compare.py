@@ -21,6 +21,7 @@ from edgemtp.bench.figures import EngineFigures, PeerComparison
 from edgemtp.bench.peers import llamacpp, mlx_lm, ortgenai
 from edgemtp.bench.peers.timing import PromptTiming, decode_tokens_per_s
 from edgemtp.bench.peers.worker import Worker, WorkerFailed
+from edgemtp.errors import UserError
 
 CHECK_PROMPT = "What is the capital of France?"
 CHECK_ANSWER = "Paris"
@@ -120,8 +121,11 @@ def engine_runs(source: PeerSource, threads: int, context: int, eos: list[int], 
     else:
         from edgemtp.paths import cache_root
 
-        model = ortgenai.build_model(source.hf_dir, source.bits, cache_root() / "peers", progress)
-        runs.append(EngineRun(name, "ortgenai", {"model": str(model), "threads": threads}))
+        try:
+            model = ortgenai.build_model(source.hf_dir, source.bits, cache_root() / "peers", progress)
+            runs.append(EngineRun(name, "ortgenai", {"model": str(model), "threads": threads}))
+        except UserError as exc:  # a peer that cannot be built is left out, not the whole bench
+            notes.append(str(exc))
 
     if not installed(llamacpp.MODULE):
         notes.append(missing_peer_line("llama.cpp (llama-cpp-python)"))

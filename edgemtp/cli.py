@@ -7,6 +7,7 @@ imports (mlx, onnxruntime, torch) happen inside the commands so that
 
 from __future__ import annotations
 
+import os
 import sys
 
 import typer
@@ -245,6 +246,8 @@ def bench_command(
     json_out: str | None = typer.Option(None, "--json", help="Write every figure to this JSON file."),
     plot_out: str | None = typer.Option(None, "--plot", help="Write a PNG plot (tokens/s against draft length, and the cost curve)."),
     markdown_out: str | None = typer.Option(None, "--markdown", help="Write the results as README-ready markdown."),
+    peers: bool = typer.Option(False, "--peers", help="Instead, time the same checkpoint in the engines a user would pick instead (onnxruntime-genai, llama.cpp, mlx-lm on Apple Silicon; pip install 'edgemtp[peers]') against edgemtp plain and speculative, in interleaved rounds (--repeats of them). The default model, or one --model HF directory with one --bits."),
+    threads: int = typer.Option(os.cpu_count() or 1, "--threads", help="Threads every engine uses with --peers."),
 ) -> None:
     """Measure decoding speed, speculative speedups, step costs and bandwidth use."""
     if plot_out:  # checked before the long measurements, not after
@@ -268,16 +271,20 @@ def bench_command(
         typer.echo(line, err=True)
 
     with tempfile.TemporaryDirectory(prefix="edgemtp-bench-") as work_dir:
-        if not models:  # the embedded default model, converted once per backend and bits
+        if peers:
+            result = _bench_peers(models, choices[backend], bits, prompt_list, max_tokens, repeats, threads,
+                                  bool(plot_out), Path(work_dir), say)
+        elif not models:  # the embedded default model, converted once per backend and bits
             targets = default_model_targets(choices[backend], bits)
         elif bits:
             targets = [target for model in models
                        for target in convert_targets(Path(model), choices[backend], bits, Path(work_dir) / Path(model).name, say)]
         else:
             targets = [Target(Path(model), name, f"{Path(model).name} ({name})") for model in models for name in choices[backend]]
-        result = run_bench(targets, prompt_list, max_tokens=max_tokens, repeats=repeats,
-                           draft_dir=Path(draft_model) if draft_model else None,
-                           bandwidth_bytes=bandwidth_mb * 2**20, progress=say)
+        if not peers:
+            result = run_bench(targets, prompt_list, max_tokens=max_tokens, repeats=repeats,
+                               draft_dir=Path(draft_model) if draft_model else None,
+                               bandwidth_bytes=bandwidth_mb * 2**20, progress=say)
     report.print_report(result)
     if json_out:
         report.write_json(result, json_out)
@@ -285,6 +292,34 @@ def bench_command(
         report.write_plot(result, plot_out)
     if markdown_out:
         report.write_markdown(result, markdown_out)
+
+
+def _bench_peers(models: list[str], backends: list[str], bits: list[int], prompts: list[str], max_tokens: int,
+                 repeats: int, threads: int, plot: bool, work_dir, say):
+    """``bench --peers``: the checkpoint's engines side by side (edgemtp.bench.peers.compare)."""
+    from pathlib import Path
+
+    from edgemtp.bench.figures import BenchResult
+    from edgemtp.bench.peers.compare import PeerSource, compare_engines, default_model_source
+    from edgemtp.bench.runner import convert_targets
+
+    if plot:
+        raise UserError("--plot draws the speculative bench; leave it out with --peers")
+    if len(backends) != 1 or len(models) > 1 or (models and len(bits) != 1) or (not models and bits):
+        raise UserError("--peers compares one checkpoint on one backend: the default model, or one --model "
+                        "HF directory with one --bits; drop the extra --model/--bits/--backend all")
+    if max_tokens < 2 or repeats < 1 or threads < 1:
+        raise UserError("--peers needs --max-tokens of at least 2 (decode speed counts the tokens after the "
+                        "first), and --repeats and --threads of at least 1")
+    if models:
+        hf_dir = Path(models[0])
+        target, = convert_targets(hf_dir, backends, bits, work_dir / hf_dir.name, say)
+        source = PeerSource(target.label, target.model_dir, backends[0], bits[0], hf_dir)
+    else:
+        source = default_model_source(backends[0])
+    comparison = compare_engines(source, prompts, max_tokens=max_tokens, rounds=repeats, threads=threads, progress=say)
+    settings = {"max_tokens": max_tokens, "repeats": repeats, "prompts": len(prompts)}
+    return BenchResult(machine={}, bandwidth_gb_s=None, targets=[], settings=settings, peers=comparison)
 
 
 @app.command("convert")

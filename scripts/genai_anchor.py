@@ -24,7 +24,7 @@ import time
 from collections import defaultdict
 
 import edgemtp
-from edgemtp.bench.genai_peer import genai_greedy, load_genai
+from edgemtp.bench.peers.ortgenai_export import genai_greedy, load_genai
 from edgemtp.bench.prompts import load_prompts
 
 MAX_TOKENS = 48

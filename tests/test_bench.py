@@ -8,7 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from edgemtp.bench import decoding, figures, mlx_lm_peer, report, runner
+from edgemtp.bench import decoding, figures, report, runner
+from edgemtp.bench.peers import mlx_lm as mlx_lm_peer
 from edgemtp.bench.membw import read_bandwidth
 from edgemtp.bench.prompts import load_prompts
 from edgemtp.engine.drafters import mtp_step_seconds

@@ -12,7 +12,7 @@ import pytest
 og = pytest.importorskip("onnxruntime_genai")
 
 import edgemtp  # noqa: E402
-from edgemtp.bench.genai_peer import genai_greedy, load_genai  # noqa: E402
+from edgemtp.bench.peers.ortgenai_export import genai_greedy, load_genai  # noqa: E402
 from edgemtp.converters.onnx_export import export_onnx  # noqa: E402
 from edgemtp.converters.onnx_export.genai import export_genai  # noqa: E402
 

@@ -21,7 +21,7 @@ With an MTP head the main model also outputs its logits in float16, as ``logits_
 onnxruntime-genai 0.18's MtpGenerator takes the argmax of the main model's logits on the CPU
 through a cast to float32 that refuses float32 input ("Cast - input and output types are the
 same"), so it needs the main model loaded with ``model.decoder.outputs.logits`` overlaid to that
-output (``edgemtp.bench.genai_peer.load_genai`` does). Rounding to float16 (11 significant bits)
+output (``edgemtp.bench.peers.ortgenai_export.load_genai`` does). Rounding to float16 (11 significant bits)
 can change a greedy choice where the two best logits are that close; plain ``og.Generator``
 keeps the float32 logits and edgemtp's exact greedy output (onnxruntime computes only the outputs
 a run asks for, so the cast costs it nothing).

@@ -71,11 +71,35 @@ class Target:
 
 
 @dataclass
+class EngineFigures:
+    """One engine of ``bench --peers``: edgemtp plain, edgemtp speculative, or a peer."""
+
+    engine: str
+    tokens_per_s: float  # tokens after the first over the time after it, all prompts; median of rounds
+    ttft_s: float  # median over prompts and rounds
+    peak_rss_bytes: int  # of the engine's own process
+    check: str  # how its greedy answer to the check prompt compared with edgemtp's plain one
+    vs_plain: float  # tokens/s over edgemtp plain's
+    vs_speculative: float | None  # over edgemtp speculative's; None when the model has no MTP layers
+
+
+@dataclass
+class PeerComparison:
+    """``bench --peers``: every engine on one checkpoint, interleaved rounds, same prompts and threads."""
+
+    model: str
+    engines: list[EngineFigures]
+    notes: list[str]  # one line per peer left out (not installed, failed its check...)
+    settings: dict  # threads, bits, max_tokens, rounds, prompts
+
+
+@dataclass
 class BenchResult:
     machine: dict
-    bandwidth_gb_s: float
+    bandwidth_gb_s: float | None
     targets: list[TargetFigures]
     settings: dict
+    peers: PeerComparison | None = None
 
 
 # --- speedup model ----------------------------------------------------------------

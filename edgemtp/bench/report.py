@@ -12,13 +12,16 @@ import os
 from dataclasses import asdict
 from pathlib import Path
 
-from edgemtp.bench.figures import BenchResult, DecodeFigures, TargetFigures
+from edgemtp.bench.figures import BenchResult, DecodeFigures, PeerComparison, TargetFigures
 
 # Short headers so the table fits an 80-column terminal.
 DECODE_COLUMNS = ("mode", "k", "tok/s", "TTFT ms", "tok/step", "accept by pos", "ideal ×", "real ×", "= plain")
 # MTP drafting side by side across targets, for the draft vocabulary's comparison.
 DRAFT_VOCAB_COLUMNS = ("model", "MTP head scores", "draft / trunk step", "accept by pos (longest k)",
                        "tok/s by k", "auto tok/s")
+
+# bench --peers: one row per engine.
+PEER_COLUMNS = ("engine", "tok/s", "TTFT ms", "peak RSS MiB", "× edgemtp plain", "× edgemtp spec", "check")
 
 
 def _decode_row(figures: DecodeFigures) -> list[str]:
@@ -84,6 +87,19 @@ def draft_vocab_rows(result: BenchResult) -> list[list[str]]:
     return rows
 
 
+def peer_title(peers: PeerComparison) -> str:
+    settings = peers.settings
+    return (f"{peers.model} vs peers: {settings['prompts']} prompts × {settings['max_tokens']} tokens, "
+            f"{settings['threads']} threads, greedy, median of {settings['rounds']} interleaved rounds")
+
+
+def peer_rows(peers: PeerComparison) -> list[list[str]]:
+    return [[engine.engine, f"{engine.tokens_per_s:.1f}", f"{engine.ttft_s * 1000:.0f}",
+             f"{engine.peak_rss_bytes / 2**20:.0f}", f"{engine.vs_plain:.2f}",
+             "–" if engine.vs_speculative is None else f"{engine.vs_speculative:.2f}", engine.check]
+            for engine in peers.engines]
+
+
 def print_report(result: BenchResult, console=None) -> None:
     """Print every target as a summary grid plus a decoding table."""
     from rich.console import Console
@@ -107,6 +123,13 @@ def print_report(result: BenchResult, console=None) -> None:
         for row in vocab_rows:
             table.add_row(*row)
         console.print(table)
+    if result.peers is not None:
+        table = Table(*PEER_COLUMNS, title=peer_title(result.peers))
+        for row in peer_rows(result.peers):
+            table.add_row(*row)
+        console.print(table)
+        for note in result.peers.notes:
+            console.print(note, markup=False)
 
 
 def to_markdown(result: BenchResult) -> str:
@@ -131,6 +154,15 @@ def to_markdown(result: BenchResult) -> str:
         lines.append("| " + " | ".join(DRAFT_VOCAB_COLUMNS) + " |")
         lines.append("|" + "---|" * len(DRAFT_VOCAB_COLUMNS))
         lines.extend("| " + " | ".join(row) + " |" for row in vocab_rows)
+        lines.append("")
+    if result.peers is not None:
+        lines.append(f"**{peer_title(result.peers)}**")
+        lines.append("")
+        lines.append("| " + " | ".join(PEER_COLUMNS) + " |")
+        lines.append("|" + "---|" * len(PEER_COLUMNS))
+        lines.extend("| " + " | ".join(row) + " |" for row in peer_rows(result.peers))
+        lines.append("")
+        lines.extend(f"- {note}" for note in result.peers.notes)
         lines.append("")
     return "\n".join(lines)
 

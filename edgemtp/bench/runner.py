@@ -32,7 +32,7 @@ from pathlib import Path
 from edgemtp.bench.decoding import draft_vocab_size, measure_decoding, trunk_cost_curve
 from edgemtp.bench.figures import (BenchResult, Target, TargetFigures, bandwidth_fraction,
                                    expected_tokens_per_step, ideal_speedup)
-from edgemtp.bench.mlx_lm_peer import mlx_lm_tokens_per_s
+from edgemtp.bench.peers.mlx_lm import mlx_lm_tokens_per_s
 from edgemtp.engine.drafters import mtp_step_seconds
 from edgemtp.engine.stats import peak_rss_bytes, reset_peak_rss
 from edgemtp.errors import UserError

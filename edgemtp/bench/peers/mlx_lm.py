@@ -1,9 +1,12 @@
-"""mlx-lm's own ``stream_generate`` on the same MLX directory and prompt tokens, for the bench's
-side-by-side column."""
+"""mlx-lm as a peer: its own ``stream_generate`` on the same MLX directory and prompt tokens,
+for the bench's side-by-side column on MLX and, on Apple Silicon, ``bench --peers``."""
 
 from __future__ import annotations
 
+import platform
 import statistics
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 from edgemtp.bench.decoding import WARMUP_TOKENS
@@ -49,3 +52,26 @@ def mlx_lm_tokens_per_s(model_dir: Path, prompt_ids: list[list[int]], max_tokens
     return statistics.median(one_pass(prompt_ids, max_tokens) for _ in range(repeats)), "mlx-lm stream_generate"
 
 
+
+
+MODULE = "mlx_lm"
+NOT_APPLE_SILICON = "mlx-lm: left out, it is a peer on Apple Silicon only (here MLX runs on the CPU)"
+
+
+def on_apple_silicon() -> bool:
+    return sys.platform == "darwin" and platform.machine() == "arm64"
+
+
+class Engine:
+    """``spec``: ``model`` (an MLX directory mlx-lm loads)."""
+
+    def __init__(self, spec: dict):
+        import mlx_lm
+
+        self.mlx_lm = mlx_lm
+        self.model, self.tokenizer = mlx_lm.load(spec["model"])
+
+    def greedy(self, ids: list[int], max_tokens: int) -> Iterator[list[int]]:
+        # stream_generate samples greedily without a sampler and stops at the tokenizer's EOS.
+        for response in self.mlx_lm.stream_generate(self.model, self.tokenizer, ids, max_tokens=max_tokens):
+            yield [int(response.token)]

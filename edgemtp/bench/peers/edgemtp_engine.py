@@ -1,0 +1,21 @@
+"""edgemtp itself behind the peers' interface: greedy decoding from token ids, plain or with
+its default speculative mode (MTP drafting, adaptive draft length)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+
+class Engine:
+    """``spec``: ``model`` (directory), ``backend``, ``threads``, ``mode`` ("plain" or "speculative")."""
+
+    def __init__(self, spec: dict):
+        import edgemtp
+
+        options = {"threads": spec["threads"]} if spec["backend"] == "onnx" else {}
+        self.model = edgemtp.load(spec["model"], backend=spec["backend"], **options)
+        self.options = {"spec": "none"} if spec["mode"] == "plain" else {"spec": "mtp", "num_draft": "auto"}
+
+    def greedy(self, ids: list[int], max_tokens: int) -> Iterator[list[int]]:
+        for chunk in self.model.stream(ids, max_tokens=max_tokens, temperature=0.0, **self.options):
+            yield chunk.token_ids

@@ -21,6 +21,7 @@ from edgemtp.draft_vocab import load_draft_vocab
 from edgemtp.errors import UserError
 from edgemtp.mlx_backend.cache import PreallocatedKVCache
 from edgemtp.mlx_backend.models import ARCHITECTURES, MTPLayer, MTPStack, head_rows, output_head, run_trunk
+from edgemtp.mlx_backend.tree import NodePositions, tree_inputs, wrap_ropes
 from edgemtp.mlx_backend.weights import (
     cast,
     is_mlx_dir,
@@ -96,6 +97,8 @@ class MLXBackend:
         # thread (the TUI decodes in a worker) can run the model.
         mx.eval([value for module in (trunk, mtp) for sub in module.modules()
                  for value in sub.values() if isinstance(value, mx.array)])
+        self._node_positions = NodePositions()
+        wrap_ropes(trunk.model.layers, self._node_positions)
         self._trunk_caches = [self._new_cache() for _ in trunk.model.layers]
         # One cache per depth; depths past the last MTP layer reuse it with their own cache.
         self._mtp_caches = {depth: self._new_cache() for depth in range(1, self.num_mtp_layers + 1)}
@@ -197,6 +200,23 @@ class MLXBackend:
         logits, hidden = run_trunk(self.trunk, ids, self._trunk_caches, self._mask_as_array)
         mx.eval(logits, hidden)
         return self._to_numpy(logits), self._to_numpy(hidden)
+
+    def trunk_step_tree(self, tokens: list[int], parents: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        self._check_room(self.trunk_len(), len(tokens))
+        positions, mask = tree_inputs(parents, self.trunk_len())
+        self._node_positions.positions = positions
+        try:
+            logits, hidden = run_trunk(self.trunk, mx.array([tokens], dtype=mx.int32), self._trunk_caches,
+                                       self._mask_as_array, mask)
+            mx.eval(logits, hidden)
+        finally:
+            self._node_positions.positions = None
+        return self._to_numpy(logits), self._to_numpy(hidden)
+
+    def trunk_keep(self, count: int, rows: list[int]) -> None:
+        for cache in self._trunk_caches:
+            cache.keep(count, rows)
+        mx.eval([array for cache in self._trunk_caches for array in (cache.keys, cache.values)])
 
     def greedy_tokens(self, token: int, count: int) -> Iterator[int]:
         """Plain greedy decoding after the pending ``token``: yields up to ``count`` tokens.

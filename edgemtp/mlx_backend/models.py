@@ -50,12 +50,15 @@ def head_rows(head: nn.Module, rows: mx.array) -> nn.Module:
 
 
 def run_trunk(
-    trunk: nn.Module, tokens: mx.array, caches: list[PreallocatedKVCache], mask_as_array: bool
+    trunk: nn.Module, tokens: mx.array, caches: list[PreallocatedKVCache], mask_as_array: bool,
+    mask: mx.array | None = None,
 ) -> tuple[mx.array, mx.array]:
-    """``tokens`` ``(1, n)`` -> ``(logits (1, n, V), hidden (1, n, H))``, hidden after the final norm."""
+    """``tokens`` ``(1, n)`` -> ``(logits (1, n, V), hidden (1, n, H))``, hidden after the final norm.
+    ``mask``: the attention mask over cache and rows, if not causal (a tree step)."""
     inner = trunk.model
     h = inner.embed_tokens(tokens)
-    mask = create_attention_mask(h, caches[0], return_array=mask_as_array)
+    if mask is None:
+        mask = create_attention_mask(h, caches[0], return_array=mask_as_array)
     for layer, cache in zip(inner.layers, caches):
         h = layer(h, mask, cache=cache)
     hidden = inner.norm(h)

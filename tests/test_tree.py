@@ -93,6 +93,28 @@ def test_tree_greedy_equals_plain_and_leaves_no_drift_fake(flat_costs):
     assert out.stats.nodes_verified > out.stats.drafted
 
 
+def test_chain_and_tree_share_the_mtp_caches_in_one_session(flat_costs):
+    """Switching between --spec mtp and mtp-tree mid-conversation keeps one MTP drafter's view of
+    the caches (the fake backend asserts every MTP entry's context)."""
+    session = Session(FakeBackend(vocab_size=32, num_mtp_layers=2, mtp_accuracy=0.6, sharpness=1.0), FakeTokenizer())
+    prompt = [1, 2, 3]
+    for spec in ("mtp", "mtp-tree", "mtp", "mtp-tree"):
+        out = session.generate(prompt, max_tokens=30, chat=False, spec=spec, num_draft=2)
+        prompt = [*prompt, *out.tokens, 4]
+    reference = Session(FakeBackend(vocab_size=32, num_mtp_layers=2, mtp_accuracy=0.6, sharpness=1.0), FakeTokenizer())
+    assert out.tokens == reference.generate(prompt[: -len(out.tokens) - 1], max_tokens=30, chat=False,
+                                            spec="none").tokens
+
+
+def test_a_backend_without_tree_verification_refuses_mtp_tree():
+    class ChainOnly(FakeBackend):
+        trunk_step_tree = None
+
+    session = Session(ChainOnly(num_mtp_layers=1), FakeTokenizer())
+    with pytest.raises(edgemtp.errors.UserError, match="--spec mtp-tree needs tree verification"):
+        session.generate([1, 2], max_tokens=4, chat=False, spec="mtp-tree")
+
+
 # --- real backends ---------------------------------------------------------------------------
 
 ARCHS = ["llama", "deepseek_v3"]  # GQA and MLA attention

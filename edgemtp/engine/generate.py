@@ -104,7 +104,7 @@ class Session:
         if spec not in SPECS:
             raise UserError(f"unknown spec {spec!r}; use one of {', '.join(SPECS)}")
         tree = spec == "mtp-tree"
-        if tree and not hasattr(self.backend, "trunk_step_tree"):
+        if tree and getattr(self.backend, "trunk_step_tree", None) is None:
             raise UserError("--spec mtp-tree needs tree verification, which only the mlx backend has so far; "
                             "use --backend mlx or --spec mtp")
         fixed = parse_num_draft(num_draft)

@@ -114,7 +114,9 @@ class Session:
         if (fixed is None or tree) and spec != "none" and max_k and key not in self._policies:
             # Measuring runs the model on empty caches, so the session starts over.
             probe = self._make_drafter(spec, max_k, draft_model)
-            name = "mtp" if tree else spec if draft_model is None else f"draft:{config_digest(draft_model.config)}"
+            name = "mtp" if tree else spec  # a tree step's costs are MTP's, over more rows
+            if draft_model is not None:
+                name = f"draft:{config_digest(draft_model.config)}"
             costs = load_or_measure_costs(self.backend, probe, name, max(max_k, NODE_BUDGET) if tree else max_k)
             self.forget()
             self._policies[key] = AdaptiveDraftLength(costs, max_k)

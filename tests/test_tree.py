@@ -39,6 +39,28 @@ def test_tree_layout():
     assert tree.first == [True, True, False] and tree.children(-1) == [a, c] and tree.depth() == 2 and b == 1
 
 
+def test_greedy_verification_follows_the_targets_argmax_through_the_tree():
+    from edgemtp.engine.sampling import Sampler
+    from edgemtp.engine.speculative import tree_provenance
+    from edgemtp.engine.tree import verify_tree
+
+    tree = DraftTree()
+    a = tree.add(1, -1, None)
+    tree.add(2, a, None)
+    b = tree.add(3, -1, None)
+    c = tree.add(4, b, None)
+    logits = np.zeros((5, 8), np.float32)  # rows: pending token, then nodes a, a's child, b, c
+    logits[0, 3] = logits[b + 1, 4] = 1.0  # the target wants b after the pending token, then c
+    logits[a + 1, 2] = 1.0  # (a's row agrees with a's child, but a was not taken)
+    logits[c + 1, 6] = 1.0  # and then 6, which no node guessed
+    path, token = verify_tree(logits, tree, Sampler())
+    assert (path, token) == ([b, c], 6)
+    assert tree_provenance(tree, path) == (["branch", "draft", "bonus"], 0)
+    logits[0, 3], logits[0, 5] = 0.0, 1.0  # the target wants 5 after the pending token: a correction
+    assert verify_tree(logits, tree, Sampler()) == ([], 5)
+    assert tree_provenance(tree, []) == (["correction"], 0)
+
+
 def test_shaper_widens_where_the_first_guess_is_uncertain():
     shaper = TreeShaper(Costs(trunk=[1.0, 1.05, 1.1, 1.15, 1.2, 1.25, 1.3, 1.35, 1.4], draft=0.0), max_k=2)
     for _ in range(50):  # the chain's first guess holds half of the time, its second always

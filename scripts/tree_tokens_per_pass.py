@@ -63,11 +63,11 @@ def main() -> None:
     args = parser.parse_args()
     costs = onnx_costs()
     print("ONNX T(n)/T(1), n = 1..9:", " ".join(f"{t / costs.trunk[0]:.2f}" for t in costs.trunk),
-          f"| MTP draft step {costs.draft / costs.trunk[0]:.2f} T(1)")
+          f"| MTP draft step {costs.draft / costs.trunk[0]:.2f} T(1)", flush=True)
     model = edgemtp.load(backend="mlx")
     totals = {mode: {"tokens": 0, "steps": 0, "nodes": 0, "predicted": 0.0, "branch": 0, "same": 0}
               for mode in ("chain", "tree")}
-    for prompt in load_prompts()[: args.prompts]:
+    for index, prompt in enumerate(load_prompts()[: args.prompts]):
         ids = model._session.prompt_ids(prompt, chat=True)
         plain, _, _ = run(model, ids, args.max_tokens, None, False)
         for mode in totals:
@@ -80,6 +80,8 @@ def main() -> None:
             t["predicted"] += predicted
             t["branch"] += stats.provenance.count("branch")
             t["same"] += tokens == plain
+            print(f"  prompt {index}: mtp {mode} {(len(tokens) - 1) / max(stats.steps, 1):.2f} tokens per pass, "
+                  f"{stats.nodes_verified / max(stats.steps, 1):.2f} draft tokens verified per pass", flush=True)
     for mode, t in totals.items():
         print(f"mtp {mode}: {t['tokens'] / t['steps']:.2f} tokens per trunk pass, "
               f"{t['nodes'] / t['steps']:.2f} draft tokens verified per pass, {t['branch']} tokens from side branches, "

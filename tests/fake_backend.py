@@ -110,6 +110,24 @@ class FakeBackend:
         self.trunk_tokens_run += len(tokens)
         return np.array(logits, dtype=np.float32), np.array(hidden, dtype=np.float32)
 
+    def trunk_step_tree(self, tokens, parents):
+        """Row ``j`` sees the cache and its ancestors only; the cache holds every row until
+        ``trunk_keep`` picks a path."""
+        contexts = []
+        for t, parent in zip(tokens, parents):
+            assert 0 <= t < self.vocab_size and -1 <= parent < len(contexts)
+            contexts.append((contexts[parent] if parent >= 0 else tuple(self.trunk)) + (int(t),))
+        self.trunk.extend(int(t) for t in tokens)
+        self.trunk_tokens_run += len(tokens)
+        logits = [self.target_logits(context) for context in contexts]
+        hidden = [[0.0, float(self._id(context))] for context in contexts]
+        return np.array(logits, dtype=np.float32), np.array(hidden, dtype=np.float32)
+
+    def trunk_keep(self, count, rows):
+        assert rows == sorted(rows) and 0 <= count <= len(self.trunk)
+        start = len(self.trunk) - count
+        self.trunk[start:] = [self.trunk[start + row] for row in rows]
+
     def trunk_len(self) -> int:
         return len(self.trunk)
 

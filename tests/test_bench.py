@@ -270,7 +270,8 @@ def test_bench_command_end_to_end(tmp_path, monkeypatch, tiny_checkpoint):
     data = json.loads((out / "b.json").read_text())
     target = data["targets"][0]
     rows = target["speculative"]
-    assert [(r["spec"], r["num_draft"]) for r in rows] == [(d, k) for d in ("mtp", "ngram") for k in runner.DRAFT_LENGTHS]
+    assert [(r["spec"], r["num_draft"]) for r in rows] == [(d, k) for d in ("mtp", "mtp-tree", "ngram")
+                                                           for k in runner.DRAFT_LENGTHS]
     # greedy speculative decoding must reproduce plain decoding token for token
     assert all(r["identical_to_plain"] is True for r in rows)
     assert target["plain"]["generated_tokens"] > 0 and len(target["cost_curve"]) == decoding.COST_CURVE_TOKENS

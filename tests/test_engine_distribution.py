@@ -59,16 +59,23 @@ def test_first_tokens_follow_the_target_distribution(case):
         rejected += out.stats.provenance.count("correction")
     assert accepted > 0 and rejected > 0, "the drafter must be both right and wrong sometimes"
 
+    assert sum(counts.values()) == SAMPLES
+    check_target_distribution(counts, backend, options)
+
+
+def check_target_distribution(counts: dict[tuple, int], backend: FakeBackend, options: dict) -> None:
+    """``counts`` of sampled first three tokens follow the target's joint distribution under the
+    sampling ``options`` (chi-square)."""
     warp = {k: options[k] for k in ("temperature", "top_k", "top_p") if k in options}
     expected = exact_joint(backend, Sampler(**warp))
-    assert sum(counts.values()) == SAMPLES
+    samples = sum(counts.values())
     assert set(counts) <= {k for k, p in expected.items() if p > 0}, "sampled a token the target excludes"
     # Chi-square over cells expected at least 5 times; the rare cells pooled into one.
     keys = sorted(expected, key=expected.get, reverse=True)
-    common = [k for k in keys if expected[k] * SAMPLES >= 5]
-    rare = [k for k in keys if expected[k] * SAMPLES < 5]
+    common = [k for k in keys if expected[k] * samples >= 5]
+    rare = [k for k in keys if expected[k] * samples < 5]
     observed = [counts.get(k, 0) for k in common] + [sum(counts.get(k, 0) for k in rare)]
-    wanted = [expected[k] * SAMPLES for k in common] + [sum(expected[k] for k in rare) * SAMPLES]
+    wanted = [expected[k] * samples for k in common] + [sum(expected[k] for k in rare) * samples]
     observed, wanted = np.array(observed), np.array(wanted)
     if wanted[-1] == 0:
         observed, wanted = observed[:-1], wanted[:-1]

@@ -3,10 +3,13 @@
 The engine labels every emitted token:
 
 - ``"draft"``: a drafted token the target model accepted,
+- ``"branch"``: a drafted token the target accepted from a side branch of a draft tree (``--spec
+  mtp-tree``): the draft head's second or later guess at that position, taken where its first
+  guess was rejected,
 - ``"correction"``: the target model's own token after it rejected a draft,
 - ``"bonus"``: the target's extra token after all drafts were accepted (or a plain step).
 
-Colour mode uses three distinct colours. Plain mode is for colour-blind users
+Colour mode uses a distinct colour per kind. Plain mode is for colour-blind users
 and monochrome terminals: it tells the kinds apart by text attributes only.
 """
 
@@ -14,12 +17,13 @@ from __future__ import annotations
 
 from rich.text import Text
 
-KINDS = ("draft", "correction", "bonus")
+KINDS = ("draft", "branch", "correction", "bonus")
 
-LABELS = {"draft": "accepted draft", "correction": "correction", "bonus": "bonus"}
+LABELS = {"draft": "accepted draft", "branch": "side branch", "correction": "correction", "bonus": "bonus"}
 
 COLOUR_STYLES = {
     "draft": "bold #4ec9b0",
+    "branch": "bold #c586c0",
     "correction": "bold #f48771",
     "bonus": "bold #dcdcaa",
 }
@@ -27,6 +31,7 @@ COLOUR_STYLES = {
 # No colour at all: each kind gets an attribute the others lack.
 PLAIN_STYLES = {
     "draft": "italic",
+    "branch": "reverse",
     "correction": "underline",
     "bonus": "bold",
 }

@@ -15,7 +15,7 @@ from textual.widgets import Button, Input, Label, Select
 
 from edgemtp.errors import UserError
 
-SPEC_MODES = ("mtp", "draft", "ngram", "none")
+SPEC_MODES = ("mtp", "mtp-tree", "draft", "ngram", "none")
 
 
 @dataclass(frozen=True)

@@ -73,6 +73,9 @@ def _fill_acceptance(figures: DecodeFigures, finals) -> None:
     if steps == 0:
         return
     figures.tokens_per_step = 1 + sum(s.accepted for s in finals) / steps
+    nodes = sum(s.nodes_verified for s in finals)
+    if nodes > sum(s.drafted for s in finals):  # trees verified more tokens than positions
+        figures.nodes_per_step = nodes / steps
     positions = max(len(s.acceptance_by_position) for s in finals)
     figures.acceptance_by_position = [
         sum(s.steps * s.acceptance_by_position[i] for s in finals if len(s.acceptance_by_position) > i)

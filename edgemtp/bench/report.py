@@ -30,8 +30,11 @@ def _decode_row(figures: DecodeFigures) -> list[str]:
 
     identical = {None: "–", True: "yes", False: "NO"}[figures.identical_to_plain]
     acceptance = " ".join(f"{rate:.2f}" for rate in figures.acceptance_by_position) or "–"
+    drafter = "plain" if figures.spec == "none" else figures.spec
+    if figures.nodes_per_step is not None:
+        drafter += f" ({figures.nodes_per_step:.1f} nodes/pass)"
     return [
-        "plain" if figures.spec == "none" else figures.spec,
+        drafter,
         "–" if figures.num_draft is None else str(figures.num_draft),
         f"{figures.tokens_per_s:.1f}",
         f"{figures.ttft_s * 1000:.0f}",

@@ -5,7 +5,9 @@ repeats:
 
 * plain decoding tokens/s and time to first token;
 * speculative decoding tokens/s for each drafter at fixed draft lengths k = 1..4 and at
-  ``auto``, checking that greedy output is token-for-token identical to plain decoding;
+  ``auto``, checking that greedy output is token-for-token identical to plain decoding (MTP
+  drafting verified as a tree, ``mtp-tree``, where the backend has tree verification, with the
+  draft tokens it verified per pass);
 * the cost curve ``T(n) / T(1)`` of one trunk step over n tokens, and the cost of one
   draft step relative to a trunk step (an MTP step timed right after a trunk step, as
   decoding runs it);
@@ -70,6 +72,8 @@ def bench_target(plan, label: str, prompts: list[str], *, max_tokens: int, repea
         draft_cost = {}  # drafter -> cost of one draft step / T(1), in the order measured below
         if model.backend.num_mtp_layers > 0 and wanted("mtp"):
             draft_cost["mtp"] = mtp_step_seconds(model.backend, repeats) / seconds[0]
+            if hasattr(model.backend, "trunk_step_tree"):  # tree verification (MLX so far)
+                draft_cost["mtp-tree"] = draft_cost["mtp"]
         if wanted("ngram"):
             draft_cost["ngram"] = 0.0  # a table lookup in Python: negligible next to a forward pass
         if draft_model is not None:
@@ -85,7 +89,10 @@ def bench_target(plan, label: str, prompts: list[str], *, max_tokens: int, repea
                 figures.measured_speedup = figures.tokens_per_s / plain.tokens_per_s
                 per_step = (expected_tokens_per_step(figures.acceptance_by_position, k) if isinstance(k, int)
                             else figures.tokens_per_step)
-                figures.ideal_speedup = ideal_speedup(per_step, figures.draft_lengths, cost_curve, draft_cost[drafter])
+                # The speedup model prices a step by its draft length; a tree's pass runs more rows.
+                if drafter != "mtp-tree":
+                    figures.ideal_speedup = ideal_speedup(per_step, figures.draft_lengths, cost_curve,
+                                                          draft_cost[drafter])
                 speculative.append(figures)
 
     result = TargetFigures(

@@ -69,6 +69,12 @@ class Backend(Protocol):
     def cache_bytes(self) -> int:
         """Bytes held by all caches (trunk and MTP)."""
 
+    # Optional, tree verification (edgemtp/engine/tree.py; the MLX backend has it):
+    # ``trunk_step_tree(tokens, parents)`` appends ``len(tokens)`` rows as ``trunk_step`` does, but
+    # row ``j`` sits at position ``trunk_len + depth(j)`` and attends to the cache, its ancestors
+    # (``parents[j]``, -1 for none) and itself; ``trunk_keep(count, rows)`` then keeps only
+    # ``rows`` (ascending) of those last ``count`` positions, moved into place, so the cache equals
+    # that of a step that ran only those rows.
     # Optional (the engine checks with hasattr): ``greedy_tokens(token, count)`` yields up to
     # ``count`` plain greedy tokens after the pending ``token``, leaving the trunk as the same
     # ``trunk_step`` calls would; a backend whose steps are asynchronous (MLX) pipelines them.

@@ -26,6 +26,7 @@ import numpy as np
 from edgemtp.draft_vocab import scatter_logits
 from edgemtp.engine.backend import Backend
 from edgemtp.engine.sampling import Sampler
+from edgemtp.engine.tree import MAX_WIDTH, DraftTree, TreeShaper, sorted_masses
 from edgemtp.errors import UserError
 
 
@@ -221,6 +222,45 @@ class MTPDrafter:
             qs.append(q)
             self.seq.append(token)
         return drafts, stack_draft_probs(qs)
+
+    def draft_tree(self, seq, k, sampler, min_prob, shaper: TreeShaper) -> DraftTree:
+        """The chain ``draft`` makes, plus siblings at each position: the head's next guesses
+        there (the next most likely at temperature 0, else drawn from q without replacement),
+        as many as ``shaper`` decides. A sibling is a leaf: the MTP caches follow the chain."""
+        chain, qs = self.draft(seq, k, sampler, min_prob)
+        heads = []  # per position: the head's distribution (q, or at temperature 0 its softmax)
+        for d in range(1, len(chain) + 1):
+            if qs is not None:
+                heads.append(qs[d - 1])
+            else:
+                logits = self.last_logits[d].astype(np.float64)
+                probs = np.exp(logits - logits.max())
+                heads.append(probs / probs.sum())
+        widths = shaper.widths([sorted_masses(head, MAX_WIDTH) for head in heads])
+        tree = DraftTree()
+        for d, token in enumerate(chain):
+            tree.add(token, d - 1, None if qs is None else qs[d])
+        for d, (width, head) in enumerate(zip(widths, heads)):
+            for token, q in self._siblings(chain[d], head, width - 1, sampler):
+                tree.add(token, d - 1, q)
+        return tree
+
+    def _siblings(self, first: int, head: np.ndarray, count: int, sampler: Sampler):
+        """Up to ``count`` more guesses after ``first`` from the head's distribution ``head``
+        (over the draft vocabulary at temperature 0), each with the q it was drawn from."""
+        if sampler.greedy:
+            columns = np.argsort(-head, kind="stable")[: count + 1]
+            ids = columns if self.backend.draft_ids is None else self.backend.draft_ids[columns]
+            return [(int(token), None) for token in ids if token != first][:count]
+        out, q = [], head.copy()
+        q[first] = 0.0
+        while len(out) < count and q.sum() > 0.0:
+            q = q / q.sum()
+            token = sampler.sample(q)
+            out.append((token, q))
+            q = q.copy()
+            q[token] = 0.0
+        return out
 
     def peek(self, seq, sampler):
         self._run_depth(1, len(seq) - 2, seq)

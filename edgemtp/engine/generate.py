@@ -16,10 +16,12 @@ from edgemtp.engine.drafters import DraftModelDrafter, MTPDrafter, NgramDrafter,
 from edgemtp.engine.sampling import Sampler
 from edgemtp.engine.speculative import decode
 from edgemtp.engine.stats import Stats
+from edgemtp.engine.tree import NODE_BUDGET, TreeShaper
 from edgemtp.engine.tuning import AdaptiveDraftLength, FixedDraftLength, config_digest, load_or_measure_costs
 from edgemtp.errors import UserError
 
-SPECS = ("mtp", "draft", "ngram", "none")
+# "mtp-tree": MTP drafting with siblings, verified as a tree (edgemtp/engine/tree.py).
+SPECS = ("mtp", "mtp-tree", "draft", "ngram", "none")
 # Longest draft the adaptive policy considers; beyond it acceptance of
 # chained guesses is too low to pay on the models we target.
 AUTO_MAX_DRAFT = 4
@@ -57,6 +59,7 @@ class Session:
         self.tokens: list[int] = []  # what the trunk cache holds
         self._drafters: dict[str, tuple] = {}  # spec -> (parameters, drafter)
         self._policies: dict[tuple, AdaptiveDraftLength] = {}
+        self._shapers: dict[tuple, TreeShaper] = {}
         self._latest_run: object | None = None
 
     def prompt_ids(self, prompt, chat: bool) -> list[int]:
@@ -83,7 +86,7 @@ class Session:
     def _make_drafter(self, spec: str, max_k: int, draft_model):
         if spec == "none" or max_k == 0:
             return NoDrafter()
-        if spec == "mtp":
+        if spec in ("mtp", "mtp-tree"):
             return MTPDrafter(self.backend, max_depth=max_k)
         if spec == "ngram":
             return NgramDrafter(self.backend.vocab_size)
@@ -100,24 +103,34 @@ class Session:
     def _drafter_and_policy(self, spec: str, num_draft, draft_model):
         if spec not in SPECS:
             raise UserError(f"unknown spec {spec!r}; use one of {', '.join(SPECS)}")
+        tree = spec == "mtp-tree"
+        if tree and getattr(self.backend, "trunk_step_tree", None) is None:
+            raise UserError("--spec mtp-tree needs tree verification, which only the mlx backend has so far; "
+                            "use --backend mlx or --spec mtp")
         fixed = parse_num_draft(num_draft)
         max_k = AUTO_MAX_DRAFT if fixed is None else fixed
         key = (spec, max_k, id(draft_model))
-        if fixed is None and spec != "none" and key not in self._policies:
+        # A tree's shape comes from the cost curve even when its depth is fixed.
+        if (fixed is None or tree) and spec != "none" and max_k and key not in self._policies:
             # Measuring runs the model on empty caches, so the session starts over.
             probe = self._make_drafter(spec, max_k, draft_model)
-            name = spec if draft_model is None else f"draft:{config_digest(draft_model.config)}"
-            costs = load_or_measure_costs(self.backend, probe, name, max_k)
+            name = "mtp" if tree else spec  # a tree step's costs are MTP's, over more rows
+            if draft_model is not None:
+                name = f"draft:{config_digest(draft_model.config)}"
+            costs = load_or_measure_costs(self.backend, probe, name, max(max_k, NODE_BUDGET) if tree else max_k)
             self.forget()
             self._policies[key] = AdaptiveDraftLength(costs, max_k)
-        # One drafter per spec: two MTP drafters would fight over the same MTP caches.
-        if self._drafters.get(spec, (None,))[0] != key:
-            self._drafters[spec] = (key, self._make_drafter(spec, max_k, draft_model))
+            if tree:
+                self._shapers[key] = TreeShaper(costs, max_k)
+        # One drafter per cache set: two MTP drafters would fight over the same MTP caches.
+        slot = "mtp" if tree else spec
+        if self._drafters.get(slot, (None,))[0] != key:
+            self._drafters[slot] = (key, self._make_drafter(spec, max_k, draft_model))
         if fixed is not None or spec == "none":
             policy = FixedDraftLength(0 if spec == "none" else max_k)
         else:
             policy = self._policies[key]
-        return self._drafters[spec][1], policy
+        return self._drafters[slot][1], policy, self._shapers.get(key)
 
     def stream(self, prompt, *, max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
                top_k: int = 0, seed: int | None = None, spec: str = "mtp", num_draft="auto",
@@ -126,10 +139,10 @@ class Session:
             raise UserError(f"max_tokens must be >= 0, got {max_tokens}")
         sampler = Sampler(temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
         ids = self.prompt_ids(prompt, chat)
-        drafter, policy = self._drafter_and_policy(spec, num_draft, draft_model)
-        return self._run(ids, drafter, policy, sampler, max_tokens)
+        drafter, policy, shaper = self._drafter_and_policy(spec, num_draft, draft_model)
+        return self._run(ids, drafter, policy, sampler, max_tokens, shaper)
 
-    def _run(self, ids, drafter, policy, sampler, max_tokens) -> Iterator[Chunk]:
+    def _run(self, ids, drafter, policy, sampler, max_tokens, shaper=None) -> Iterator[Chunk]:
         keep = min(common_prefix(self.tokens, ids), len(ids) - 1, drafter.reusable_prefix(ids))
         self.backend.trunk_rollback(self.backend.trunk_len() - keep)
         self.tokens = self.tokens[:keep]
@@ -140,7 +153,8 @@ class Session:
         # possibly after a newer stream started; it must then leave the session alone.
         self._latest_run = run = object()
         try:
-            for new, _ in decode(self.backend, drafter, policy, sampler, seq, keep, max_tokens, stop_ids, stats):
+            for new, _ in decode(self.backend, drafter, policy, sampler, seq, keep, max_tokens, stop_ids, stats,
+                                 shaper):
                 text = "".join(detokenizer.add(t) for t in new if t not in stop_ids)
                 yield Chunk(text, new, stats)
             tail = detokenizer.flush()  # text held back waiting for the rest of a character

@@ -8,6 +8,10 @@ positions; drafts are accepted left to right with probability
 from the last position. This is lossless: the output has exactly the target's
 distribution (at temperature 0 it is exactly greedy decoding). The trunk and
 the drafter then roll back to the accepted prefix.
+
+With a tree of drafts (edgemtp/engine/tree.py) the same pass verifies every
+candidate, the recursive rule picks a path, and the trunk keeps that path's
+entries only; the drafter catches up on the path as it would on a chain.
 """
 
 from __future__ import annotations
@@ -18,9 +22,10 @@ from collections.abc import Iterator
 import numpy as np
 
 from edgemtp.engine.backend import Backend
-from edgemtp.engine.drafters import NoDrafter, common_prefix
+from edgemtp.engine.drafters import NoDrafter, common_prefix, stack_draft_probs
 from edgemtp.engine.sampling import Sampler
 from edgemtp.engine.stats import Stats
+from edgemtp.engine.tree import NODE_BUDGET, DraftTree, TreeShaper, trunk_rows, verify_tree
 
 
 def verify(p: np.ndarray, drafts: list[int], q: np.ndarray | None, sampler: Sampler) -> tuple[int, int]:
@@ -57,13 +62,36 @@ def speculative_step(backend: Backend, sampler: Sampler, seq: list[int], drafts:
     return accepted, token, hidden[: accepted + 1], logits
 
 
+def tree_step(backend: Backend, sampler: Sampler, seq: list[int], tree: DraftTree):
+    """Verify a draft tree after the pending token ``seq[-1]`` in one trunk pass and keep only
+    the accepted path in the trunk cache. Returns (accepted nodes, next token, trunk hidden
+    rows of the positions that stay, the target's logits)."""
+    tokens, parents = trunk_rows(tree, seq[-1])
+    logits, hidden = backend.trunk_step_tree(tokens, parents)
+    path, token = verify_tree(logits, tree, sampler)
+    rows = [0, *(node + 1 for node in path)]
+    backend.trunk_keep(len(tokens), rows)
+    return path, token, hidden[rows], logits
+
+
+def tree_provenance(tree: DraftTree, path: list[int]) -> tuple[list[str], int]:
+    """Labels of a tree step's tokens ("branch": an accepted guess that was not the head's
+    first) and how many of the chain's first guesses held."""
+    labels = ["draft" if tree.first[node] else "branch" for node in path]
+    end = "bonus" if not tree.children(path[-1] if path else -1) else "correction"
+    chain_accepted = next((i for i, label in enumerate(labels) if label != "draft"), len(labels))
+    return [*labels, end], chain_accepted
+
+
 def decode(backend: Backend, drafter, policy, sampler: Sampler, seq: list[int], start: int,
-           max_tokens: int, stop_ids: set[int], stats: Stats) -> Iterator[tuple[list[int], list[str]]]:
+           max_tokens: int, stop_ids: set[int], stats: Stats,
+           shaper: TreeShaper | None = None) -> Iterator[tuple[list[int], list[str]]]:
     """Generate up to ``max_tokens`` tokens after the prompt ``seq``.
 
     The trunk already holds ``seq[:start]``. ``seq`` is extended in place with
     every confirmed token (the caller reads it to know what the caches hold).
-    Yields, per trunk step, the new tokens and their provenance.
+    Yields, per trunk step, the new tokens and their provenance. With a ``shaper`` the drafter
+    drafts trees (``draft_tree``); a tree without siblings runs as a chain.
     """
     if max_tokens <= 0:
         return
@@ -91,20 +119,36 @@ def decode(backend: Backend, drafter, policy, sampler: Sampler, seq: list[int], 
             break  # the context is full
         k = min(policy.choose(), room)
         probe = drafter.peek(seq, sampler) if k == 0 and policy.wants_probe() else None
-        drafts, q = drafter.draft(seq, k, sampler, policy.min_prob) if k else ([], None)
         start = backend.trunk_len()
-        accepted, token, hidden, logits = speculative_step(backend, sampler, seq, drafts, q)
+        # A tree needs room for all its nodes in the cache, though only its path stays.
+        fits = backend.max_context - start > NODE_BUDGET
+        tree = drafter.draft_tree(seq, k, sampler, policy.min_prob, shaper) if shaper and k and fits else None
+        if tree is not None and len(tree.tokens) > tree.depth():
+            path, token, hidden, logits = tree_step(backend, sampler, seq, tree)
+            new = [*(tree.tokens[node] for node in path), token]
+            provenance, chain_accepted = tree_provenance(tree, path)
+            drafted, accepted, nodes = tree.depth(), len(path), len(tree.tokens)
+        else:
+            if tree is not None:  # a chain: the chain's own path
+                drafts, q = tree.tokens, stack_draft_probs(tree.q)
+            else:
+                drafts, q = drafter.draft(seq, k, sampler, policy.min_prob) if k else ([], None)
+            accepted, token, hidden, logits = speculative_step(backend, sampler, seq, drafts, q)
+            new = [*drafts[:accepted], token]
+            provenance = ["draft"] * accepted + ["correction" if accepted < len(drafts) else "bonus"]
+            drafted = nodes = len(drafts)
+            chain_accepted = accepted
         if probe is not None:  # P(a free first guess would have been accepted) = sum min(p, q)
             policy.update_probe(float(np.minimum(probe, sampler.probs(logits[0])[0]).sum()))
-        new = [*drafts[:accepted], token]
         seq.extend(new)
         drafter.observe(seq, start, hidden)
-        policy.update(len(drafts), accepted)
-        provenance = ["draft"] * accepted + ["correction" if accepted < len(drafts) else "bonus"]
+        policy.update(drafted, chain_accepted)
+        if shaper is not None:
+            shaper.record(drafted, chain_accepted)
         stop = next((i for i, t in enumerate(new) if t in stop_ids), None)
         if stop is not None:  # the caches may run past the stop token; the output does not
             new, provenance = new[: stop + 1], provenance[: stop + 1]
-        _record_step(backend, stats, len(drafts), accepted, provenance, decode_began)
+        _record_step(backend, stats, drafted, accepted, provenance, decode_began, nodes)
         yield new, provenance
         if stop is not None:
             return
@@ -128,11 +172,11 @@ def _plain_greedy(backend, seq: list[int], max_tokens: int, stop_ids: set[int], 
 
 
 def _record_step(backend: Backend, stats: Stats, drafted: int, accepted: int, provenance: list[str],
-                 decode_began: float) -> None:
+                 decode_began: float, nodes: int | None = None) -> None:
     """Count a trunk step's tokens, then refresh the decode speed (every token after the first,
     which came with the prompt pass, over the time since), the peak memory and, over several
     machines, each rank's memory and the time per pass."""
-    stats.record_step(drafted, accepted, provenance)
+    stats.record_step(drafted, accepted, provenance, nodes)
     stats.tokens_per_s = (stats.generated_tokens - 1) / (time.perf_counter() - decode_began)
     stats.record_memory()
     if hasattr(backend, "ranks_report"):

@@ -34,7 +34,9 @@ def reset_peak_rss() -> None:
 @dataclass
 class Stats:
     steps: int = 0  # trunk verification passes after the prompt
-    drafted: int = 0  # draft tokens sent to verification
+    drafted: int = 0  # draft positions sent to verification
+    # Draft tokens sent to verification: ``drafted`` for chains, every candidate of a tree
+    nodes_verified: int = 0
     accepted: int = 0  # draft tokens the target accepted
     acceptance_by_position: list[float] = field(default_factory=list)  # P(accept | reached), per draft position
     mean_accepted_length: float = 0.0  # tokens emitted per trunk step
@@ -44,7 +46,8 @@ class Stats:
     generated_tokens: int = 0
     draft_lengths: dict[int, int] = field(default_factory=dict)  # draft length -> number of steps
     peak_memory_bytes: int = 0
-    # One entry per generated token: "draft" (accepted draft), "correction"
+    # One entry per generated token: "draft" (accepted draft), "branch" (an accepted
+    # draft of a tree that was not the head's first guess), "correction"
     # (the target's token after a rejection) or "bonus" (the target's token
     # after every draft was accepted, or a plain step).
     provenance: list[str] = field(default_factory=list)
@@ -56,9 +59,12 @@ class Stats:
     # PipelineBackend.ranks_report(); empty on one machine.
     pipeline: dict = field(default_factory=dict)
 
-    def record_step(self, drafted: int, accepted: int, provenance: list[str]) -> None:
+    def record_step(self, drafted: int, accepted: int, provenance: list[str], nodes: int | None = None) -> None:
+        """``drafted`` positions (a tree's depth), ``accepted`` of them held (the length of the
+        accepted path), ``nodes`` draft tokens verified (``drafted`` unless a tree)."""
         self.steps += 1
         self.drafted += drafted
+        self.nodes_verified += drafted if nodes is None else nodes
         self.accepted += accepted
         self.draft_lengths[drafted] = self.draft_lengths.get(drafted, 0) + 1
         # Positions 1..accepted+1 were looked at (the first rejection ends the step).
@@ -101,6 +107,9 @@ def format_summary(stats: Stats, spec: str) -> str:
             f"Acceptance by position: {by_position}",
             f"Draft lengths (length:steps): {lengths}",
         ]
+    if stats.nodes_verified > stats.drafted:
+        lines.append(f"Tree: {stats.nodes_verified / stats.steps:.2f} draft tokens verified per trunk pass, "
+                     f"{stats.provenance.count('branch')} tokens from a branch other than the head's first guess")
     lines.append(f"Peak memory: {stats.peak_memory_bytes / 1e9:.3f} GB")
     if stats.pipeline:
         lines.extend(format_pipeline(stats.pipeline))

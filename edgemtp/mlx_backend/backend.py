@@ -30,6 +30,7 @@ from edgemtp.mlx_backend.models import (
     run_layers,
     run_trunk,
 )
+from edgemtp.mlx_backend.tree import NodePositions, tree_inputs, wrap_ropes
 from edgemtp.mlx_backend.weights import (
     cast,
     is_mlx_dir,
@@ -106,6 +107,8 @@ class MLXBackend:
         # thread (the TUI decodes in a worker) can run the model.
         mx.eval([value for module in (trunk, mtp) for sub in module.modules()
                  for value in sub.values() if isinstance(value, mx.array)])
+        self._node_positions = NodePositions()
+        wrap_ropes(trunk.model.layers, self._node_positions)
         self._trunk_caches = [RecurrentStateCache() if is_recurrent(layer) else self._new_cache()
                               for layer in trunk.model.layers]
         self._recurrent = [cache for cache in self._trunk_caches if isinstance(cache, RecurrentStateCache)]
@@ -227,6 +230,30 @@ class MLXBackend:
         pipeline stage, ``edgemtp.mlx_backend.pipeline``, holds a slice of the trunk's layers)."""
         self._check_room(self.trunk_len(), h.shape[1])
         return run_layers(self.trunk.model.layers, h, self._trunk_caches, self._mask_as_array)
+
+    def trunk_step_tree(self, tokens: list[int], parents: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        if self._recurrent:  # a recurrent state runs through rows in order: siblings would mix
+            raise UserError("--spec mtp-tree needs a trunk whose layers all attend (keys and values); "
+                            "Qwen3.5's linear-attention layers cannot verify a tree: use --spec mtp")
+        self._check_room(self.trunk_len(), len(tokens))
+        positions, mask = tree_inputs(parents, self.trunk_len())
+        self._node_positions.positions = positions
+        try:
+            logits, hidden = run_trunk(self.trunk, mx.array([tokens], dtype=mx.int32), self._trunk_caches,
+                                       self._mask_as_array, mask)
+            mx.eval(logits, hidden)
+        finally:
+            self._node_positions.positions = None
+        self._trunk_tokens.extend(tokens)
+        return self._to_numpy(logits), self._to_numpy(hidden)
+
+    def trunk_keep(self, count: int, rows: list[int]) -> None:
+        """Of the last ``count`` positions (a tree step), keep ``rows`` in order: the accepted path."""
+        step = self._trunk_tokens[-count:]
+        self._trunk_tokens[-count:] = [step[row] for row in rows]
+        for cache in self._trunk_caches:
+            cache.keep(count, rows)
+        mx.eval([array for cache in self._trunk_caches for array in (cache.keys, cache.values)])
 
     def greedy_tokens(self, token: int, count: int) -> Iterator[int]:
         """Plain greedy decoding after the pending ``token``: yields up to ``count`` tokens.

@@ -47,6 +47,16 @@ class PreallocatedKVCache:
         self.offset -= n
         return n
 
+    def keep(self, count: int, rows: list[int]) -> None:
+        """Of the last ``count`` positions (a tree step), keep ``rows`` (ascending), moved to the
+        front of them in that order; the rest is forgotten."""
+        start = self.offset - count
+        index = mx.array([start + row for row in rows])
+        end = start + len(rows)
+        self.keys[..., start:end, :] = self.keys[..., index, :]
+        self.values[..., start:end, :] = self.values[..., index, :]
+        self.offset = end
+
     def is_trimmable(self) -> bool:
         return True
 

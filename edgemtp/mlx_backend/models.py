@@ -56,18 +56,23 @@ def is_recurrent(layer: nn.Module) -> bool:
 
 
 def run_trunk(
-    trunk: nn.Module, tokens: mx.array, caches: list[PreallocatedKVCache | RecurrentStateCache], mask_as_array: bool
+    trunk: nn.Module, tokens: mx.array, caches: list[PreallocatedKVCache | RecurrentStateCache], mask_as_array: bool,
+    mask: mx.array | None = None,
 ) -> tuple[mx.array, mx.array]:
-    """``tokens`` ``(1, n)`` -> ``(logits (1, n, V), hidden (1, n, H))``, hidden after the final norm."""
+    """``tokens`` ``(1, n)`` -> ``(logits (1, n, V), hidden (1, n, H))``, hidden after the final norm.
+    ``mask``: the attention mask over cache and rows, if not causal (a tree step)."""
     inner = trunk.model
-    hidden = inner.norm(run_layers(inner.layers, inner.embed_tokens(tokens), caches, mask_as_array))
+    hidden = inner.norm(run_layers(inner.layers, inner.embed_tokens(tokens), caches, mask_as_array, mask))
     return output_head(trunk)(hidden), hidden
 
 
-def run_layers(layers: list[nn.Module], h: mx.array, caches: list[PreallocatedKVCache], mask_as_array: bool) -> mx.array:
-    """``h`` ``(1, n, H)`` through ``layers`` (the trunk's, or a pipeline stage's slice of them)."""
-    attention_cache = next((cache for cache in caches if isinstance(cache, PreallocatedKVCache)), None)
-    mask = create_attention_mask(h, attention_cache, return_array=mask_as_array)
+def run_layers(layers: list[nn.Module], h: mx.array, caches: list[PreallocatedKVCache | RecurrentStateCache],
+               mask_as_array: bool, mask: mx.array | None = None) -> mx.array:
+    """``h`` ``(1, n, H)`` through ``layers`` (the trunk's, or a pipeline stage's slice of them);
+    ``mask``: the attention mask over cache and rows when it is not causal (a tree step)."""
+    if mask is None:
+        attention_cache = next((cache for cache in caches if isinstance(cache, PreallocatedKVCache)), None)
+        mask = create_attention_mask(h, attention_cache, return_array=mask_as_array)
     for layer, cache in zip(layers, caches):
         # A recurrent layer sees every position of the step; its mask would mark padding.
         h = layer(h, None if is_recurrent(layer) else mask, cache=cache)

@@ -11,6 +11,7 @@ import sys
 
 import typer
 
+from edgemtp.engine.specs import DEFAULT_SPEC
 from edgemtp.errors import UserError
 
 app = typer.Typer(
@@ -334,7 +335,7 @@ def models_command(
 def chat_command(
     model: str | None = typer.Option(None, "--model", help="Model directory; default: the embedded default model."),
     backend: str | None = typer.Option(None, "--backend", help="mlx or onnx; default: mlx on Apple Silicon, onnx elsewhere."),
-    spec: str = typer.Option("mtp", "--spec", help="Speculation: mtp, draft, ngram or none (plain decoding)."),
+    spec: str = typer.Option(DEFAULT_SPEC, "--spec", help="Speculation: hybrid (n-gram where the text repeats, MTP elsewhere), mtp, draft, ngram or none (plain decoding)."),
     num_draft: str = typer.Option("auto", "--num-draft", help="Draft tokens per step: auto (tuned live) or a number."),
     temp: float = typer.Option(0.0, "--temp", help="Sampling temperature; 0 is greedy."),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling: keep the smallest token set with this much probability."),
@@ -382,7 +383,7 @@ def generate_command(
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling: keep the most likely tokens up to this mass (1 = off)."),
     top_k: int = typer.Option(0, "--top-k", help="Keep only the K most likely tokens (0 = off)."),
     seed: int = typer.Option(None, "--seed", help="Random seed, for reproducible sampling."),
-    spec: str = typer.Option("mtp", "--spec", help="Drafter: mtp (the model's MTP layers), draft (--draft-model), ngram (prompt lookup) or none."),
+    spec: str = typer.Option(DEFAULT_SPEC, "--spec", help="Drafter: hybrid (n-gram continuation where the text repeats, the MTP layers elsewhere), mtp (the model's MTP layers), draft (--draft-model), ngram (prompt lookup) or none."),
     draft_model: str = typer.Option(None, "--draft-model", help="Draft model directory for --spec draft (same tokenizer as the model)."),
     num_draft: str = typer.Option("auto", "--num-draft", help="Draft tokens per step: auto (adapts to acceptance and device speed) or a number."),
     backend: str = typer.Option(None, "--backend", help="mlx or onnx; omitted: mlx on Apple Silicon, onnx elsewhere."),

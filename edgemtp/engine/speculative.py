@@ -21,6 +21,7 @@ from edgemtp.engine.backend import Backend
 from edgemtp.engine.drafters import NoDrafter, common_prefix
 from edgemtp.engine.sampling import Sampler
 from edgemtp.engine.stats import Stats
+from edgemtp.engine.tuning import StepTiming
 
 
 def verify(p: np.ndarray, drafts: list[int], q: np.ndarray | None, sampler: Sampler) -> tuple[int, int]:
@@ -87,11 +88,14 @@ def decode(backend: Backend, drafter, policy, sampler: Sampler, seq: list[int], 
         room = min(max_tokens - stats.generated_tokens, backend.max_context - backend.trunk_len()) - 1
         if room < 0:
             break  # the context is full
-        k = min(policy.choose(), room)
+        step_began = time.perf_counter()
+        k = min(policy.choose(seq), room)
         probe = drafter.peek(seq, sampler) if k == 0 and policy.wants_probe() else None
         drafts, q = drafter.draft(seq, k, sampler, policy.min_prob) if k else ([], None)
         start = backend.trunk_len()
+        drafted_at = time.perf_counter()
         accepted, token, hidden, logits = speculative_step(backend, sampler, seq, drafts, q)
+        verified_at = time.perf_counter()
         if probe is not None:  # P(a free first guess would have been accepted) = sum min(p, q)
             policy.update_probe(float(np.minimum(probe, sampler.probs(logits[0])[0]).sum()))
         new = [*drafts[:accepted], token]
@@ -106,6 +110,9 @@ def decode(backend: Backend, drafter, policy, sampler: Sampler, seq: list[int], 
         yield new, provenance
         if stop is not None:
             return
+        # Timed after the consumer took the tokens: what it does per step is part of a step's cost.
+        policy.record_timing(StepTiming(drafted=len(drafts), draft=drafted_at - step_began, verified=len(drafts) + 1,
+                                        trunk=verified_at - drafted_at, total=time.perf_counter() - step_began))
 
 
 def _plain_greedy(backend, seq: list[int], max_tokens: int, stop_ids: set[int], stats: Stats,

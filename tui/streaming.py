@@ -1,16 +1,23 @@
 """Turning the model's chunk stream into batched UI updates.
 
-The generation worker sees every chunk; the UI only redraws a few times a
-second. ``UpdateCollector`` sits in between, in the worker thread: it gathers
-the new text, per-token provenance and per-step acceptance of every chunk,
-and hands them over as one ``StreamUpdate`` per redraw.
+The generation worker sees every chunk; the UI only redraws every
+``REDRAW_SECONDS``. ``UpdateCollector`` sits in between, in the worker thread:
+it gathers the new text, per-token provenance and per-step acceptance of every
+chunk, and hands them over as one ``StreamUpdate`` per redraw
+(``collect_updates``).
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from time import monotonic
 from typing import Any
+
+# Seconds between UI updates while an answer streams. Re-rendering the growing Markdown answer
+# takes the same two cores decoding needs; ten updates a second still reads as live text.
+REDRAW_SECONDS = 0.1
 
 
 @dataclass(frozen=True)
@@ -71,3 +78,18 @@ class UpdateCollector:
         update.weight_bytes = self.model.backend.weight_bytes()
         update.cache_bytes = self.model.backend.cache_bytes()
         return update
+
+
+def collect_updates(stream: Iterable, collector: UpdateCollector, post: Callable[[StreamUpdate], None],
+                    stop: Callable[[], bool] = lambda: False) -> None:
+    """Feed every chunk of ``stream`` to ``collector`` and ``post`` what it gathered at most every
+    ``REDRAW_SECONDS``; the rest stays in the collector for the caller's final ``take()``.
+    ``stop`` is asked before each chunk."""
+    last_post = monotonic()
+    for chunk in stream:
+        if stop():
+            break
+        collector.add(chunk)
+        if monotonic() - last_post >= REDRAW_SECONDS:
+            post(collector.take())
+            last_post = monotonic()

@@ -206,7 +206,7 @@ def bench_command(
     models: list[str] = typer.Option([], "--model", help="Model directory to benchmark; repeat to compare several. Default: the embedded default model (at each --bits)."),
     backend: str | None = typer.Option(None, "--backend", help="mlx, onnx or all (default: mlx on Apple Silicon, onnx elsewhere)."),
     bits: list[int] = typer.Option([], "--bits", help="Convert each --model (a Hugging Face directory) to these weight bits (4, 8 or 16; repeatable) for each backend, into a temporary directory, and benchmark every conversion. Without it --model is benchmarked as is."),
-    prompts: str | None = typer.Option(None, "--prompts", help="JSON file with a list of prompt strings (default: the bundled chat/story/code set)."),
+    prompts: str | None = typer.Option(None, "--prompts", help="JSON file with a list of prompt strings, or heldout (the bundled held-out chat/story/code set); default: the bundled chat/story/code set."),
     max_tokens: int = typer.Option(128, "--max-tokens", help="Tokens generated per prompt."),
     repeats: int = typer.Option(3, "--repeats", help="Timed repeats per measurement; the median is reported."),
     draft_model: str | None = typer.Option(None, "--draft-model", help="Smaller model directory to also benchmark as a draft model."),

@@ -121,6 +121,10 @@ class NoDrafter:
     def peek(self, seq, sampler):
         return None
 
+    def copying(self) -> bool:
+        """Whether this step's drafts were copied from the context (no model call)."""
+        return False
+
     def measure_step_cost(self) -> float:
         return 0.0
 
@@ -156,6 +160,9 @@ class NgramDrafter(NoDrafter):
 
     def draft(self, seq, k, sampler, min_prob):
         return self.match(seq, k)[1], None
+
+    def copying(self) -> bool:
+        return True
 
     def peek(self, seq, sampler):
         guess = self.match(seq, 1)[1]
@@ -237,6 +244,9 @@ class MTPDrafter:
         self._run_depth(1, len(seq) - 2, seq)
         return sampler.probs(scatter_logits(self.last_logits[1][None], self.backend.draft_ids, self.backend.vocab_size))[0]
 
+    def copying(self) -> bool:
+        return False
+
     def measure_step_cost(self) -> float:
         return mtp_step_seconds(self.backend)
 
@@ -313,6 +323,9 @@ class DraftModelDrafter:
     def peek(self, seq, sampler):
         return None
 
+    def copying(self) -> bool:
+        return False
+
     def measure_step_cost(self) -> float:
         """Seconds for one single-token step of the draft model."""
 
@@ -353,6 +366,9 @@ class HybridDrafter:
 
     def peek(self, seq, sampler):
         return self.mtp.peek(seq, sampler)
+
+    def copying(self) -> bool:
+        return self.continuation is not None
 
     def measure_step_cost(self) -> float:
         return self.mtp.measure_step_cost()

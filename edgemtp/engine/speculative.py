@@ -106,6 +106,7 @@ def decode(backend: Backend, drafter, policy, sampler: Sampler, seq: list[int], 
         stop = next((i for i, t in enumerate(new) if t in stop_ids), None)
         if stop is not None:  # the caches may run past the stop token; the output does not
             new, provenance = new[: stop + 1], provenance[: stop + 1]
+        stats.copied += len(drafts) if drafter.copying() else 0
         _record_step(stats, len(drafts), accepted, provenance, decode_began)
         yield new, provenance
         if stop is not None:

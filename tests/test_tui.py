@@ -437,6 +437,7 @@ async def test_markdown_renders_per_batched_update_not_per_chunk(tmp_path, monke
     per reading makes the batching deterministic: about one update per four chunks."""
     readings = iter(range(10_000))
     monkeypatch.setattr("edgemtp.tui.streaming.monotonic", lambda: 0.03 * next(readings))
+    monkeypatch.setattr("edgemtp.tui.app.perf_counter", lambda: 0.0)  # updates cost the UI no time
     renders = []
     append = Markdown.append
 
@@ -452,3 +453,10 @@ async def test_markdown_renders_per_batched_update_not_per_chunk(tmp_path, monke
         assert answer.text == ANSWER and answer.query_one(Markdown).source == ANSWER
     assert "".join(renders) == ANSWER
     assert 2 <= len(renders) <= len(PIECES) // 3  # one chunk per token: per chunk would be len(PIECES)
+
+
+def test_updates_slow_down_when_drawing_them_takes_more_than_the_ui_share():
+    from edgemtp.tui.streaming import REDRAW_SECONDS, UI_SHARE, update_interval
+
+    assert update_interval(0.0) == REDRAW_SECONDS
+    assert update_interval(0.05) == pytest.approx(0.05 / UI_SHARE)  # a 50 ms redraw: at most 10% of the time

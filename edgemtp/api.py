@@ -18,6 +18,7 @@ from edgemtp.distributed import launched
 from edgemtp.draft_vocab import scatter_logits
 from edgemtp.engine.backend import Backend
 from edgemtp.engine.generate import Chunk, Generation, Session, collect
+from edgemtp.engine.specs import DEFAULT_SPEC
 from edgemtp.errors import UserError
 from edgemtp.tokenizer import IdsOnlyTokenizer, Tokenizer, load_tokenizer
 
@@ -152,15 +153,17 @@ class Model:
         return scatter_logits(logits, self.backend.draft_ids, self.backend.vocab_size)
 
     def stream(self, prompt, *, max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
-               top_k: int = 0, seed: int | None = None, spec: str = "mtp", num_draft: int | str = "auto",
+               top_k: int = 0, seed: int | None = None, spec: str = DEFAULT_SPEC, num_draft: int | str = "auto",
                draft_model: str | Path | Model | None = None, chat: bool = True) -> Iterator[Chunk]:
         """Generate text piece by piece with speculative decoding.
 
         ``prompt``: a string (wrapped in the chat template when ``chat``), a list
         of chat messages (``{"role", "content"}``) or a list of token ids.
-        ``spec``: ``"mtp"`` (the model's MTP layers), ``"draft"`` (``draft_model``,
-        a path or a loaded ``Model`` with the same tokenizer), ``"ngram"``
-        (prompt lookup) or ``"none"``. ``num_draft``: ``"auto"`` (adaptive) or
+        ``spec``: ``"hybrid"`` (the default: n-gram continuation where the context
+        repeats, the MTP layers elsewhere, chosen per step; n-gram alone on a model
+        without MTP layers), ``"mtp"`` (the model's MTP layers), ``"draft"``
+        (``draft_model``, a path or a loaded ``Model`` with the same tokenizer),
+        ``"ngram"`` (prompt lookup) or ``"none"``. ``num_draft``: ``"auto"`` (adaptive) or
         a fixed number of draft tokens per step. Output is the target model's
         own: greedy at temperature 0, its sampling distribution otherwise.
         Calls on the same model reuse the cached prefix shared with the previous

@@ -12,6 +12,7 @@ import sys
 
 import typer
 
+from edgemtp.engine.specs import DEFAULT_SPEC
 from edgemtp.errors import UserError
 
 app = typer.Typer(
@@ -238,7 +239,7 @@ def bench_command(
     models: list[str] = typer.Option([], "--model", help="Model directory to benchmark; repeat to compare several. Default: the embedded default model (at each --bits)."),
     backend: str | None = typer.Option(None, "--backend", help="mlx, onnx or all (default: mlx on Apple Silicon, onnx elsewhere)."),
     bits: list[int] = typer.Option([], "--bits", help="Convert each --model (a Hugging Face directory) to these weight bits (4, 8 or 16; repeatable) for each backend, into a temporary directory, and benchmark every conversion. Without it --model is benchmarked as is."),
-    prompts: str | None = typer.Option(None, "--prompts", help="JSON file with a list of prompt strings (default: the bundled chat/story/code set)."),
+    prompts: str | None = typer.Option(None, "--prompts", help="JSON file with a list of prompt strings, or heldout (the bundled held-out chat/story/code set); default: the bundled chat/story/code set."),
     max_tokens: int = typer.Option(128, "--max-tokens", help="Tokens generated per prompt."),
     repeats: int = typer.Option(3, "--repeats", help="Timed repeats per measurement; the median is reported."),
     draft_model: str | None = typer.Option(None, "--draft-model", help="Smaller model directory to also benchmark as a draft model."),
@@ -402,7 +403,7 @@ def models_command(
 def chat_command(
     model: str | None = typer.Option(None, "--model", help="Model directory; default: the embedded default model."),
     backend: str | None = typer.Option(None, "--backend", help="mlx or onnx; default: mlx on Apple Silicon, onnx elsewhere."),
-    spec: str = typer.Option("mtp", "--spec", help="Speculation: mtp, mtp-tree (MTP with side branches, mlx backend), draft, ngram or none (plain decoding)."),
+    spec: str = typer.Option(DEFAULT_SPEC, "--spec", help="Speculation: hybrid (n-gram where the text repeats, MTP elsewhere), mtp, mtp-tree (MTP with side branches, mlx backend), draft, ngram or none (plain decoding)."),
     num_draft: str = typer.Option("auto", "--num-draft", help="Draft tokens per step: auto (tuned live) or a number."),
     temp: float = typer.Option(0.0, "--temp", help="Sampling temperature; 0 is greedy."),
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling: keep the smallest token set with this much probability."),
@@ -450,7 +451,7 @@ def generate_command(
     top_p: float = typer.Option(1.0, "--top-p", help="Nucleus sampling: keep the most likely tokens up to this mass (1 = off)."),
     top_k: int = typer.Option(0, "--top-k", help="Keep only the K most likely tokens (0 = off)."),
     seed: int = typer.Option(None, "--seed", help="Random seed, for reproducible sampling."),
-    spec: str = typer.Option("mtp", "--spec", help="Drafter: mtp (the model's MTP layers), mtp-tree (the same with the head's next guesses as side branches, verified as a tree; mlx backend), draft (--draft-model), ngram (prompt lookup) or none."),
+    spec: str = typer.Option(DEFAULT_SPEC, "--spec", help="Drafter: hybrid (n-gram continuation where the text repeats, the MTP layers elsewhere), mtp (the model's MTP layers), mtp-tree (the same with the head's next guesses as side branches, verified as a tree; mlx backend), draft (--draft-model), ngram (prompt lookup) or none."),
     draft_model: str = typer.Option(None, "--draft-model", help="Draft model directory for --spec draft (same tokenizer as the model)."),
     num_draft: str = typer.Option("auto", "--num-draft", help="Draft tokens per step: auto (adapts to acceptance and device speed) or a number."),
     backend: str = typer.Option(None, "--backend", help="mlx or onnx; omitted: mlx on Apple Silicon, onnx elsewhere."),
@@ -462,7 +463,8 @@ def generate_command(
     import json
 
     from edgemtp.api import default_backend, load
-    from edgemtp.engine.generate import SPECS, parse_num_draft
+    from edgemtp.engine.generate import parse_num_draft
+    from edgemtp.engine.specs import SPECS
     from edgemtp.engine.stats import format_summary, reset_peak_rss
 
     if prompt is None:

@@ -58,6 +58,22 @@ def tiny_checkpoint(tmp_path_factory) -> Callable[..., Path]:
 
 
 @pytest.fixture
+def inject_costs(monkeypatch):
+    """``inject_costs(costs_for_max_k)``: the adaptive policies price steps with these costs
+    (``costs_for_max_k(max_k) -> Costs``) instead of measuring them, and keep them: the loop's
+    own timings of a toy model would otherwise replace them and make the outcome timing-dependent."""
+    from edgemtp.engine import tuning
+
+    def inject(costs_for_max_k):
+        monkeypatch.setattr("edgemtp.engine.generate.load_or_measure_costs",
+                            lambda backend, drafter, name, max_k: costs_for_max_k(max_k))
+        for policy in (tuning.AdaptiveDraftLength, tuning.HybridPolicy):
+            monkeypatch.setattr(policy, "record_timing", lambda self, timing: None)
+
+    return inject
+
+
+@pytest.fixture
 def llama_copy(tiny_checkpoint, tmp_path):
     """A writable copy of the tiny llama checkpoint, for tests that damage it."""
     path = tmp_path / "model"

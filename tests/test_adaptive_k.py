@@ -9,9 +9,9 @@ import pytest
 from fake_backend import FakeBackend, FakeTokenizer
 
 from edgemtp.engine import tuning
-from edgemtp.engine.drafters import MTPDrafter
+from edgemtp.engine.drafters import HybridDrafter, MTPDrafter, NgramDrafter
 from edgemtp.engine.generate import Session
-from edgemtp.engine.tuning import AdaptiveDraftLength, Costs
+from edgemtp.engine.tuning import AdaptiveDraftLength, Costs, HybridPolicy, StepTiming
 
 # A memory-bound device: verifying 5 tokens costs 20% more than 1; a draft step 5% of a trunk step.
 MEMORY_BOUND = Costs(trunk=[1.0, 1.05, 1.1, 1.15, 1.2], draft=0.05)
@@ -19,22 +19,22 @@ MEMORY_BOUND = Costs(trunk=[1.0, 1.05, 1.1, 1.15, 1.2], draft=0.05)
 COMPUTE_BOUND = Costs(trunk=[1.0, 2.0, 3.0, 4.0, 5.0], draft=0.05)
 
 
-def run_auto(costs: Costs, monkeypatch, **model_options):
-    monkeypatch.setattr("edgemtp.engine.generate.load_or_measure_costs", lambda *args: costs)
+def run_auto(costs: Costs, inject_costs, **model_options):
+    inject_costs(lambda max_k: costs)
     session = Session(FakeBackend(vocab_size=64, **model_options), FakeTokenizer())
     out = session.generate([1, 2, 3], max_tokens=200, chat=False, spec="mtp", num_draft="auto")
     policy = next(iter(session._policies.values()))
     return out, policy
 
 
-def test_noise_head_falls_back_to_plain_decoding(monkeypatch):
-    out, policy = run_auto(MEMORY_BOUND, monkeypatch, mtp_accuracy=0.0)
+def test_noise_head_falls_back_to_plain_decoding(inject_costs):
+    out, policy = run_auto(MEMORY_BOUND, inject_costs, mtp_accuracy=0.0)
     assert policy.choose() == 0
     assert out.stats.draft_lengths[0] > 150  # after a few tries, it stops drafting
 
 
-def test_good_head_drafts(monkeypatch):
-    out, policy = run_auto(MEMORY_BOUND, monkeypatch, num_mtp_layers=2, mtp_accuracy=0.9)
+def test_good_head_drafts(inject_costs):
+    out, policy = run_auto(MEMORY_BOUND, inject_costs, num_mtp_layers=2, mtp_accuracy=0.9)
     assert policy.choose() >= 1
     assert out.stats.accepted > 100
     assert out.stats.draft_lengths.get(0, 0) < out.stats.steps / 4
@@ -110,3 +110,100 @@ def test_measured_costs_are_made_non_decreasing():
     assert tuning.non_decreasing([1.0, 1.29, 1.21, 1.58]) == pytest.approx([1.0, 1.25, 1.25, 1.58])
     assert tuning.non_decreasing([1.0, 1.3, 1.2, 1.1, 2.0]) == pytest.approx([1.0, 1.2, 1.2, 1.2, 2.0])
     assert tuning.non_decreasing([1.0, 1.1, 1.4]) == [1.0, 1.1, 1.4]
+
+
+# The default model's cost curve and draft cost on ONNX, in trunk steps (README, edgemtp 0.3.2).
+DEFAULT_MODEL = Costs(trunk=[1.0, 1.36, 1.39, 1.58, 1.64], draft=0.10)
+
+
+def judge(policy, acceptance: list[float], steps: int = 200) -> None:
+    """Feed the policy ``steps`` verification outcomes of ``len(acceptance)`` drafts whose
+    acceptance by position (conditional on reaching it) is ``acceptance``, deterministically."""
+    reached = [0] * len(acceptance)
+    for _ in range(steps):
+        accepted = 0
+        for position, rate in enumerate(acceptance):
+            # a low-discrepancy stand-in for a coin with P = rate, one sequence per position
+            right = (reached[position] * 0.618034 + 0.3) % 1.0 < rate
+            reached[position] += 1
+            if not right:
+                break
+            accepted += 1
+        policy.update(len(acceptance), accepted)
+
+
+def step_timing(costs: list[float], drafted: int, draft_seconds: float, overhead: float = 0.0) -> StepTiming:
+    trunk = costs[drafted]
+    return StepTiming(drafted=drafted, draft=draft_seconds, verified=drafted + 1, trunk=trunk,
+                      total=draft_seconds + trunk + overhead)
+
+
+def test_high_acceptance_at_every_position_drafts_long():
+    """Issue 17's story: acceptance 69/79/91/100% by position; at the default model's costs the
+    longest draft pays most."""
+    policy = AdaptiveDraftLength(DEFAULT_MODEL, max_k=4)
+    judge(policy, [0.69, 0.79, 0.91, 1.0])
+    assert policy.choose() == 4
+
+
+def test_draft_cost_measured_in_the_loop_above_the_offline_one_drafts_shorter():
+    policy = AdaptiveDraftLength(DEFAULT_MODEL, max_k=4)
+    judge(policy, [0.8, 0.8, 0.8, 0.8])
+    assert policy.choose() == 4
+    for _ in range(40):  # in the loop a draft token costs 0.4 of a trunk step, not 0.1
+        policy.record_timing(step_timing(DEFAULT_MODEL.trunk, 4, draft_seconds=4 * 0.4))
+    assert policy.draft_cost == pytest.approx(0.4, rel=0.05)
+    assert 1 <= policy.choose() < 4
+
+
+def test_a_steep_offline_curve_gives_way_to_the_loops_timings():
+    """A cost curve measured while the machine was busy (issue 17: T(2) = 1.21, T(3) = 1.65 here,
+    measured with other processes on both cores) kept the policy at one token. The loop's trunk
+    passes, timed flat, bring the draft length up."""
+    steep = Costs(trunk=[1.0, 1.21, 1.65, 2.2, 2.6], draft=0.02)
+    policy = AdaptiveDraftLength(steep, max_k=4)
+    judge(policy, [0.65, 0.7, 0.8, 0.9])
+    assert policy.choose() == 1
+    flat = [1.0, 1.05, 1.1, 1.15, 1.2]
+    for step in range(100):
+        policy.record_timing(step_timing(flat, drafted=step % 5, draft_seconds=0.02 * (step % 5)))
+    assert policy.cost_model.curve() == pytest.approx(flat, rel=0.05)
+    assert policy.choose() == 4
+
+
+def test_a_deep_position_judged_low_once_is_drafted_again():
+    """Position 2 is judged only while it is drafted: estimated low early on, it would never be
+    drafted, so never judged again. Every EXPLORE_INTERVAL steps one deeper draft goes out."""
+    policy = AdaptiveDraftLength(DEFAULT_MODEL, max_k=4)
+    for _ in range(12):
+        policy.update(drafted=2, accepted=1)  # position 1 right, position 2 wrong: early in an answer
+    choices = []
+    for _ in range(3 * tuning.EXPLORE_INTERVAL):
+        k = policy.choose()
+        choices.append(k)
+        policy.update(drafted=k, accepted=k)  # now every draft is right
+    assert choices[0] == 1
+    assert choices[-1] == 4  # the deeper positions were judged again and found good
+
+
+def test_hybrid_policy_copies_a_long_repeat_and_drafts_with_mtp_elsewhere():
+    policy = HybridPolicy(DEFAULT_MODEL, max_k=4, max_ngram=NgramDrafter.max_ngram)
+    policy.drafter = HybridDrafter(mtp=None, ngram=NgramDrafter(vocab_size=32))  # the policy only looks up n-grams
+    judge(policy.mtp, [0.5, 0.5, 0.5, 0.5])
+    judge(policy.ngram[3], [0.95, 0.95, 0.95, 0.95])  # 4-token matches: their continuations repeat
+    judge(policy.ngram[0], [0.1, 0.1, 0.1, 0.1])  # 1-token matches: chance
+    repeat = [5, 6, 7, 8, 9, 10, 11, 12, 1, 5, 6, 7, 8]
+    assert policy.choose(repeat) == 4 and policy.drafter.continuation == [9, 10, 11, 12]
+    assert policy.active is policy.ngram[3]
+    fresh = [1, 2, 3, 4, 5, 6]  # nothing repeats
+    assert policy.choose(fresh) >= 1 and policy.drafter.continuation is None
+    assert policy.active is policy.mtp
+    one_token = [1, 2, 3, 4, 2]  # "2" occurred before: a 1-token match, worse than MTP
+    assert policy.choose(one_token) >= 1 and policy.drafter.continuation is None
+
+
+def test_ngram_match_finds_the_longest_most_recent_suffix():
+    ngram = NgramDrafter(vocab_size=16)
+    assert ngram.match([1, 2, 3, 9, 2, 3, 8, 1, 2, 3], 2) == (3, [9, 2])
+    assert ngram.match([4, 2, 5, 2, 6, 2], 3) == (1, [6, 2])
+    assert ngram.match([1, 2, 3], 2) == (0, [])

@@ -75,6 +75,20 @@ def test_default_prompts():
     assert any(p.startswith("def ") for p in prompts)  # code-like prompts are included
 
 
+def test_heldout_prompts_are_a_separate_mixed_set():
+    """24 chat, story and code requests, none of them in the default prompt set or among the model
+    card's held-out prompts (the MTP head's training data left those out too)."""
+    import json
+    from pathlib import Path
+
+    heldout = load_prompts("heldout")
+    assert len(heldout) == 24 and len(set(heldout)) == 24
+    card = Path(__file__).resolve().parents[1] / "models/smollm2-135m-mtp/heldout_prompts.jsonl"
+    others = set(load_prompts()) | {json.loads(line)["prompt"] for line in card.read_text().splitlines()}
+    assert not others & set(heldout)
+    assert sum(p.startswith("Write a Python") for p in heldout) >= 3  # code is a third of the set
+
+
 @pytest.mark.parametrize("text", ["not json", "{}", "[]", '["ok", 3]'])
 def test_bad_prompt_files(tmp_path, text):
     path = tmp_path / "prompts.json"
@@ -140,6 +154,16 @@ def test_speculative_aggregation_and_identity_check():
     same, _ = decoding.measure_decoding(model, ["a"], max_tokens=16, repeats=1, spec="mtp", num_draft=1,
                                      reference=[[1, 2, 3, 4]])
     assert same.identical_to_plain is True
+
+
+def test_auto_rows_are_measured_in_rounds_interleaved_with_plain_decoding():
+    model = ScriptedModel(SCRIPT)
+    [mtp] = decoding.interleaved_auto(model, ["a", "b"], ["mtp"], max_tokens=16, rounds=2)
+    # each round measures every variant once (a warm-up, then each prompt); the second round reversed
+    specs = [spec for _, _, spec, _ in model.calls]
+    assert specs == ["none"] * 3 + ["mtp"] * 3 + ["mtp"] * 3 + ["none"] * 3
+    assert mtp.num_draft == "auto" and mtp.tokens_per_s == pytest.approx(24.0)
+    assert mtp.measured_speedup == pytest.approx(24.0 / 12.0)
 
 
 # --- step costs on the real MLX backend ----------------------------------------------------------
@@ -270,8 +294,11 @@ def test_bench_command_end_to_end(tmp_path, monkeypatch, tiny_checkpoint):
     data = json.loads((out / "b.json").read_text())
     target = data["targets"][0]
     rows = target["speculative"]
-    assert [(r["spec"], r["num_draft"]) for r in rows] == [(d, k) for d in ("mtp", "mtp-tree", "ngram")
-                                                           for k in runner.DRAFT_LENGTHS]
+    drafters = ("mtp", "mtp-tree", "ngram", "hybrid")  # MLX verifies trees
+    assert [(r["spec"], r["num_draft"]) for r in rows] == (
+        [(d, k) for d in drafters[:3] for k in runner.FIXED_DRAFT_LENGTHS] + [(d, "auto") for d in drafters])
+    # the auto rows come from rounds interleaved with plain decoding: their speedup is a ratio within rounds
+    assert all(r["measured_speedup"] > 0 for r in rows if r["num_draft"] == "auto")
     # greedy speculative decoding must reproduce plain decoding token for token
     assert all(r["identical_to_plain"] is True for r in rows)
     assert target["plain"]["generated_tokens"] > 0 and len(target["cost_curve"]) == decoding.COST_CURVE_TOKENS

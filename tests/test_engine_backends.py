@@ -5,7 +5,8 @@ no drift in the trunk or MTP caches.
 Random tiny models have untrained MTP heads (drafts almost always rejected), so
 the rollback paths are exercised by MTP, while the acceptance paths come from a
 draft model identical to the target (always right) and from n-gram lookup on
-the loops greedy decoding falls into."""
+the loops greedy decoding falls into; the hybrid drafter switches between the
+two on those loops."""
 
 from __future__ import annotations
 
@@ -48,6 +49,7 @@ def test_speculative_greedy_equals_plain_greedy(load, arch):
     for prompt in PROMPTS:
         reference = model.generate(prompt, max_tokens=64, spec="none")
         for options in (dict(spec="mtp", num_draft=1), dict(spec="mtp", num_draft=3), dict(spec="ngram", num_draft=4),
+                        dict(spec="hybrid", num_draft=3), dict(spec="hybrid", num_draft="auto"),
                         dict(spec="draft", num_draft=3, draft_model=same_model),
                         dict(spec="draft", num_draft=2, draft_model=other_model)):
             out = model.generate(prompt, max_tokens=64, **options)

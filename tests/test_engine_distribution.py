@@ -28,6 +28,8 @@ CASES = {
                             dict(spec="mtp", temperature=0.7, top_k=4, top_p=0.9), None),
     "ngram": (dict(), dict(spec="ngram"), None),
     "draft-model": (dict(), dict(spec="draft"), dict(noise=1.5)),
+    # n-gram continuations (one-hot q) where the last token occurred before, MTP drafts (their q) after a new one
+    "hybrid": (dict(num_mtp_layers=2, mtp_accuracy=0.6), dict(spec="hybrid"), None),
 }
 
 

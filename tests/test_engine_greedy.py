@@ -24,14 +24,16 @@ CASES = {
     "ngram-k3": (dict(order=2), dict(spec="ngram", num_draft=3), None),
     "ngram-auto": (dict(order=2), dict(spec="ngram", num_draft="auto"), None),
     "draft-model-k3": (dict(), dict(spec="draft", num_draft=3), dict(noise=2.0)),
+    # repetitive text and a fair MTP head: the hybrid drafter switches between the two
+    "hybrid-auto": (dict(order=2, num_mtp_layers=2, mtp_accuracy=0.6), dict(spec="hybrid", num_draft="auto"), None),
+    "hybrid-k3": (dict(order=2, num_mtp_layers=2, mtp_accuracy=0.6), dict(spec="hybrid", num_draft=3), None),
 }
 
 
 @pytest.fixture(autouse=True)
-def flat_costs(monkeypatch):
+def flat_costs(inject_costs):
     """Auto mode gets a cost curve where drafting pays instead of timing the toy model."""
-    monkeypatch.setattr("edgemtp.engine.generate.load_or_measure_costs",
-                        lambda backend, drafter, name, max_k: Costs(trunk=[1.0 + 0.01 * n for n in range(max_k + 1)], draft=0.01))
+    inject_costs(lambda max_k: Costs(trunk=[1.0 + 0.01 * n for n in range(max_k + 1)], draft=0.01))
 
 
 def greedy_reference(model_options: dict, prompt: list[int], n: int) -> list[int]:
@@ -138,3 +140,23 @@ def test_a_stream_dropped_without_close_does_not_corrupt_the_next_one():
     prompt = [2, 7, *started]
     again = session.generate(prompt, max_tokens=30, chat=False, spec="ngram")
     assert again.tokens == greedy_reference({}, prompt, 30)
+
+
+def test_hybrid_drafts_with_both_drafters_and_falls_back_to_ngram_without_mtp_layers():
+    """On repetitive text with a fair MTP head, the hybrid policy uses each drafter on some steps;
+    on a model without MTP layers it is n-gram lookup, still lossless."""
+    backend = FakeBackend(vocab_size=32, order=2, num_mtp_layers=2, mtp_accuracy=0.6)
+    session = Session(backend, FakeTokenizer())
+    sources = []
+    for prompt in PROMPTS[:6]:
+        stream = session.stream(prompt, max_tokens=NEW_TOKENS, chat=False, spec="hybrid")
+        drafter = session._drafters["mtp"][1]
+        for _ in stream:
+            sources.append(drafter.continuation is not None)
+    assert any(sources) and not all(sources)
+
+    no_mtp = dict(order=2, num_mtp_layers=0)
+    session = Session(FakeBackend(vocab_size=32, **no_mtp), FakeTokenizer())
+    out = session.generate(PROMPTS[3], max_tokens=NEW_TOKENS, chat=False, spec="hybrid")
+    assert out.tokens == greedy_reference(no_mtp, PROMPTS[3], NEW_TOKENS)
+    assert out.stats.drafted > 0  # n-gram drafts (an MTP drafter would have refused this model)

@@ -302,7 +302,11 @@ async def test_load_failure_is_a_notification_not_a_crash(tmp_path):
 
 
 class OutOfMemoryModel(FakeModel):
+    """Its answers run out of memory; its plain-speed run (at load) does not."""
+
     def stream(self, prompt, **options):
+        if options.get("spec") == "none":
+            return super().stream(prompt, **options)
         raise MemoryError
 
 
@@ -425,3 +429,34 @@ async def test_real_checkpoint_escape_stops_mid_stream(tmp_path, tiny_checkpoint
         await send(pilot, "go on")
         conversation = app.chat.messages
     assert conversation[3]["content"] == greedy_answer(checkpoint, conversation[:3])
+
+
+async def test_markdown_renders_per_batched_update_not_per_chunk(tmp_path, monkeypatch):
+    """The answer's Markdown is re-rendered once per update of the worker (every REDRAW_SECONDS),
+    not once per chunk, and the streamed answer still ends complete. A fake clock advancing 30 ms
+    per reading makes the batching deterministic: about one update per four chunks."""
+    readings = iter(range(10_000))
+    monkeypatch.setattr("edgemtp.tui.streaming.monotonic", lambda: 0.03 * next(readings))
+    monkeypatch.setattr("edgemtp.tui.app.perf_counter", lambda: 0.0)  # updates cost the UI no time
+    renders = []
+    append = Markdown.append
+
+    def counting_append(self, markdown):
+        renders.append(markdown)
+        return append(self, markdown)
+
+    monkeypatch.setattr(Markdown, "append", counting_append)
+    app = make_app(tmp_path, FakeModel(), settings=GenerationSettings(spec="none"))
+    async with app.run_test(size=SIZE) as pilot:
+        await ready(pilot)
+        answer = await send(pilot, "hi")
+        assert answer.text == ANSWER and answer.query_one(Markdown).source == ANSWER
+    assert "".join(renders) == ANSWER
+    assert 2 <= len(renders) <= len(PIECES) // 3  # one chunk per token: per chunk would be len(PIECES)
+
+
+def test_updates_slow_down_when_drawing_them_takes_more_than_the_ui_share():
+    from edgemtp.tui.streaming import REDRAW_SECONDS, UI_SHARE, update_interval
+
+    assert update_interval(0.0) == REDRAW_SECONDS
+    assert update_interval(0.05) == pytest.approx(0.05 / UI_SHARE)  # a 50 ms redraw: at most 10% of the time

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import re
 import threading
-from edgemtp.engine.generate import Chunk, Generation
+from edgemtp.engine.generate import Chunk
 from edgemtp.engine.stats import Stats
 
 ANSWER = (
@@ -60,17 +60,18 @@ class FakeModel:
         """With ``pause_after``, ``stream`` blocks after that many tokens until ``resume`` is set."""
         self.tokenizer = FakeTokenizer()
         self.backend = FakeBackend()
-        self.calls: list[dict] = []  # arguments of every stream() call
-        self.generate_calls: list[dict] = []  # arguments of every generate() call (the plain-speed run)
+        self.calls: list[dict] = []  # arguments of every speculative stream() call (the answers)
+        self.plain_calls: list[dict] = []  # arguments of every plain-decoding stream() call (the plain-speed run)
         self.pause_after = pause_after
         self.paused = threading.Event()
         self.resume = threading.Event()
         self.closed_early = False
 
     def stream(self, prompt, *, max_tokens=256, temperature=0.0, top_p=1.0, spec="mtp", num_draft="auto", chat=True):
-        self.calls.append(dict(prompt=prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
-                               spec=spec, num_draft=num_draft, chat=chat))
-        return self._start(prompt, max_tokens, spec, chat, self.pause_after)
+        plain = spec == "none"
+        (self.plain_calls if plain else self.calls).append(dict(prompt=prompt, max_tokens=max_tokens, temperature=temperature,
+                                                                top_p=top_p, spec=spec, num_draft=num_draft, chat=chat))
+        return self._start(prompt, max_tokens, spec, chat, None if plain else self.pause_after)
 
     def _start(self, prompt, max_tokens: int, spec: str, chat: bool, pause_after: int | None = None):
         if isinstance(prompt, str) and chat:
@@ -106,8 +107,3 @@ class FakeModel:
         except GeneratorExit:
             self.closed_early = True
             raise
-
-    def generate(self, prompt, *, max_tokens=256, spec="mtp", chat=True, **options) -> Generation:
-        self.generate_calls.append(dict(prompt=prompt, max_tokens=max_tokens, spec=spec, chat=chat, **options))
-        chunks = list(self._start(prompt, max_tokens, spec, chat))
-        return Generation("".join(c.text for c in chunks), [t for c in chunks for t in c.token_ids], chunks[-1].stats)

@@ -1,9 +1,12 @@
 """``ChatApp``: the terminal chat UI of ``edgemtp chat``.
 
 Threads: the model is loaded and run in worker threads (``@work(thread=True)``)
-so the UI never blocks. The generation worker batches chunks and posts at most
-``REDRAW_HZ`` updates a second as messages; everything that touches widgets
-runs on the UI thread in the message handlers.
+so the UI never blocks. The generation worker batches chunks and posts an update
+at most every ``REDRAW_SECONDS``, and further apart when the UI takes more than
+``UI_SHARE`` of the time to apply and draw them (one at the end), as messages;
+everything that touches widgets runs on the UI thread in the message handlers.
+Rendering the growing Markdown answer competes with decoding for the same
+cores, so it happens per update, never per chunk.
 
 Multi-turn: each answer is generated from the whole conversation as a message
 list. The engine keeps the token list it has cached and only prefills the new
@@ -12,8 +15,8 @@ suffix, so turn N costs the new prompt, not the whole chat again.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
+from time import perf_counter
 
 from textual import on, work
 from textual.app import App, ComposeResult
@@ -29,14 +32,11 @@ from edgemtp.tui.history import Chat, ChatStore
 from edgemtp.tui.picker import ChatPickerScreen
 from edgemtp.tui.provenance import legend
 from edgemtp.tui.settings import GenerationSettings, SettingsScreen
-from edgemtp.tui.streaming import StreamUpdate, UpdateCollector
+from edgemtp.tui.streaming import StreamUpdate, UpdateCollector, collect_updates
 from edgemtp.tui.widgets import AssistantMessage, MessageView, PromptInput, StatsPanel, UserMessage
 
-REDRAW_HZ = 15
-
-
 class AnswerProgress(Message):
-    """Posted by the generation worker, at most ``REDRAW_HZ`` times a second."""
+    """Posted by the generation worker, at most every ``update_interval`` seconds."""
 
     def __init__(self, answer: AssistantMessage, update: StreamUpdate) -> None:
         super().__init__()
@@ -110,6 +110,7 @@ class ChatApp(App):
         # True from sending a prompt until the worker's AnswerDone arrives. Not the worker's
         # state: a cancelled thread worker reports CANCELLED while its thread still runs the model.
         self.answering = False
+        self.update_seconds = 0.0  # what the last streamed update took the UI, redraw included
 
     # --- layout -----------------------------------------------------------
 
@@ -188,7 +189,6 @@ class ChatApp(App):
         collector = UpdateCollector(self.model)
         error = None
         stream = None
-        last_post = time.monotonic()
         try:
             stream = self.model.stream(
                 messages,
@@ -199,13 +199,9 @@ class ChatApp(App):
                 num_draft=settings.num_draft,
                 chat=True,
             )
-            for chunk in stream:
-                if worker.is_cancelled:
-                    break  # Esc: keep exactly what was produced before it
-                collector.add(chunk)
-                if time.monotonic() - last_post >= 1 / REDRAW_HZ:
-                    self.post_message(AnswerProgress(answer, collector.take()))
-                    last_post = time.monotonic()
+            # Esc stops between chunks: the answer keeps exactly what was produced before it.
+            collect_updates(stream, collector, lambda update: self.post_message(AnswerProgress(answer, update)),
+                            stop=lambda: worker.is_cancelled, ui_seconds=lambda: self.update_seconds)
         except Exception as exc:  # noqa: BLE001 - shown as a notification, never a traceback
             error = _describe_failure(exc)
         finally:
@@ -215,8 +211,14 @@ class ChatApp(App):
 
     async def on_answer_progress(self, message: AnswerProgress) -> None:
         if message.answer.is_attached:
+            began = perf_counter()
             await message.answer.append(message.update)
             self._show_stats(message.update)
+            # Timed until the screen has been redrawn with it: the redraw is most of the cost.
+            self.call_after_refresh(self._time_update, began)
+
+    def _time_update(self, began: float) -> None:
+        self.update_seconds = perf_counter() - began
 
     async def on_answer_done(self, message: AnswerDone) -> None:
         self.answering = False
@@ -288,6 +290,9 @@ class ChatApp(App):
 
     def action_toggle_provenance(self) -> None:
         self.screen.toggle_class("show-provenance")
+        if self.screen.has_class("show-provenance"):  # answers skip rendering it while it is hidden
+            for answer in self.query(AssistantMessage):
+                answer.show_provenance()
 
     def action_toggle_plain(self) -> None:
         self.plain_provenance = not self.plain_provenance

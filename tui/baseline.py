@@ -1,9 +1,12 @@
 """Plain-decoding speed, the yardstick for the "speedup" figure.
 
 Speedup only means something against the same model on the same backend
-decoding without speculation. That is measured once with a short
-``spec="none"`` run and cached as JSON in the user cache directory, keyed by
-model and backend, so later sessions start without the extra run.
+decoding without speculation, measured the way the live figure is: a
+``spec="none"`` answer streamed through the same worker-side path as every chat
+answer (``collect_updates``: the collector's per-chunk work and an update taken
+every ``REDRAW_SECONDS``). It is measured once and cached as JSON in the user
+cache directory, keyed by model and backend, so later sessions start without
+the extra run.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import os
 from pathlib import Path
 
 from edgemtp.paths import cache_root
+from edgemtp.tui.streaming import UpdateCollector, collect_updates
 
 BASELINE_PROMPT = "Write one sentence about the sea."
 BASELINE_TOKENS = 32
@@ -48,6 +52,9 @@ class BaselineCache:
         cached = self.get(key)
         if cached is not None:
             return cached
-        result = model.generate(BASELINE_PROMPT, max_tokens=BASELINE_TOKENS, temperature=0.0, spec="none")
-        self.put(key, result.stats.tokens_per_s)
-        return result.stats.tokens_per_s
+        collector = UpdateCollector(model)
+        stream = model.stream(BASELINE_PROMPT, max_tokens=BASELINE_TOKENS, temperature=0.0, spec="none", chat=True)
+        collect_updates(stream, collector, post=lambda update: None)  # no answer on screen to update
+        tokens_per_s = collector.take().stats.tokens_per_s
+        self.put(key, tokens_per_s)
+        return tokens_per_s

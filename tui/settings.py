@@ -13,16 +13,15 @@ from textual.containers import Grid, Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Input, Label, Select
 
+from edgemtp.engine.specs import DEFAULT_SPEC, SPECS
 from edgemtp.errors import UserError
-
-SPEC_MODES = ("mtp", "mtp-tree", "draft", "ngram", "none")
 
 
 @dataclass(frozen=True)
 class GenerationSettings:
     temperature: float = 0.0
     top_p: float = 1.0
-    spec: str = "mtp"
+    spec: str = DEFAULT_SPEC
     num_draft: int | str = "auto"  # "auto" lets the engine tune k
     max_tokens: int = 512
 
@@ -48,8 +47,8 @@ def parse_top_p(value: str) -> float:
 
 
 def parse_spec(value: str) -> str:
-    if value not in SPEC_MODES:
-        raise UserError(f"speculation mode {value!r} is unknown; use one of {', '.join(SPEC_MODES)}")
+    if value not in SPECS:
+        raise UserError(f"speculation mode {value!r} is unknown; use one of {', '.join(SPECS)}")
     return value
 
 
@@ -81,7 +80,7 @@ class SettingsScreen(ModalScreen["GenerationSettings | None"]):
                 yield Label("Top-p")
                 yield Input(str(s.top_p), id="top-p")
                 yield Label("Speculation")
-                yield Select([(mode, mode) for mode in SPEC_MODES], value=s.spec, allow_blank=False, id="spec")
+                yield Select([(mode, mode) for mode in SPECS], value=s.spec, allow_blank=False, id="spec")
                 yield Label("Draft tokens k")
                 yield Input(str(s.num_draft), placeholder="auto or a number", id="num-draft")
             with Horizontal(id="settings-buttons"):

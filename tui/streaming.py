@@ -1,16 +1,28 @@
 """Turning the model's chunk stream into batched UI updates.
 
-The generation worker sees every chunk; the UI only redraws a few times a
-second. ``UpdateCollector`` sits in between, in the worker thread: it gathers
-the new text, per-token provenance and per-step acceptance of every chunk,
-and hands them over as one ``StreamUpdate`` per redraw.
+The generation worker sees every chunk; the UI only redraws every
+``REDRAW_SECONDS``. ``UpdateCollector`` sits in between, in the worker thread:
+it gathers the new text, per-token provenance and per-step acceptance of every
+chunk, and hands them over as one ``StreamUpdate`` per redraw
+(``collect_updates``).
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from time import monotonic
 from typing import Any
+
+# Seconds between UI updates while an answer streams. Re-rendering the growing Markdown answer
+# takes the same two cores decoding needs; ten updates a second still reads as live text.
+REDRAW_SECONDS = 0.1
+# An update may take the UI at most this share of the time: when applying and drawing one takes
+# longer than REDRAW_SECONDS * UI_SHARE, the next waits proportionally longer. A full redraw of
+# the chat screen (the answer's Markdown re-laid out, the stats tables) took 20-200 ms of CPU on
+# this project's 2-core machine, so ten a second held the GIL and a core for much of decoding.
+UI_SHARE = 0.1
 
 
 @dataclass(frozen=True)
@@ -71,3 +83,23 @@ class UpdateCollector:
         update.weight_bytes = self.model.backend.weight_bytes()
         update.cache_bytes = self.model.backend.cache_bytes()
         return update
+
+
+def update_interval(ui_seconds: float) -> float:
+    """Seconds to wait between updates when the UI took ``ui_seconds`` to apply and draw the last."""
+    return max(REDRAW_SECONDS, ui_seconds / UI_SHARE)
+
+
+def collect_updates(stream: Iterable, collector: UpdateCollector, post: Callable[[StreamUpdate], None],
+                    stop: Callable[[], bool] = lambda: False, ui_seconds: Callable[[], float] = lambda: 0.0) -> None:
+    """Feed every chunk of ``stream`` to ``collector`` and ``post`` what it gathered at most every
+    ``update_interval(ui_seconds())``; the rest stays in the collector for the caller's final
+    ``take()``. ``stop`` is asked before each chunk; ``ui_seconds`` says what the last update cost the UI."""
+    last_post = monotonic()
+    for chunk in stream:
+        if stop():
+            break
+        collector.add(chunk)
+        if monotonic() - last_post >= update_interval(ui_seconds()):
+            post(collector.take())
+            last_post = monotonic()

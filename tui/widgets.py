@@ -109,7 +109,9 @@ class AssistantMessage(Vertical):
             await self._stream.write(update.text)
         if update.pieces:
             self.pieces.extend(update.pieces)
-            self.query_one(".provenance", Static).update(self._provenance_text())
+            # Rendered only while the provenance view is shown (F2): the whole answer, every update.
+            if self.screen.has_class("show-provenance"):
+                self.show_provenance()
 
     async def finish(self, status: str) -> None:
         if self._stream is not None:
@@ -119,6 +121,9 @@ class AssistantMessage(Vertical):
 
     def set_plain(self, plain: bool) -> None:
         self.plain = plain
+        self.show_provenance()
+
+    def show_provenance(self) -> None:
         self.query_one(".provenance", Static).update(self._provenance_text())
 
     def _provenance_text(self) -> Text:

@@ -32,6 +32,26 @@ def _run_prompts(model, prompts, max_tokens, spec, num_draft, draft_model):
     return outputs, ttfts, finals
 
 
+def interleaved_auto(model, prompts, specs: list[str], *, max_tokens, rounds, reference=None, draft_model=None):
+    """Plain decoding and each drafter of ``specs`` at automatic draft length, in ``rounds``
+    interleaved rounds (the order reversed every other round), so a slow spell of a shared
+    machine falls on all of them. Returns each drafter's figures (from its last round) with
+    ``tokens_per_s`` the median over rounds and ``measured_speedup`` the median of its ratio to
+    plain decoding within each round."""
+    order = ["none", *specs]
+    rates: dict[str, list[float]] = {spec: [] for spec in order}
+    figures: dict[str, DecodeFigures] = {}
+    for round_ in range(rounds):
+        for spec in order if round_ % 2 == 0 else reversed(order):
+            figures[spec], _ = measure_decoding(model, prompts, max_tokens=max_tokens, repeats=1, spec=spec,
+                                                num_draft="auto", draft_model=draft_model, reference=reference)
+            rates[spec].append(figures[spec].tokens_per_s)
+    for spec in specs:
+        figures[spec].tokens_per_s = statistics.median(rates[spec])
+        figures[spec].measured_speedup = statistics.median(r / p for r, p in zip(rates[spec], rates["none"]))
+    return [figures[spec] for spec in specs]
+
+
 def measure_decoding(model, prompts, *, max_tokens, repeats, spec="none", num_draft=None, draft_model=None,
                      reference=None):
     """Decode every prompt ``repeats`` times after a warm-up; returns (DecodeFigures, token lists).
@@ -73,9 +93,10 @@ def _fill_acceptance(figures: DecodeFigures, finals) -> None:
     if steps == 0:
         return
     figures.tokens_per_step = 1 + sum(s.accepted for s in finals) / steps
-    nodes = sum(s.nodes_verified for s in finals)
-    if nodes > sum(s.drafted for s in finals):  # trees verified more tokens than positions
+    nodes, drafted = sum(s.nodes_verified for s in finals), sum(s.drafted for s in finals)
+    if nodes > drafted:  # trees verified more tokens than positions
         figures.nodes_per_step = nodes / steps
+    figures.copied_fraction = sum(s.copied for s in finals) / drafted if drafted else 0.0
     positions = max(len(s.acceptance_by_position) for s in finals)
     figures.acceptance_by_position = [
         sum(s.steps * s.acceptance_by_position[i] for s in finals if len(s.acceptance_by_position) > i)

@@ -16,7 +16,7 @@ from edgemtp.engine.tuning import non_decreasing
 class DecodeFigures:
     """One decoding configuration run over the whole prompt set."""
 
-    spec: str  # "none" (plain), "mtp", "mtp-tree", "ngram" or "draft"
+    spec: str  # "none" (plain), "hybrid", "mtp", "mtp-tree", "ngram" or "draft"
     num_draft: int | str | None  # None for plain decoding
     tokens_per_s: float  # generated tokens / decode seconds over all prompts; median of repeats
     ttft_s: float  # time to first token, median over prompts and repeats
@@ -25,8 +25,9 @@ class DecodeFigures:
     tokens_per_step: float = 1.0  # mean tokens emitted per trunk step (accepted drafts + 1)
     draft_lengths: dict[int, int] = field(default_factory=dict)  # draft length -> trunk steps
     nodes_per_step: float | None = None  # draft trees only: draft tokens verified per trunk step
+    copied_fraction: float = 0.0  # share of drafted tokens copied by n-gram lookup (no model call)
     identical_to_plain: bool | None = None
-    measured_speedup: float | None = None
+    measured_speedup: float | None = None  # auto rows: median over interleaved rounds of the ratio to plain
     ideal_speedup: float | None = None
 
 

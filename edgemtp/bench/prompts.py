@@ -1,4 +1,6 @@
-"""The bench's prompt set: the bundled ``prompts.json`` (chat, story and code requests) or a user's file."""
+"""The bench's prompt sets: the bundled ``prompts.json`` (chat, story and code requests),
+``heldout_prompts.json`` (``--prompts heldout``: 8 chat, 8 story and 8 code requests, none of them
+in the MTP head's training data, the model card's held-out prompts or ``prompts.json``), or a user's file."""
 
 from __future__ import annotations
 
@@ -10,10 +12,11 @@ from edgemtp.errors import UserError
 
 
 def load_prompts(path: str | Path | None = None) -> list[str]:
-    """The prompt set: a JSON list of strings (default: the bundled ``prompts.json``)."""
-    if path is None:
-        text = resources.files("edgemtp.bench").joinpath("prompts.json").read_text(encoding="utf-8")
-        where = "prompts.json"
+    """The prompt set: a JSON list of strings (default: the bundled ``prompts.json``; ``"heldout"``:
+    the bundled held-out set)."""
+    if path is None or path == "heldout":
+        where = "prompts.json" if path is None else "heldout_prompts.json"
+        text = resources.files("edgemtp.bench").joinpath(where).read_text(encoding="utf-8")
     else:
         try:
             text = Path(path).read_text(encoding="utf-8")

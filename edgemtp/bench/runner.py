@@ -4,10 +4,11 @@ For each model (and backend) it measures, after a warm-up and as the median of s
 repeats:
 
 * plain decoding tokens/s and time to first token;
-* speculative decoding tokens/s for each drafter at fixed draft lengths k = 1..4 and at
-  ``auto``, checking that greedy output is token-for-token identical to plain decoding (MTP
-  drafting verified as a tree, ``mtp-tree``, where the backend has tree verification, with the
-  draft tokens it verified per pass);
+* speculative decoding tokens/s for each drafter at fixed draft lengths k = 1..4, and at
+  ``auto`` in rounds interleaved with plain decoding (the hybrid drafter at ``auto`` only),
+  checking that greedy output is token-for-token identical to plain decoding (MTP drafting
+  verified as a tree, ``mtp-tree``, where the backend has tree verification, with the draft
+  tokens it verified per pass);
 * the cost curve ``T(n) / T(1)`` of one trunk step over n tokens, and the cost of one
   draft step relative to a trunk step (an MTP step timed right after a trunk step, as
   decoding runs it);
@@ -31,7 +32,7 @@ import gc
 import platform
 from pathlib import Path
 
-from edgemtp.bench.decoding import draft_vocab_size, measure_decoding, trunk_cost_curve
+from edgemtp.bench.decoding import draft_vocab_size, interleaved_auto, measure_decoding, trunk_cost_curve
 from edgemtp.bench.figures import (BenchResult, Target, TargetFigures, bandwidth_fraction,
                                    expected_tokens_per_step, ideal_speedup)
 from edgemtp.bench.peers.mlx_lm import mlx_lm_tokens_per_s
@@ -39,7 +40,7 @@ from edgemtp.engine.drafters import mtp_step_seconds
 from edgemtp.engine.stats import peak_rss_bytes, reset_peak_rss
 from edgemtp.errors import UserError
 
-DRAFT_LENGTHS: tuple[int | str, ...] = (1, 2, 3, 4, "auto")
+FIXED_DRAFT_LENGTHS = (1, 2, 3, 4)
 
 
 def bench_target(plan, label: str, prompts: list[str], *, max_tokens: int, repeats: int, bandwidth_gb_s: float,
@@ -76,24 +77,34 @@ def bench_target(plan, label: str, prompts: list[str], *, max_tokens: int, repea
                 draft_cost["mtp-tree"] = draft_cost["mtp"]
         if wanted("ngram"):
             draft_cost["ngram"] = 0.0  # a table lookup in Python: negligible next to a forward pass
+        if "mtp" in draft_cost and wanted("hybrid"):
+            draft_cost["hybrid"] = draft_cost["mtp"]  # per MTP-drafted token; copied ones cost a lookup
         if draft_model is not None:
             draft_seconds = trunk_cost_curve(draft_model.backend, repeats)[0]
             draft_cost["draft"] = draft_seconds / seconds[0]
 
         speculative = []
         for drafter in draft_cost:
-            for k in DRAFT_LENGTHS:
+            for k in () if drafter == "hybrid" else FIXED_DRAFT_LENGTHS:
                 progress(f"[{backend_name}] {drafter} k={k}")
                 figures, _ = measure_decoding(model, prompts, max_tokens=max_tokens, repeats=repeats, spec=drafter,
                                               num_draft=k, draft_model=draft_model, reference=reference)
                 figures.measured_speedup = figures.tokens_per_s / plain.tokens_per_s
-                per_step = (expected_tokens_per_step(figures.acceptance_by_position, k) if isinstance(k, int)
-                            else figures.tokens_per_step)
                 # The speedup model prices a step by its draft length; a tree's pass runs more rows.
                 if drafter != "mtp-tree":
+                    per_step = expected_tokens_per_step(figures.acceptance_by_position, k)
                     figures.ideal_speedup = ideal_speedup(per_step, figures.draft_lengths, cost_curve,
                                                           draft_cost[drafter])
                 speculative.append(figures)
+        progress(f"[{backend_name}] {', '.join(draft_cost)} at auto, rounds interleaved with plain decoding")
+        for figures in interleaved_auto(model, prompts, list(draft_cost), max_tokens=max_tokens, rounds=repeats,
+                                        reference=reference, draft_model=draft_model):
+            # Only the drafts that ran a model call cost a draft step (the hybrid's copies do not).
+            if figures.spec != "mtp-tree":
+                per_draft = draft_cost[figures.spec] * (1 - figures.copied_fraction)
+                figures.ideal_speedup = ideal_speedup(figures.tokens_per_step, figures.draft_lengths, cost_curve,
+                                                      per_draft)
+            speculative.append(figures)
 
     result = TargetFigures(
         backend=backend_name,

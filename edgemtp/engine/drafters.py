@@ -122,6 +122,10 @@ class NoDrafter:
     def peek(self, seq, sampler):
         return None
 
+    def copying(self) -> bool:
+        """Whether this step's drafts were copied from the context (no model call)."""
+        return False
+
     def measure_step_cost(self) -> float:
         return 0.0
 
@@ -131,24 +135,38 @@ class NgramDrafter(NoDrafter):
     occurred earlier in the context and propose what followed it there.
     Pays off on code edits, summaries and repeated text; costs no model call."""
 
-    def __init__(self, vocab_size: int, max_ngram: int = 4):
-        self.vocab_size = vocab_size
-        self.max_ngram = max_ngram
+    max_ngram = 4  # longest suffix looked up
 
-    def _continuation(self, seq: list[int], k: int) -> list[int]:
+    def __init__(self, vocab_size: int):
+        self.vocab_size = vocab_size
+
+    def match(self, seq: list[int], k: int) -> tuple[int, list[int]]:
+        """The length of the longest suffix of ``seq`` (up to ``max_ngram``) that occurred earlier,
+        and up to ``k`` tokens that followed its most recent occurrence; ``(0, [])`` if none.
+
+        Only positions holding the last token can end a match: they are found in one pass, so a
+        step that finds nothing (the hybrid drafter looks every step) stays cheap on long contexts.
+        """
+        if k <= 0 or len(seq) < 2:
+            return 0, []
+        last = seq[-1]
+        ends = [i for i, token in enumerate(seq[:-1]) if token == last]
         for n in range(min(self.max_ngram, len(seq) - 1), 0, -1):
             suffix = seq[-n:]
             # Most recent earlier occurrence first: it is the likeliest to repeat.
-            for i in range(len(seq) - n - 1, -1, -1):
-                if seq[i : i + n] == suffix:
-                    return seq[i + n : i + n + k]
-        return []
+            for end in reversed(ends):
+                if end >= n - 1 and seq[end - n + 1 : end + 1] == suffix:
+                    return n, seq[end + 1 : end + 1 + k]
+        return 0, []
 
     def draft(self, seq, k, sampler, min_prob):
-        return (self._continuation(seq, k) if k > 0 else []), None
+        return self.match(seq, k)[1], None
+
+    def copying(self) -> bool:
+        return True
 
     def peek(self, seq, sampler):
-        guess = self._continuation(seq, 1)
+        guess = self.match(seq, 1)[1]
         if not guess:
             return None
         q = np.zeros(self.vocab_size)
@@ -266,6 +284,9 @@ class MTPDrafter:
         self._run_depth(1, len(seq) - 2, seq)
         return sampler.probs(scatter_logits(self.last_logits[1][None], self.backend.draft_ids, self.backend.vocab_size))[0]
 
+    def copying(self) -> bool:
+        return False
+
     def measure_step_cost(self) -> float:
         return mtp_step_seconds(self.backend)
 
@@ -342,6 +363,9 @@ class DraftModelDrafter:
     def peek(self, seq, sampler):
         return None
 
+    def copying(self) -> bool:
+        return False
+
     def measure_step_cost(self) -> float:
         """Seconds for one single-token step of the draft model."""
 
@@ -353,3 +377,38 @@ class DraftModelDrafter:
         self.backend.reset()
         self.tokens = []
         return cost
+
+
+class HybridDrafter:
+    """N-gram continuation where the context repeats, the MTP chain elsewhere.
+
+    Which of the two drafts a step is the policy's choice (``HybridPolicy``, or
+    ``FixedHybridLength`` at a fixed length): it sets ``continuation`` to the tokens to copy, or
+    to None for MTP. The MTP caches follow every step either way (they catch up lazily, in the
+    next MTP draft), and a step that does not draft probes MTP, as MTP alone does.
+    """
+
+    def __init__(self, mtp: MTPDrafter, ngram: NgramDrafter):
+        self.mtp = mtp
+        self.ngram = ngram
+        self.continuation: list[int] | None = None
+
+    def reusable_prefix(self, tokens: list[int]) -> int:
+        return self.mtp.reusable_prefix(tokens)
+
+    def observe(self, seq: list[int], start: int, hidden: np.ndarray) -> None:
+        self.mtp.observe(seq, start, hidden)
+
+    def draft(self, seq, k, sampler, min_prob):
+        if self.continuation is not None:
+            return self.continuation[:k], None
+        return self.mtp.draft(seq, k, sampler, min_prob)
+
+    def peek(self, seq, sampler):
+        return self.mtp.peek(seq, sampler)
+
+    def copying(self) -> bool:
+        return self.continuation is not None
+
+    def measure_step_cost(self) -> float:
+        return self.mtp.measure_step_cost()

@@ -12,16 +12,17 @@ from collections.abc import Iterator
 from typing import NamedTuple
 
 from edgemtp.engine.backend import Backend
-from edgemtp.engine.drafters import DraftModelDrafter, MTPDrafter, NgramDrafter, NoDrafter, common_prefix
+from edgemtp.engine.drafters import (DraftModelDrafter, HybridDrafter, MTPDrafter, NgramDrafter, NoDrafter,
+                                     common_prefix)
 from edgemtp.engine.sampling import Sampler
 from edgemtp.engine.speculative import decode
+from edgemtp.engine.specs import DEFAULT_SPEC, SPECS
 from edgemtp.engine.stats import Stats
 from edgemtp.engine.tree import NODE_BUDGET, TreeShaper
-from edgemtp.engine.tuning import AdaptiveDraftLength, FixedDraftLength, config_digest, load_or_measure_costs
+from edgemtp.engine.tuning import (AdaptiveDraftLength, FixedDraftLength, FixedHybridLength, HybridPolicy,
+                                   config_digest, load_or_measure_costs)
 from edgemtp.errors import UserError
 
-# "mtp-tree": MTP drafting with siblings, verified as a tree (edgemtp/engine/tree.py).
-SPECS = ("mtp", "mtp-tree", "draft", "ngram", "none")
 # Longest draft the adaptive policy considers; beyond it acceptance of
 # chained guesses is too low to pay on the models we target.
 AUTO_MAX_DRAFT = 4
@@ -83,6 +84,12 @@ class Session:
                             "shorten it or load the model with a larger max_kv_size")
         return ids
 
+    def _resolve(self, spec: str) -> str:
+        """The spec that runs: the hybrid drafter is n-gram lookup alone on a model without MTP layers."""
+        if spec not in SPECS:
+            raise UserError(f"unknown spec {spec!r}; use one of {', '.join(SPECS)}")
+        return "ngram" if spec == "hybrid" and self.backend.num_mtp_layers == 0 else spec
+
     def _make_drafter(self, spec: str, max_k: int, draft_model):
         if spec == "none" or max_k == 0:
             return NoDrafter()
@@ -90,6 +97,8 @@ class Session:
             return MTPDrafter(self.backend, max_depth=max_k)
         if spec == "ngram":
             return NgramDrafter(self.backend.vocab_size)
+        if spec == "hybrid":
+            return HybridDrafter(MTPDrafter(self.backend, max_depth=max_k), NgramDrafter(self.backend.vocab_size))
         if draft_model is None:
             raise UserError("--spec draft needs a draft model; pass --draft-model PATH (same tokenizer as the target)")
         return DraftModelDrafter(draft_model, self.backend.vocab_size)
@@ -101,8 +110,7 @@ class Session:
         self._drafters.clear()
 
     def _drafter_and_policy(self, spec: str, num_draft, draft_model):
-        if spec not in SPECS:
-            raise UserError(f"unknown spec {spec!r}; use one of {', '.join(SPECS)}")
+        spec = self._resolve(spec)
         tree = spec == "mtp-tree"
         if tree and getattr(self.backend, "trunk_step_tree", None) is None:
             raise UserError("--spec mtp-tree needs tree verification, which only the mlx backend has so far; "
@@ -112,28 +120,36 @@ class Session:
         key = (spec, max_k, id(draft_model))
         # A tree's shape comes from the cost curve even when its depth is fixed.
         if (fixed is None or tree) and spec != "none" and max_k and key not in self._policies:
+            # Tree steps and the hybrid drafter's drafts cost what MTP's do (a tree over more
+            # rows): one measurement serves all three.
+            measured = "mtp" if spec in ("hybrid", "mtp-tree") else spec
             # Measuring runs the model on empty caches, so the session starts over.
-            probe = self._make_drafter(spec, max_k, draft_model)
-            name = "mtp" if tree else spec  # a tree step's costs are MTP's, over more rows
-            if draft_model is not None:
-                name = f"draft:{config_digest(draft_model.config)}"
+            probe = self._make_drafter(measured, max_k, draft_model)
+            name = measured if draft_model is None else f"draft:{config_digest(draft_model.config)}"
             costs = load_or_measure_costs(self.backend, probe, name, max(max_k, NODE_BUDGET) if tree else max_k)
             self.forget()
-            self._policies[key] = AdaptiveDraftLength(costs, max_k)
+            self._policies[key] = (HybridPolicy(costs, max_k, NgramDrafter.max_ngram) if spec == "hybrid"
+                                   else AdaptiveDraftLength(costs, max_k))
             if tree:
                 self._shapers[key] = TreeShaper(costs, max_k)
-        # One drafter per cache set: two MTP drafters would fight over the same MTP caches.
-        slot = "mtp" if tree else spec
+        # One drafter per cache it drafts with: two MTP drafters (mtp, mtp-tree and hybrid) would
+        # fight over the same MTP caches.
+        slot = "mtp" if spec in ("hybrid", "mtp-tree") else spec
         if self._drafters.get(slot, (None,))[0] != key:
             self._drafters[slot] = (key, self._make_drafter(spec, max_k, draft_model))
-        if fixed is not None or spec == "none":
-            policy = FixedDraftLength(0 if spec == "none" else max_k)
-        else:
-            policy = self._policies[key]
-        return self._drafters[slot][1], policy, self._shapers.get(key)
+        drafter, shaper = self._drafters[slot][1], self._shapers.get(key)
+        if spec == "none":
+            return drafter, FixedDraftLength(0), None
+        if fixed is not None:
+            policy = FixedHybridLength(drafter, max_k) if spec == "hybrid" and max_k else FixedDraftLength(max_k)
+            return drafter, policy, shaper
+        policy = self._policies[key]
+        if spec == "hybrid":
+            policy.drafter = drafter  # the policy outlives drafters remade after a spec switch
+        return drafter, policy, shaper
 
     def stream(self, prompt, *, max_tokens: int = 256, temperature: float = 0.0, top_p: float = 1.0,
-               top_k: int = 0, seed: int | None = None, spec: str = "mtp", num_draft="auto",
+               top_k: int = 0, seed: int | None = None, spec: str = DEFAULT_SPEC, num_draft="auto",
                draft_model: Backend | None = None, chat: bool = True) -> Iterator[Chunk]:
         if max_tokens < 0:
             raise UserError(f"max_tokens must be >= 0, got {max_tokens}")

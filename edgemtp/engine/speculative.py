@@ -26,6 +26,7 @@ from edgemtp.engine.drafters import NoDrafter, common_prefix, stack_draft_probs
 from edgemtp.engine.sampling import Sampler
 from edgemtp.engine.stats import Stats
 from edgemtp.engine.tree import NODE_BUDGET, DraftTree, TreeShaper, trunk_rows, verify_tree
+from edgemtp.engine.tuning import StepTiming
 
 
 def verify(p: np.ndarray, drafts: list[int], q: np.ndarray | None, sampler: Sampler) -> tuple[int, int]:
@@ -117,14 +118,17 @@ def decode(backend: Backend, drafter, policy, sampler: Sampler, seq: list[int], 
         room = min(max_tokens - stats.generated_tokens, backend.max_context - backend.trunk_len()) - 1
         if room < 0:
             break  # the context is full
-        k = min(policy.choose(), room)
+        step_began = time.perf_counter()
+        k = min(policy.choose(seq), room)
         probe = drafter.peek(seq, sampler) if k == 0 and policy.wants_probe() else None
         start = backend.trunk_len()
         # A tree needs room for all its nodes in the cache, though only its path stays.
         fits = backend.max_context - start > NODE_BUDGET
         tree = drafter.draft_tree(seq, k, sampler, policy.min_prob, shaper) if shaper and k and fits else None
         if tree is not None and len(tree.tokens) > tree.depth():
+            drafted_at = time.perf_counter()
             path, token, hidden, logits = tree_step(backend, sampler, seq, tree)
+            verified_at = time.perf_counter()
             new = [*(tree.tokens[node] for node in path), token]
             provenance, chain_accepted = tree_provenance(tree, path)
             drafted, accepted, nodes = tree.depth(), len(path), len(tree.tokens)
@@ -133,7 +137,9 @@ def decode(backend: Backend, drafter, policy, sampler: Sampler, seq: list[int], 
                 drafts, q = tree.tokens, stack_draft_probs(tree.q)
             else:
                 drafts, q = drafter.draft(seq, k, sampler, policy.min_prob) if k else ([], None)
+            drafted_at = time.perf_counter()
             accepted, token, hidden, logits = speculative_step(backend, sampler, seq, drafts, q)
+            verified_at = time.perf_counter()
             new = [*drafts[:accepted], token]
             provenance = ["draft"] * accepted + ["correction" if accepted < len(drafts) else "bonus"]
             drafted = nodes = len(drafts)
@@ -148,10 +154,14 @@ def decode(backend: Backend, drafter, policy, sampler: Sampler, seq: list[int], 
         stop = next((i for i, t in enumerate(new) if t in stop_ids), None)
         if stop is not None:  # the caches may run past the stop token; the output does not
             new, provenance = new[: stop + 1], provenance[: stop + 1]
+        stats.copied += drafted if drafter.copying() else 0
         _record_step(backend, stats, drafted, accepted, provenance, decode_began, nodes)
         yield new, provenance
         if stop is not None:
             return
+        # Timed after the consumer took the tokens: what it does per step is part of a step's cost.
+        policy.record_timing(StepTiming(drafted=drafted, draft=drafted_at - step_began, verified=nodes + 1,
+                                        trunk=verified_at - drafted_at, total=time.perf_counter() - step_began))
 
 
 def _plain_greedy(backend, seq: list[int], max_tokens: int, stop_ids: set[int], stats: Stats,

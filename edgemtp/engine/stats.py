@@ -38,6 +38,7 @@ class Stats:
     # Draft tokens sent to verification: ``drafted`` for chains, every candidate of a tree
     nodes_verified: int = 0
     accepted: int = 0  # draft tokens the target accepted
+    copied: int = 0  # draft tokens copied from the context by n-gram lookup (no model call)
     acceptance_by_position: list[float] = field(default_factory=list)  # P(accept | reached), per draft position
     mean_accepted_length: float = 0.0  # tokens emitted per trunk step
     tokens_per_s: float = 0.0

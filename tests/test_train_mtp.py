@@ -197,3 +197,33 @@ def test_moe_trunks_are_refused_with_one_line(tmp_path):
     with pytest.raises(UserError, match="ship their own MTP layers"):
         train_mtp(trunk, tmp_path / "out", tmp_path, RecipeConfig(steps=1))
     assert not (tmp_path / "out").exists()
+
+
+def test_fusion_head_starts_as_the_plain_head_and_trains(tmp_path):
+    """--fusion-layers: warm-started from a plain head, fuse_proj = [0, 0, I] reproduces it exactly
+    (same held-out acceptance at step 0); training then moves fuse_proj, which is saved on layer 0
+    only, with the trunk layers it reads in the file's metadata."""
+    from safetensors.torch import load_file
+
+    trunk = make_tiny(tmp_path / "trunk", arch="llama", mtp_layers=0, vocab_size=320, hidden_size=32,
+                      intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
+    corpus = _tiny_corpus(tmp_path / "corpus")
+    small = dict(seq_len=32, batch_size=4, lr=3e-3, warmup_steps=5, chat_requests=6, sampled_requests=2,
+                 self_instruct_requests=8, max_new_tokens=8, gen_batch_size=4, num_heldout=6, eval_new_tokens=8, layers=2)
+    plain = train_mtp(trunk, tmp_path / "plain", corpus, RecipeConfig(steps=10, **small), progress=lambda _: None)
+    plain_file = str(tmp_path / "plain" / "mtp.safetensors")
+    same = train_mtp(trunk, tmp_path / "same", corpus, RecipeConfig(steps=0, fusion_layers=(0, 1), init_from=plain_file, **small),
+                     progress=lambda _: None)
+    for key in ("heldout_greedy_acceptance", "bench_prompts_greedy_acceptance"):
+        assert same[key]["acceptance_by_position"] == plain[key]["acceptance_by_position"]
+    assert set(same["heldout_greedy_acceptance_by_kind"]) == {"chat", "story", "code", "qa"}
+
+    log = train_mtp(trunk, tmp_path / "fused", corpus, RecipeConfig(steps=10, fusion_layers=(0, 1), init_from=plain_file, **small),
+                    progress=lambda _: None)
+    assert log["steps_done"] == 10
+    weights = load_file(str(tmp_path / "fused" / "mtp.safetensors"))
+    assert [name for name in weights if "fuse_proj" in name] == ["model.layers.4.fuse_proj.weight"]
+    fuse = weights["model.layers.4.fuse_proj.weight"].float()
+    assert fuse.shape == (32, 96) and fuse[:, :64].abs().max() > 0  # it learned to read the trunk's inner layers
+    with safe_open(str(tmp_path / "fused" / "mtp.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["mtp_fusion_layers"]) == [0, 1]

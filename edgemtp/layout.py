@@ -7,14 +7,15 @@ Hugging Face's (DeepSeek-V3 and GLM-4.5 experts one tensor per expert, as on the
 MTP layer ``i`` lives at ``model.layers.{num_hidden_layers + i}.``: a full decoder block of
 the trunk's type plus ``enorm``, ``hnorm``, ``eh_proj`` and ``shared_head.{norm,head}``, and,
 as DeepSeek-V3/R1 and GLM-4.5 release them, its own ``embed_tokens`` (in those
-releases a copy of the trunk's embedding; see ``edgemtp.mtp_copies``).
+releases a copy of the trunk's embedding; see ``edgemtp.mtp_copies``). A fusion head
+(``mtp_fusion_layers`` in the config, trained by edgemtp) adds ``fuse_proj`` (3H→H) to layer 0.
 """
 
 from __future__ import annotations
 
 import re
 
-from edgemtp.config import check_supported, num_mtp_layers
+from edgemtp.config import check_supported, mtp_fusion_layers, num_mtp_layers
 
 Shapes = dict[str, tuple[int, ...]]
 
@@ -76,6 +77,8 @@ def expected_weights(config: dict) -> Shapes:
         shapes.update(block(config, layers + index, prefix))
         shapes[prefix + "shared_head.norm.weight"] = (hidden,)
         shapes[prefix + "shared_head.head.weight"] = (vocab, hidden)
+        if index == 0 and mtp_fusion_layers(config) is not None:
+            shapes[prefix + "fuse_proj.weight"] = (hidden, 3 * hidden)
     return shapes
 
 

@@ -16,7 +16,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from edgemtp.checkpoint import Checkpoint
-from edgemtp.config import check_supported, load_config
+from edgemtp.config import check_supported, load_config, mtp_fusion_layers
 from edgemtp.draft_vocab import load_draft_vocab
 from edgemtp.errors import UserError
 from edgemtp.mlx_backend.cache import PreallocatedKVCache
@@ -58,6 +58,7 @@ def _build_modules(config: dict, mtp_layers: int, has_own: Callable[[int, str], 
                 config["rms_norm_eps"],
                 has_head=has_own(index, "shared_head.head"),
                 has_embedding=has_own(index, "embed_tokens"),
+                fused=index == 0 and mtp_fusion_layers(config) is not None,
             )
             for index in range(mtp_layers)
         ]
@@ -88,6 +89,9 @@ class MLXBackend:
         self._mask_as_array = arch.MASK_AS_ARRAY
         self._cache_dims = arch.cache_dims(arch.model_args(config))
         self._head = output_head(trunk)
+        # A fusion head's trunk hands MTP depth 1 the fused feature (models.run_trunk).
+        fusion_layers = mtp_fusion_layers(config) if self.num_mtp_layers else None
+        self._fusion = (fusion_layers, mtp.layers[0]) if fusion_layers else None
         self.draft_ids = draft_ids if self.num_mtp_layers else None
         if self.draft_ids is not None:
             self._prune_mtp_heads(self.draft_ids)
@@ -194,7 +198,7 @@ class MLXBackend:
             raise ValueError("trunk_step needs at least one token")
         self._check_room(self.trunk_len(), len(tokens))
         ids = mx.array([tokens], dtype=mx.int32)
-        logits, hidden = run_trunk(self.trunk, ids, self._trunk_caches, self._mask_as_array)
+        logits, hidden = run_trunk(self.trunk, ids, self._trunk_caches, self._mask_as_array, self._fusion)
         mx.eval(logits, hidden)
         return self._to_numpy(logits), self._to_numpy(hidden)
 

@@ -50,16 +50,26 @@ def head_rows(head: nn.Module, rows: mx.array) -> nn.Module:
 
 
 def run_trunk(
-    trunk: nn.Module, tokens: mx.array, caches: list[PreallocatedKVCache], mask_as_array: bool
+    trunk: nn.Module, tokens: mx.array, caches: list[PreallocatedKVCache], mask_as_array: bool,
+    fusion: tuple[tuple[int, int], MTPLayer] | None = None,
 ) -> tuple[mx.array, mx.array]:
-    """``tokens`` ``(1, n)`` -> ``(logits (1, n, V), hidden (1, n, H))``, hidden after the final norm."""
+    """``tokens`` ``(1, n)`` -> ``(logits (1, n, V), hidden (1, n, H))``, hidden after the final norm.
+
+    With ``fusion`` (a fusion head's trunk layers and its MTP layer 0) ``hidden`` is the fused
+    feature MTP depth 1 reads instead (``MTPLayer.fuse``).
+    """
     inner = trunk.model
     h = inner.embed_tokens(tokens)
     mask = create_attention_mask(h, caches[0], return_array=mask_as_array)
-    for layer, cache in zip(inner.layers, caches):
+    taps = fusion[0] if fusion else ()
+    inner_states = []
+    for i, (layer, cache) in enumerate(zip(inner.layers, caches)):
         h = layer(h, mask, cache=cache)
+        if i in taps:
+            inner_states.append(h)
     hidden = inner.norm(h)
-    return output_head(trunk)(hidden), hidden
+    logits = output_head(trunk)(hidden)
+    return logits, fusion[1].fuse(inner_states, hidden) if fusion else hidden
 
 
 class SharedHead(nn.Module):
@@ -83,8 +93,11 @@ class MTPLayer(nn.Module):
     """
 
     def __init__(self, block: nn.Module, hidden_size: int, vocab_size: int, eps: float, has_head: bool,
-                 has_embedding: bool):
+                 has_embedding: bool, fused: bool = False):
         super().__init__()
+        if fused:  # layer 0 of a fusion head (ARCHITECTURE.md, "The MTP convention")
+            self.fuse_proj = nn.Linear(3 * hidden_size, hidden_size, bias=False)
+            self.eps = eps
         if has_embedding:
             self.embed_tokens = nn.Embedding(vocab_size, hidden_size)
         self.enorm = nn.RMSNorm(hidden_size, eps=eps)
@@ -100,6 +113,11 @@ class MTPLayer(nn.Module):
         x = self.eh_proj(mx.concatenate([self.enorm(embeddings), self.hnorm(hidden)], axis=-1))
         mask = create_attention_mask(x, cache, return_array=mask_as_array)
         return self.block(x, mask, cache=cache)
+
+    def fuse(self, inner: list[mx.array], hidden: mx.array) -> mx.array:
+        """``fuse_proj(concat[rms(h_low), rms(h_mid), hidden])``, RMS norms without weight."""
+        normed = [mx.fast.rms_norm(h, None, self.eps) for h in inner]
+        return self.fuse_proj(mx.concatenate([*normed, hidden], axis=-1))
 
     def embed(self, tokens: mx.array, trunk_embedding: nn.Embedding) -> mx.array:
         return (self.embed_tokens if "embed_tokens" in self else trunk_embedding)(tokens)

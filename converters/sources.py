@@ -8,12 +8,14 @@ exporters never care where the weights came from.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
+from edgemtp.config import MTP_FUSION_KEY
 from edgemtp.errors import UserError
 
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -78,6 +80,7 @@ class WithMTPLayers:
         self._file = Path(mtp_file)
         try:
             with safe_open(self._file, framework="numpy") as f:
+                self._metadata = f.metadata() or {}
                 self._mtp_names = list(f.keys())
                 self._shapes = {name: tuple(f.get_slice(name).get_shape()) for name in self._mtp_names}
         except Exception as exc:  # safetensors raises its own error types on bad files
@@ -90,7 +93,10 @@ class WithMTPLayers:
 
     @cached_property
     def config(self) -> dict:
-        return {**self.base.config, "num_nextn_predict_layers": self.num_mtp_layers}
+        config = {**self.base.config, "num_nextn_predict_layers": self.num_mtp_layers}
+        if MTP_FUSION_KEY in self._metadata:  # a fusion head (train-mtp --fusion-layers)
+            config[MTP_FUSION_KEY] = json.loads(self._metadata[MTP_FUSION_KEY])
+        return config
 
     @property
     def affine_4bit_blocks(self) -> bool:

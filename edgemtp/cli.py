@@ -206,6 +206,7 @@ def train_mtp_command(
     chat_fraction: float = typer.Option(0.75, "--chat-fraction", help="Share of each step taken by trunk-written chats, as the token budget of that many rows (chats of similar length are batched together up to it); the rest is rows of plain corpus text."),
     hard_label_weight: float = typer.Option(0.0, "--hard-label-weight", help="Add a cross-entropy on the trunk's top token, with this weight, to the KL from its distribution: greedy acceptance counts only the top token."),
     fp32: bool = typer.Option(False, "--fp32", help="On CUDA, train and evaluate in float32 (TF32 matmuls) like the runtimes' activations, instead of bfloat16; the chats are still written in bfloat16."),
+    fusion_layers: str | None = typer.Option(None, "--fusion-layers", help="Train a fusion head: two trunk layer indices, e.g. 2,15, whose outputs depth 1 reads besides the final hidden state (EAGLE-3 style; ARCHITECTURE.md). A warm start from a plain head begins exactly where it was."),
     init_from: str | None = typer.Option(None, "--init-from", help="Warm start from an earlier run's mtp.safetensors (one layer can seed two)."),
     time_limit: float | None = typer.Option(None, "--time-limit", help="Minutes after which training stops early; the weights are still saved."),
     seed: int = typer.Option(0, "--seed", help="Seed for data selection, held-out split and initialisation."),
@@ -223,8 +224,14 @@ def train_mtp_command(
         raise UserError(f"--warmup-steps must be at least 1, got {warmup_steps}")
     if hard_label_weight < 0:
         raise UserError(f"--hard-label-weight must be 0 or more, got {hard_label_weight}")
+    try:
+        fusion = tuple(int(i) for i in fusion_layers.split(",")) if fusion_layers is not None else None
+    except ValueError:
+        fusion = ()
+    if fusion is not None and len(fusion) != 2:
+        raise UserError(f"--fusion-layers takes two trunk layer indices such as 2,15, got {fusion_layers!r}")
     config = RecipeConfig(
-        steps=steps, layers=layers, depths=depths, seq_len=seq_len, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
+        fusion_layers=fusion, steps=steps, layers=layers, depths=depths, seq_len=seq_len, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
         chat_requests=chat_requests, sampled_requests=sampled_requests, max_new_tokens=max_new_tokens,
         gen_batch_size=gen_batch_size, seed=seed, device=device, chat_fraction=chat_fraction,
         init_from=init_from, time_limit_minutes=time_limit, self_instruct_requests=self_instruct, chats_file=chats_file,

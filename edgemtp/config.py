@@ -73,6 +73,23 @@ def num_mtp_layers(config: dict) -> int:
     return int(config.get("num_nextn_predict_layers") or config.get("mtp_num_hidden_layers") or 0)
 
 
+# A fusion head's trunk layers (ARCHITECTURE.md, "The MTP convention"): config.json key and
+# mtp.safetensors metadata key alike.
+MTP_FUSION_KEY = "mtp_fusion_layers"
+
+
+def mtp_fusion_layers(config: dict) -> tuple[int, int] | None:
+    """The two trunk layers whose outputs MTP layer 0's ``fuse_proj`` reads, or None for a plain head."""
+    layers = config.get(MTP_FUSION_KEY)
+    if layers is None:
+        return None
+    if (not isinstance(layers, list) or len(layers) != 2
+            or not all(isinstance(i, int) and 0 <= i < config["num_hidden_layers"] - 1 for i in layers)):
+        raise UserError(f"config.json: {MTP_FUSION_KEY} must be two trunk layer indices below "
+                        f"{config['num_hidden_layers'] - 1}, got {layers!r}; re-create the MTP layers with train-mtp")
+    return tuple(layers)
+
+
 def rope_theta(config: dict) -> float:
     """The RoPE base frequency, from ``rope_parameters`` or the classic top-level key."""
     params = config.get("rope_parameters") or {}

@@ -205,7 +205,8 @@ VARIANTS: dict[str, dict] = {
 }
 
 # Config keys that may be overridden although the base configs leave them out.
-_EXTRA_OVERRIDES = {"head_dim", "bos_token_id"}
+# mtp_fusion_layers: a fusion head (layer 0 gets fuse_proj; ARCHITECTURE.md, "The MTP convention").
+_EXTRA_OVERRIDES = {"head_dim", "bos_token_id", "mtp_fusion_layers"}
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 EOS_TOKEN = "<|im_end|>"

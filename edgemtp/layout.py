@@ -13,14 +13,15 @@ Qwen3.5 (``qwen3_5``) keeps its released names instead: the trunk under
 ``model.language_model.``, its one MTP layer under ``mtp.`` (``fc``, ``pre_fc_norm_embedding``,
 ``pre_fc_norm_hidden``, ``layers.0.`` a full-attention block, ``norm``; the head is the trunk's).
 The backends map those names onto the convention above (``eh_proj``, ``enorm``, ``hnorm``,
-``shared_head.norm``) when they load them.
+``shared_head.norm``) when they load them. A fusion head
+(``mtp_fusion_layers`` in the config, trained by edgemtp) adds ``fuse_proj`` (3H→H) to layer 0.
 """
 
 from __future__ import annotations
 
 import re
 
-from edgemtp.config import check_supported, num_mtp_layers
+from edgemtp.config import check_supported, mtp_fusion_layers, num_mtp_layers
 from edgemtp.errors import UserError
 
 Shapes = dict[str, tuple[int, ...]]
@@ -87,6 +88,8 @@ def expected_weights(config: dict) -> Shapes:
         shapes.update(block(config, layers + index, prefix))
         shapes[prefix + "shared_head.norm.weight"] = (hidden,)
         shapes[prefix + "shared_head.head.weight"] = (vocab, hidden)
+        if index == 0 and mtp_fusion_layers(config) is not None:
+            shapes[prefix + "fuse_proj.weight"] = (hidden, 3 * hidden)
     return shapes
 
 

@@ -2,7 +2,7 @@
 "Measured acceptance" table.
 
     python scripts/measure_acceptance.py --backend onnx --bits 8 [--prompts 60] [--max-tokens 128]
-        [--num-draft 3] [--full-head]
+        [--num-draft 3] [--full-head] [--general N] [--model DIR]
 
 Every held-out prompt (``models/smollm2-135m-mtp/heldout_prompts.jsonl``, never trained on) is
 answered greedily twice through the public API: with MTP speculation at a fixed k drafts per
@@ -32,11 +32,16 @@ import edgemtp
 from edgemtp.default_model import DEFAULT_BITS, default_model_path
 
 PROMPTS = Path(__file__).resolve().parents[1] / "models/smollm2-135m-mtp/heldout_prompts.jsonl"
+# Code and QA prompts held out of train-mtp's data (edgemtp.training.data.heldout_general, which needs torch).
+GENERAL_PROMPTS = Path(__file__).resolve().parents[1] / "edgemtp/training/heldout_general.jsonl"
 
 
-def heldout_prompts(limit: int) -> list[dict]:
-    """The first ``limit`` held-out prompts: ``{"id", "source", "prompt"}``."""
-    return [json.loads(line) for line in PROMPTS.read_text().splitlines()[:limit]]
+def heldout_prompts(limit: int, general: int = 0) -> list[dict]:
+    """The first ``limit`` held-out prompts, then the first ``general`` code and QA prompts of
+    ``edgemtp/training/heldout_general.jsonl`` each: ``{"id", "source", "prompt"}``."""
+    chosen = [json.loads(line) for line in PROMPTS.read_text().splitlines()[:limit]]
+    extra = [json.loads(line) for line in GENERAL_PROMPTS.read_text().splitlines()]
+    return chosen + [entry for kind in ("code", "qa") for entry in [e for e in extra if e["source"] == kind][:general]]
 
 
 def pooled(reached: list[int], hits: list[int], steps: int, tokens: int) -> dict:
@@ -60,14 +65,15 @@ def decode_seconds(stats) -> float:
 
 
 def measure(backend: str, bits: int, num_prompts: int, max_tokens: int, num_draft: int, full_head: bool,
-            check_cli: bool, json_path: str | None) -> dict:
-    model_dir = default_model_path(backend, bits, draft_vocab=not full_head)
+            check_cli: bool, json_path: str | None, model_dir: Path | None = None, general: int = 0) -> dict:
+    model_dir = model_dir or default_model_path(backend, bits, draft_vocab=not full_head)
     model = edgemtp.load(model_dir, backend=backend)
     reached, hits = [0] * num_draft, [0] * num_draft
     steps = tokens = mismatches = plain_tokens = 0
     spec_seconds = plain_seconds = 0.0  # decoding time only, as the stats time it
     by_source: dict[str, dict] = {}  # source -> pooled counts of its prompts
-    for n, entry in enumerate(heldout_prompts(num_prompts), start=1):
+    prompts = heldout_prompts(num_prompts, general)
+    for n, entry in enumerate(prompts, start=1):
         prompt = entry["prompt"]
         spec = model.generate(prompt, max_tokens=max_tokens, temperature=0, spec="mtp", num_draft=num_draft)
         plain = model.generate(prompt, max_tokens=max_tokens, temperature=0, spec="none")
@@ -89,10 +95,10 @@ def measure(backend: str, bits: int, num_prompts: int, max_tokens: int, num_draf
         mismatches += spec.tokens != plain.tokens
         if check_cli and n == 1:
             check_cli_matches(prompt, backend, model_dir, max_tokens, num_draft, stats)
-        print(f"[{n}/{num_prompts}] {stats.generated_tokens} tokens, "
+        print(f"[{n}/{len(prompts)}] {stats.generated_tokens} tokens, "
               f"{stats.accepted}/{stats.drafted} drafts accepted", file=sys.stderr, flush=True)
         result = {
-            "backend": backend, "bits": bits, "prompts": n, "max_tokens": max_tokens, "num_draft": num_draft,
+            "backend": backend, "bits": bits, "model": str(model_dir), "prompts": n, "max_tokens": max_tokens, "num_draft": num_draft,
             "draft_head": "full vocabulary" if full_head else "draft vocabulary",
             **pooled(reached, hits, steps, tokens),
             "generated_tokens": tokens,
@@ -128,12 +134,17 @@ def main() -> None:
     parser.add_argument("--no-cli-check", action="store_true",
                         help="skip comparing the first prompt with `edgemtp generate --json`")
     parser.add_argument("--json", help="also write the figures to this file (rewritten after every prompt)")
+    parser.add_argument("--model", type=Path,
+                        help="a converted model directory to measure instead of the default model's conversion "
+                             "(e.g. `edgemtp convert GGUF OUT --mtp-file` of a train-mtp head); --bits is then only a label")
+    parser.add_argument("--general", type=int, default=0,
+                        help="also answer the first N code and the first N QA prompts of edgemtp/training/heldout_general.jsonl")
     args = parser.parse_args()
 
     if args.num_draft < 1:
         parser.error(f"--num-draft must be at least 1, got {args.num_draft}")
     result = measure(args.backend, args.bits, args.prompts, args.max_tokens, args.num_draft, args.full_head,
-                     not args.no_cli_check, args.json)
+                     not args.no_cli_check, args.json, args.model, args.general)
     positions = " / ".join(str(i) for i in range(1, args.num_draft + 1))
     print(f"| backend | bits | prompts x max tokens | acceptance by position {positions} | "
           f"mean accepted length (k={args.num_draft}) | tokens/s spec / plain | same output as plain |")

@@ -197,3 +197,50 @@ def test_moe_trunks_are_refused_with_one_line(tmp_path):
     with pytest.raises(UserError, match="ship their own MTP layers"):
         train_mtp(trunk, tmp_path / "out", tmp_path, RecipeConfig(steps=1))
     assert not (tmp_path / "out").exists()
+
+
+
+def test_fusion_head_starts_as_the_plain_head(tmp_path):
+    """fuse_proj = [0, 0, I]: a fusion head loaded from a plain head's weights gives exactly the
+    plain head's depth outputs (the warm start of models/README.md's stage 10)."""
+    from edgemtp.training.mtp_torch import MTPHeads
+    from edgemtp.training.trunk_torch import build_trunk, open_reader
+
+    trunk_dir = make_tiny(tmp_path / "trunk", arch="llama", mtp_layers=0, vocab_size=320, hidden_size=32,
+                          intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
+    trunk = build_trunk(open_reader(trunk_dir))
+    torch.manual_seed(0)
+    plain = MTPHeads(trunk.config, 2)
+    fused = MTPHeads(trunk.config, 2, fusion_layers=(0, 1))
+    fused.load_hf_state_dict(plain.hf_state_dict(torch.float32))
+    ids = torch.randint(0, 320, (2, 24))
+    with torch.no_grad():
+        out = trunk.model(input_ids=ids, output_hidden_states=True)
+        feature = fused.trunk_feature(out)
+        assert torch.equal(feature, out.last_hidden_state)
+        for a, b in zip(plain(out.last_hidden_state, ids, trunk.model.embed_tokens, 3),
+                        fused(feature, ids, trunk.model.embed_tokens, 3)):
+            assert torch.equal(a, b)
+    saved = fused.hf_state_dict()
+    assert [name for name in saved if "fuse_proj" in name] == ["model.layers.4.fuse_proj.weight"]
+
+
+def test_fusion_head_trains_and_is_saved_with_its_layers(tmp_path):
+    """--fusion-layers: training moves fuse_proj toward the inner layers; it is saved on layer 0
+    only, with the trunk layers it reads in the file's metadata; the log scores each kind."""
+    from safetensors.torch import load_file
+
+    trunk = make_tiny(tmp_path / "trunk", arch="llama", mtp_layers=0, vocab_size=320, hidden_size=32,
+                      intermediate_size=64, num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2)
+    config = RecipeConfig(steps=10, seq_len=32, batch_size=4, lr=3e-3, warmup_steps=5, chat_requests=6,
+                          sampled_requests=2, self_instruct_requests=8, max_new_tokens=8, gen_batch_size=4,
+                          num_heldout=6, eval_new_tokens=8, layers=2, fusion_layers=(0, 1))
+    log = train_mtp(trunk, tmp_path / "fused", _tiny_corpus(tmp_path / "corpus"), config, progress=lambda _: None)
+    assert log["steps_done"] == 10
+    assert set(log["heldout_greedy_acceptance_by_kind"]) == {"chat", "story", "code", "qa"}
+    weights = load_file(str(tmp_path / "fused" / "mtp.safetensors"))
+    assert [name for name in weights if "fuse_proj" in name] == ["model.layers.4.fuse_proj.weight"]
+    fuse = weights["model.layers.4.fuse_proj.weight"].float()
+    assert fuse.shape == (32, 96) and fuse[:, :64].abs().max() > 0  # it learned to read the trunk's inner layers
+    with safe_open(str(tmp_path / "fused" / "mtp.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["mtp_fusion_layers"]) == [0, 1]

@@ -130,14 +130,16 @@ Block = tuple[Callable[[str], str], Callable[[str], str], np.ndarray, np.ndarray
 
 
 def decoder_stack(g: GraphBuilder, x: str, blocks: list[Block], final_norm: np.ndarray, eps: float,
-                  name: str) -> tuple[str, str]:
-    """Run pre-norm residual blocks; returns ``(final_norm(h), h)``.
+                  name: str, taps: tuple[int, ...] = ()) -> tuple[str, str] | tuple[str, str, list[str]]:
+    """Run pre-norm residual blocks; returns ``(final_norm(h), h)``, and with ``taps`` (block
+    indices, not the last) also the residual stream after each of those blocks.
 
     Each residual add is fused into the following norm (SkipSimplifiedLayerNormalization), the
     wiring onnxruntime-genai's model builder uses, so a llama layer costs ~11 nodes.
     """
     normed = rms_norm(g, x, blocks[0][2], eps, f"{name}.0.input_layernorm")
     residual = x
+    tapped = {}
     for i, (attention, mlp, _, post_norm) in enumerate(blocks):
         attn_out = attention(normed)
         normed, residual = skip_rms_norm(g, attn_out, residual, post_norm, eps, f"{name}.{i}.post_attention_layernorm")
@@ -145,7 +147,9 @@ def decoder_stack(g: GraphBuilder, x: str, blocks: list[Block], final_norm: np.n
         if i + 1 < len(blocks):
             normed, residual = skip_rms_norm(g, mlp_out, residual, blocks[i + 1][2], eps,
                                              f"{name}.{i + 1}.input_layernorm")
-    return skip_rms_norm(g, mlp_out, residual, final_norm, eps, f"{name}.final_norm")
+            tapped[i] = residual  # the block's output: the next norm's fused sum
+    final = skip_rms_norm(g, mlp_out, residual, final_norm, eps, f"{name}.final_norm")
+    return (*final, [tapped[i] for i in taps]) if taps else final
 
 
 def save_model(model: onnx.ModelProto, path: Path) -> None:

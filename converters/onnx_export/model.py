@@ -10,6 +10,7 @@ import onnx
 from edgemtp.converters.onnx_export import deepseek_v3, glm4_moe, llama
 from edgemtp.converters.onnx_export.graph import GraphBuilder, decoder_stack, linear, rms_norm
 from edgemtp.converters.onnx_export.quantize import EMBEDDING_NODE
+from edgemtp.config import mtp_fusion_layers, num_mtp_layers
 from edgemtp.layout import mtp_prefix
 from edgemtp.mtp_copies import trunk_head_name
 
@@ -26,17 +27,34 @@ def _embed(g: GraphBuilder, read: Callable[[str], np.ndarray], ids: str, name: s
 
 
 def build_trunk(config: dict, read: Callable[[str], np.ndarray], max_positions: int) -> onnx.ModelProto:
-    """input_ids (1, n) + cache -> logits (1, n, V), hidden (1, n, H) after the final norm, cache."""
+    """input_ids (1, n) + cache -> logits (1, n, V), hidden (1, n, H), cache.
+
+    ``hidden`` is what MTP depth 1 reads: the hidden state after the final norm, or for a fusion
+    head (``mtp_fusion_layers``) ``fuse_proj(concat[rms(h_low), rms(h_mid), that])``, computed
+    here once per position since every drafted depth would compute the same (ARCHITECTURE.md).
+    """
     g = GraphBuilder("edgemtp_trunk")
     ids = g.input("input_ids", np.int64, [1, "n"])
     layers = ARCHS[config["model_type"]][0](g, read, config, max_positions)
     blocks = [layers.block(f"model.layers.{i}.", i, slot=i) for i in range(config["num_hidden_layers"])]
     eps = config.get("rms_norm_eps", 1e-6)
-    normed, _ = decoder_stack(g, _embed(g, read, ids), blocks, read("model.norm.weight"), eps, "layers")
+    fusion = mtp_fusion_layers(config) if num_mtp_layers(config) else None
+    stack = decoder_stack(g, _embed(g, read, ids), blocks, read("model.norm.weight"), eps, "layers", taps=fusion or ())
+    normed = stack[0]
     g.output("logits", linear(g, normed, read(trunk_head_name(config)), "lm_head"), np.float32,
              [1, "n", config["vocab_size"]])
-    g.output("hidden", normed, np.float32, [1, "n", config["hidden_size"]])
+    hidden = normed if fusion is None else _fused_feature(g, read, config, stack[2], normed, eps)
+    g.output("hidden", hidden, np.float32, [1, "n", config["hidden_size"]])
     return g.to_model()
+
+
+def _fused_feature(g: GraphBuilder, read: Callable[[str], np.ndarray], config: dict, inner: list[str],
+                   normed: str, eps: float) -> str:
+    """``fuse_proj(concat[rms(h_low), rms(h_mid), normed])``: RMS norms without weight (ones)."""
+    ones = np.ones(config["hidden_size"], dtype=np.float32)
+    parts = [rms_norm(g, h, ones, eps, f"fusion.norm{j}") for j, h in enumerate(inner)]
+    joined = g.node("Concat", [*parts, normed], name="fusion.concat", axis=-1)
+    return linear(g, joined, read(mtp_prefix(config, 0) + "fuse_proj.weight"), "fusion.fuse_proj")
 
 
 def build_mtp(config: dict, read: Callable[[str], np.ndarray], index: int, max_positions: int,

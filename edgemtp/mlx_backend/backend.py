@@ -16,7 +16,7 @@ import numpy as np
 from mlx.utils import tree_flatten
 
 from edgemtp.checkpoint import Checkpoint
-from edgemtp.config import check_supported, load_config
+from edgemtp.config import check_supported, load_config, mtp_fusion_layers
 from edgemtp.draft_vocab import load_draft_vocab
 from edgemtp.errors import UserError
 from edgemtp.mlx_backend.cache import PreallocatedKVCache, RecurrentStateCache
@@ -68,6 +68,7 @@ def _build_modules(config: dict, mtp_layers: int, has_own: Callable[[int, str], 
                 config["rms_norm_eps"],
                 has_head=has_own(index, "shared_head.head"),
                 has_embedding=has_own(index, "embed_tokens"),
+                fused=index == 0 and mtp_fusion_layers(config) is not None,
             )
             for index in range(mtp_layers)
         ]
@@ -99,6 +100,9 @@ class MLXBackend:
         self._cache_dims = arch.cache_dims(arch.model_args(config))
         # A pipeline stage before the last one holds neither the final norm nor the head.
         self._head = output_head(trunk) if "norm" in trunk.model else None
+        # A fusion head's trunk hands MTP depth 1 the fused feature (models.run_trunk).
+        fusion_layers = mtp_fusion_layers(config) if self.num_mtp_layers else None
+        self._fusion = (fusion_layers, mtp.layers[0]) if fusion_layers else None
         self.draft_ids = draft_ids if self.num_mtp_layers else None
         if self.draft_ids is not None:
             self._prune_mtp_heads(self.draft_ids)
@@ -214,7 +218,7 @@ class MLXBackend:
         """One trunk step over ``ids`` ``(1, n)``, its start marked in every recurrent cache."""
         for cache in self._recurrent:
             cache.mark()
-        return run_trunk(self.trunk, ids, self._trunk_caches, self._mask_as_array)
+        return run_trunk(self.trunk, ids, self._trunk_caches, self._mask_as_array, fusion=self._fusion)
 
     def trunk_step(self, tokens: list[int]) -> tuple[np.ndarray, np.ndarray]:
         if not tokens:
@@ -229,7 +233,7 @@ class MLXBackend:
         """``h`` ``(1, n, H)`` through this backend's trunk layers, appending to their caches (a
         pipeline stage, ``edgemtp.mlx_backend.pipeline``, holds a slice of the trunk's layers)."""
         self._check_room(self.trunk_len(), h.shape[1])
-        return run_layers(self.trunk.model.layers, h, self._trunk_caches, self._mask_as_array)
+        return run_layers(self.trunk.model.layers, h, self._trunk_caches, self._mask_as_array)[0]
 
     def trunk_step_tree(self, tokens: list[int], parents: list[int]) -> tuple[np.ndarray, np.ndarray]:
         if self._recurrent:  # a recurrent state runs through rows in order: siblings would mix
@@ -240,7 +244,7 @@ class MLXBackend:
         self._node_positions.positions = positions
         try:
             logits, hidden = run_trunk(self.trunk, mx.array([tokens], dtype=mx.int32), self._trunk_caches,
-                                       self._mask_as_array, mask)
+                                       self._mask_as_array, mask, self._fusion)
             mx.eval(logits, hidden)
         finally:
             self._node_positions.positions = None

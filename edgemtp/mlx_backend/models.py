@@ -57,26 +57,40 @@ def is_recurrent(layer: nn.Module) -> bool:
 
 def run_trunk(
     trunk: nn.Module, tokens: mx.array, caches: list[PreallocatedKVCache | RecurrentStateCache], mask_as_array: bool,
-    mask: mx.array | None = None,
+    mask: mx.array | None = None, fusion: tuple[tuple[int, int], MTPLayer] | None = None,
 ) -> tuple[mx.array, mx.array]:
     """``tokens`` ``(1, n)`` -> ``(logits (1, n, V), hidden (1, n, H))``, hidden after the final norm.
-    ``mask``: the attention mask over cache and rows, if not causal (a tree step)."""
+
+    ``mask``: the attention mask over cache and rows, if not causal (a tree step). With ``fusion``
+    (a fusion head's trunk layers and its MTP layer 0) ``hidden`` is the fused feature MTP depth 1
+    reads instead (``MTPLayer.fuse``).
+    """
     inner = trunk.model
-    hidden = inner.norm(run_layers(inner.layers, inner.embed_tokens(tokens), caches, mask_as_array, mask))
-    return output_head(trunk)(hidden), hidden
+    taps = fusion[0] if fusion else ()
+    h, inner_states = run_layers(inner.layers, inner.embed_tokens(tokens), caches, mask_as_array, mask, taps)
+    hidden = inner.norm(h)
+    logits = output_head(trunk)(hidden)
+    return logits, fusion[1].fuse(inner_states, hidden) if fusion else hidden
 
 
 def run_layers(layers: list[nn.Module], h: mx.array, caches: list[PreallocatedKVCache | RecurrentStateCache],
-               mask_as_array: bool, mask: mx.array | None = None) -> mx.array:
-    """``h`` ``(1, n, H)`` through ``layers`` (the trunk's, or a pipeline stage's slice of them);
-    ``mask``: the attention mask over cache and rows when it is not causal (a tree step)."""
+               mask_as_array: bool, mask: mx.array | None = None,
+               taps: tuple[int, ...] = ()) -> tuple[mx.array, list[mx.array]]:
+    """``h`` ``(1, n, H)`` through ``layers`` (the trunk's, or a pipeline stage's slice of them).
+
+    ``mask``: the attention mask over cache and rows when it is not causal (a tree step). Returns
+    the output and the outputs of the layers at the indices ``taps`` (a fusion head's inputs).
+    """
     if mask is None:
         attention_cache = next((cache for cache in caches if isinstance(cache, PreallocatedKVCache)), None)
         mask = create_attention_mask(h, attention_cache, return_array=mask_as_array)
-    for layer, cache in zip(layers, caches):
+    tapped = []
+    for i, (layer, cache) in enumerate(zip(layers, caches)):
         # A recurrent layer sees every position of the step; its mask would mark padding.
         h = layer(h, None if is_recurrent(layer) else mask, cache=cache)
-    return h
+        if i in taps:
+            tapped.append(h)
+    return h, tapped
 
 
 class SharedHead(nn.Module):
@@ -100,8 +114,11 @@ class MTPLayer(nn.Module):
     """
 
     def __init__(self, block: nn.Module, hidden_size: int, vocab_size: int, eps: float, has_head: bool,
-                 has_embedding: bool):
+                 has_embedding: bool, fused: bool = False):
         super().__init__()
+        if fused:  # layer 0 of a fusion head (ARCHITECTURE.md, "The MTP convention")
+            self.fuse_proj = nn.Linear(3 * hidden_size, hidden_size, bias=False)
+            self.eps = eps
         if has_embedding:
             self.embed_tokens = nn.Embedding(vocab_size, hidden_size)
         self.enorm = nn.RMSNorm(hidden_size, eps=eps)
@@ -117,6 +134,11 @@ class MTPLayer(nn.Module):
         x = self.eh_proj(mx.concatenate([self.enorm(embeddings), self.hnorm(hidden)], axis=-1))
         mask = create_attention_mask(x, cache, return_array=mask_as_array)
         return self.block(x, mask, cache=cache)
+
+    def fuse(self, inner: list[mx.array], hidden: mx.array) -> mx.array:
+        """``fuse_proj(concat[rms(h_low), rms(h_mid), hidden])``, RMS norms without weight."""
+        normed = [mx.fast.rms_norm(h, None, self.eps) for h in inner]
+        return self.fuse_proj(mx.concatenate([*normed, hidden], axis=-1))
 
     def embed(self, tokens: mx.array, trunk_embedding: nn.Embedding) -> mx.array:
         return (self.embed_tokens if "embed_tokens" in self else trunk_embedding)(tokens)

@@ -27,7 +27,7 @@ import mlx.core as mx
 import numpy as np
 
 from edgemtp.checkpoint import Checkpoint
-from edgemtp.config import load_config
+from edgemtp.config import load_config, mtp_fusion_layers
 from edgemtp.distributed import Watchdog, host_of, init_group, peer_timeout
 from edgemtp.draft_vocab import load_draft_vocab
 from edgemtp.engine.stats import peak_rss_bytes
@@ -369,10 +369,14 @@ def join_pipeline(path: str | Path, *, max_kv_size: int | None, context_cap: int
     """Plan, load this rank's stage and, on rank 0, return the ``PipelineBackend``; every other
     rank serves rank 0's passes and leaves the process (exit code 0) when rank 0 closes."""
     path = Path(path)
-    if load_config(path).get("model_type") == "qwen3_5":  # rollback recomputes whole steps on one rank
+    config = load_config(path)
+    if config.get("model_type") == "qwen3_5":  # rollback recomputes whole steps on one rank
         raise UserError("Qwen3.5 (qwen3_5) does not run over several machines yet: its linear-attention "
                         "state rolls back by recomputing a step, which the pipeline does not do; run it "
                         "in one process, without mlx.launch")
+    if mtp_fusion_layers(config):  # the fused feature needs inner layers that live on other ranks
+        raise UserError("a fusion MTP head (mtp_fusion_layers) does not run over several machines yet; "
+                        "run it in one process, without mlx.launch, or convert without the fusion head")
     group = init_group()
     rank, size = group.rank(), group.size()
     plans, context = plan_largest_context(path, _budgets(group), max_kv_size, dtype, context_cap)

@@ -30,7 +30,7 @@ from edgemtp.layout import mtp_prefix
 from edgemtp.mlx_backend.models import ARCHITECTURES
 from edgemtp.mtp_copies import own_mtp_names
 
-_MTP_OWN_PARTS = ("embed_tokens.", "enorm.", "hnorm.", "eh_proj.", "shared_head.")
+_MTP_OWN_PARTS = ("embed_tokens.", "enorm.", "hnorm.", "eh_proj.", "shared_head.", "fuse_proj.")
 
 
 def cast(name: str, array: mx.array, dtype: mx.Dtype) -> mx.array:

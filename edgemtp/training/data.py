@@ -22,6 +22,7 @@ import json
 import random
 import re
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 import torch
@@ -39,6 +40,9 @@ SELF_INSTRUCT_OPENINGS = (
     "", "", "", "", "Write a Python function", "Write a function", "Write a program", "Explain", "What is",
     "What are", "How do I", "How can I", "Why", "Can you", "Give me", "Write a short", "Summarize", "List",
     "Write a SQL query", "Write a JavaScript", "Fix this code:", "def ", "Translate", "Compare",
+    # Added for the fusion head's stage (models/README.md, stage 10): more code, questions and stories.
+    "Write a Python class", "Write a C function", "Write a bash script", "Implement", "import ",
+    "How does", "Who was", "Where is", "When did", "Tell me a story", "Write a story about", "Write a poem",
 )
 REQUEST_MAX_TOKENS = 96  # a self-written request longer than this is cut off, hence dropped
 BOOK_PIECE_CHARS = 4000
@@ -125,6 +129,14 @@ def load_corpus(corpus_dir: str | Path, num_heldout: int = 60, seed: int = 0) ->
     corpus.requests = list(dict.fromkeys(corpus.requests))  # "Hi!" and the like, once
     rng.shuffle(corpus.requests)
     return corpus
+
+
+def heldout_general() -> list[dict]:
+    """Held-out code and question-answering prompts (``heldout_general.jsonl``,
+    ``{"id", "source": "code"|"qa", "prompt"}``): the kinds the corpus lacks, written for
+    evaluation only; self-written requests equal to one of them are dropped."""
+    text = resources.files("edgemtp.training").joinpath("heldout_general.jsonl").read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def chat_prompt_ids(tokenizer, request: str) -> list[int]:

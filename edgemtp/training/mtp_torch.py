@@ -13,6 +13,14 @@ One layer computes ``x = eh_proj(concat[enorm(embed(t)), hnorm(h)])`` and runs
 ``0..n-1`` over the depth's sequence). Its output ``h1`` (before
 ``shared_head.norm``) feeds the next depth; its logits are
 ``lm_head(shared_head.norm(h1))`` with the trunk's (frozen) output head.
+
+Fusion heads (an edgemtp extension, EAGLE-3 style): MTP layer 0 may carry ``fuse_proj``
+(3H→H) and the trunk layers it reads (``fusion_layers``, two 0-based decoder layer indices).
+Depth 1 then takes ``fuse_proj(concat[rms(h_low), rms(h_mid), h[i]])`` in place of ``h[i]``,
+where ``h_low``/``h_mid`` are the residual stream after those trunk layers and ``rms`` is an
+RMS norm without weight (a weight would only scale columns of ``fuse_proj``). The feature is
+the same for every drafted depth, so the backends' trunks compute it and hand it over as their
+``hidden``; ``fuse_proj = [0, 0, I]`` is exactly the plain head.
 """
 
 from __future__ import annotations
@@ -21,7 +29,10 @@ import copy
 import importlib
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+
+from edgemtp.errors import UserError
 
 # The prefix of transformers' class names for each model_type we train MTP layers for; the classes
 # live in ``transformers.models.{model_type}.modeling_{model_type}``.
@@ -58,9 +69,10 @@ class SharedHead(nn.Module):
 
 
 class MTPLayer(nn.Module):
-    """One MTP layer: input projection + one decoder block of the trunk's type."""
+    """One MTP layer: input projection + one decoder block of the trunk's type (``fuse_proj``
+    only on layer 0 of a fusion head, see ``MTPHeads.trunk_feature``)."""
 
-    def __init__(self, config, layer_idx: int) -> None:
+    def __init__(self, config, layer_idx: int, fused: bool = False) -> None:
         super().__init__()
         decoder_cls, norm_cls, _ = _decoder_classes(config)
         hidden, eps = config.hidden_size, config.rms_norm_eps
@@ -70,6 +82,11 @@ class MTPLayer(nn.Module):
         # The block's weights are saved at the layer's top level (HF layout), see ``hf_state_dict``.
         self.block = decoder_cls(config, layer_idx)
         self.shared_head = SharedHead(hidden, norm_cls, eps)
+        if fused:
+            self.fuse_proj = nn.Linear(3 * hidden, hidden, bias=False)
+            with torch.no_grad():  # [0, 0, I]: the plain head's feature, so a warm start loses nothing
+                self.fuse_proj.weight.zero_()
+                self.fuse_proj.weight[:, 2 * hidden :].copy_(torch.eye(hidden))
 
     def forward(self, token_embeds: torch.Tensor, hidden: torch.Tensor, position_embeddings) -> torch.Tensor:
         x = self.eh_proj(torch.cat([self.enorm(token_embeds), self.hnorm(hidden)], dim=-1))
@@ -81,14 +98,30 @@ class MTPLayer(nn.Module):
 class MTPHeads(nn.Module):
     """All MTP layers of a model plus the teacher-forced multi-depth forward pass."""
 
-    def __init__(self, config, num_layers: int) -> None:
+    def __init__(self, config, num_layers: int, fusion_layers: tuple[int, int] | None = None) -> None:
         super().__init__()
         _, _, rope_cls = _decoder_classes(config)
         config = _with_mtp_layer_types(config, num_layers)
         self.num_hidden_layers = config.num_hidden_layers
+        self.eps = config.rms_norm_eps
+        if fusion_layers is not None and not all(0 <= i < config.num_hidden_layers - 1 for i in fusion_layers):
+            raise UserError(f"--fusion-layers {list(fusion_layers)}: each must be a trunk layer index below "
+                            f"{config.num_hidden_layers - 1} (the last layer's output is already the final feature)")
+        self.fusion_layers = tuple(fusion_layers) if fusion_layers is not None else None
         # layer_idx past the trunk's layers, as in the checkpoint layout.
-        self.layers = nn.ModuleList(MTPLayer(config, config.num_hidden_layers + i) for i in range(num_layers))
+        self.layers = nn.ModuleList(MTPLayer(config, config.num_hidden_layers + i, fused=i == 0 and fusion_layers is not None)
+                                    for i in range(num_layers))
         self.rotary = rope_cls(config)
+
+    def trunk_feature(self, trunk_out) -> torch.Tensor:
+        """What depth 1 reads from a trunk forward run with ``output_hidden_states=True``: the final
+        normed hidden state, or for a fusion head the fused feature (module docstring).
+        ``hidden_states[j + 1]`` is the output of decoder layer ``j``."""
+        final = trunk_out.last_hidden_state
+        if self.fusion_layers is None:
+            return final
+        low, mid = (F.rms_norm(trunk_out.hidden_states[j + 1], (final.shape[-1],), eps=self.eps) for j in self.fusion_layers)
+        return self.layers[0].fuse_proj(torch.cat([low, mid, final], dim=-1))
 
     def init_from_trunk(self, trunk) -> None:
         """Warm start: every block copies the trunk's last decoder layer and the head norm its final norm.
@@ -112,8 +145,12 @@ class MTPHeads(nn.Module):
             for name, tensor in weights.items():
                 if name.startswith(prefix):
                     short = name[len(prefix):]
-                    top_level = short.split(".")[0] in ("enorm", "hnorm", "eh_proj", "shared_head")
+                    top_level = short.split(".")[0] in ("enorm", "hnorm", "eh_proj", "shared_head", "fuse_proj")
                     state[short if top_level else "block." + short] = tensor
+            if hasattr(layer, "fuse_proj") and "fuse_proj.weight" not in state:
+                state["fuse_proj.weight"] = layer.fuse_proj.weight  # a plain head: keep [0, 0, I]
+            elif not hasattr(layer, "fuse_proj"):
+                state.pop("fuse_proj.weight", None)  # only depth 1's layer fuses
             layer.load_state_dict(state)
         return len(found)
 

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from edgemtp.bench.prompts import load_prompts
+from edgemtp.config import MTP_FUSION_KEY
 from edgemtp.errors import UserError
 from edgemtp.training import data
 from edgemtp.training.mtp_torch import TRAINABLE_MODEL_TYPES, MTPHeads
@@ -45,6 +46,7 @@ class RecipeConfig:
     steps: int = 2000
     layers: int = 1  # MTP layers saved; depths past this reuse the last layer
     depths: int = 3  # depths trained (k=3 drafting uses depths 1..3)
+    fusion_layers: tuple[int, int] | None = None  # a fusion head's two trunk layers (mtp_torch.py); None: plain head
     seq_len: int = 512
     batch_size: int = 32
     lr: float = 1e-3
@@ -105,11 +107,11 @@ def _depth_terms(heads, trunk, ids: torch.Tensor, mask: torch.Tensor, depths: in
     """Per depth: (summed KL from the trunk, summed cross-entropy on the trunk's argmax,
     top-1 agreements, positions), teacher forced."""
     with torch.no_grad():
-        out = trunk.model(input_ids=ids)
-        hidden = out.last_hidden_state  # after the final norm, as the backends hand it over
-        teacher = trunk.lm_head(hidden).float().log_softmax(-1)  # once for every depth
+        out = trunk.model(input_ids=ids, output_hidden_states=heads.fusion_layers is not None)
+        # after the final norm, as the backends hand it over
+        teacher = trunk.lm_head(out.last_hidden_state).float().log_softmax(-1)  # once for every depth
     terms = []
-    outputs = heads(hidden.to(heads.layers[0].eh_proj.weight.dtype), ids, trunk.model.embed_tokens, depths)
+    outputs = heads(_feature(heads, out), ids, trunk.model.embed_tokens, depths)
     for depth, h in enumerate(outputs, start=1):
         logits = heads.logits(depth, h, trunk.lm_head).float()
         target = teacher[:, depth:]  # trunk's distribution for token i+depth+1
@@ -129,6 +131,15 @@ def _depth_terms(heads, trunk, ids: torch.Tensor, mask: torch.Tensor, depths: in
     return terms
 
 
+def _feature(heads, trunk_out) -> torch.Tensor:
+    """Depth 1's input from a trunk forward, in the heads' dtype (``MTPHeads.trunk_feature``)."""
+    dtype = heads.layers[0].eh_proj.weight.dtype
+    if heads.fusion_layers is None:
+        return trunk_out.last_hidden_state.to(dtype)
+    return heads.trunk_feature(type(trunk_out)(last_hidden_state=trunk_out.last_hidden_state.to(dtype),
+                                                hidden_states=tuple(h.to(dtype) for h in trunk_out.hidden_states)))
+
+
 @torch.no_grad()
 def measure_acceptance(heads, trunk, sequences: list[tuple[int, list[int]]], depths: int) -> dict:
     """Greedy acceptance on the trunk's own greedy continuations, teacher forced.
@@ -146,9 +157,9 @@ def measure_acceptance(heads, trunk, sequences: list[tuple[int, list[int]]], dep
     accepted_lengths = []
     for prompt_len, seq in sequences:
         ids = torch.tensor([seq], device=device)
-        hidden = trunk.model(input_ids=ids).last_hidden_state
-        trunk_argmax = trunk.lm_head(hidden).argmax(-1)[0]
-        outputs = heads(hidden.to(heads.layers[0].eh_proj.weight.dtype), ids, trunk.model.embed_tokens, depths)
+        out = trunk.model(input_ids=ids, output_hidden_states=heads.fusion_layers is not None)
+        trunk_argmax = trunk.lm_head(out.last_hidden_state).argmax(-1)[0]
+        outputs = heads(_feature(heads, out), ids, trunk.model.embed_tokens, depths)
         # Drafts start once the reply starts: entry i drafts tokens i+2.. with i+1 >= prompt_len.
         starts = range(prompt_len - 1, len(seq) - depths - 1)
         hits = []
@@ -182,6 +193,17 @@ def _greedy_acceptance(heads, trunk, tokenizer, requests: list[str], config: Rec
     device = next(trunk.parameters()).device
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=_bf16(device, config)):
         return measure_acceptance(heads, trunk, [(len(p), s) for p, s in zip(prompts, replies)], config.depths)
+
+
+_KINDS = {"topical_chat": "chat", "tinystories": "story", "code": "code", "qa": "qa"}
+
+
+def _heldout_by_kind(heldout: list[dict]) -> dict[str, list[str]]:
+    """Held-out prompts grouped by kind of request (chat, story, code, qa)."""
+    groups: dict[str, list[str]] = {}
+    for h in heldout:
+        groups.setdefault(_KINDS[h["source"]], []).append(h["prompt"])
+    return groups
 
 
 def _bf16(device: torch.device, config: RecipeConfig) -> bool:
@@ -237,6 +259,8 @@ def _trunk_written_chats(trunk, tokenizer, corpus, trunk_name: str, config: Reci
     chats += data.generate_replies(trunk, prompts[: config.sampled_requests], temperature=config.sample_temperature, **gen)
     own = data.self_instruct_requests(trunk, tokenizer, config.self_instruct_requests, temperature=config.sample_temperature,
                                       seed=config.seed, **{**gen, "max_new_tokens": data.REQUEST_MAX_TOKENS})
+    evaluation_only = {h["prompt"] for h in data.heldout_general()} | set(load_prompts())
+    own = [r for r in own if r not in evaluation_only]
     chats += data.generate_replies(trunk, [data.chat_prompt_ids(tokenizer, r) for r in own], temperature=0.0, **gen)
     counts = {"chat_requests": len(requests), "sampled_requests": min(len(prompts), config.sampled_requests),
               "self_written_requests": len(own), "self_written_request_examples": own[:20]}
@@ -294,7 +318,7 @@ def train_mtp(trunk_path: str | Path, out_dir: str | Path, corpus_dir: str | Pat
         trunk.float()
 
     # --- model --------------------------------------------------------------
-    heads = MTPHeads(trunk.config, config.layers).to(device)
+    heads = MTPHeads(trunk.config, config.layers, config.fusion_layers).to(device)
     heads.init_from_trunk(trunk)
     if config.init_from:
         from safetensors.torch import load_file
@@ -365,11 +389,17 @@ def train_mtp(trunk_path: str | Path, out_dir: str | Path, corpus_dir: str | Pat
     progress(f"held-out greedy acceptance: {heldout}")
     general = _greedy_acceptance(heads, trunk, tokenizer, load_prompts(), config)
     progress(f"bench-prompt greedy acceptance: {general}")
+    by_kind = {}  # chat (Topical-Chat), story (TinyStories), code and qa (heldout_general.jsonl)
+    for kind, prompts in _heldout_by_kind(corpus.heldout + data.heldout_general()).items():
+        by_kind[kind] = _greedy_acceptance(heads, trunk, tokenizer, prompts, config)
+        progress(f"held-out {kind}: {by_kind[kind]}")
 
     # --- outputs ---------------------------------------------------------------
     precision = "bf16 torch, teacher forced" if _bf16(device, config) else "fp32 torch, teacher forced"
     weights = heads.hf_state_dict(torch.float16)
     metadata = {"format": "pt", "num_nextn_predict_layers": str(config.layers), "trunk": Path(trunk_path).name}
+    if config.fusion_layers is not None:
+        metadata[MTP_FUSION_KEY] = json.dumps(list(config.fusion_layers))
     _write_atomic(out_dir / "mtp.safetensors", lambda p: save_file(weights, str(p), metadata=metadata))
     lines = "".join(json.dumps(h, ensure_ascii=False) + "\n" for h in corpus.heldout)
     _write_atomic(out_dir / "heldout_prompts.jsonl", lambda p: p.write_text(lines, encoding="utf-8"))
@@ -393,6 +423,7 @@ def train_mtp(trunk_path: str | Path, out_dir: str | Path, corpus_dir: str | Pat
         "loss_curve": curve,
         "heldout_greedy_acceptance": {**heldout, "precision": precision},
         "bench_prompts_greedy_acceptance": {**general, "precision": precision},
+        "heldout_greedy_acceptance_by_kind": {kind: {**m, "precision": precision} for kind, m in by_kind.items()},
     }
     _write_atomic(out_dir / "training_log.json", lambda p: p.write_text(json.dumps(log, indent=1) + "\n", encoding="utf-8"))
     return log

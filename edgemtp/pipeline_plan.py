@@ -20,13 +20,13 @@ from edgemtp.planner import (
     DTYPE_BYTES,
     MAX_DRAFT,
     MIN_USEFUL_CONTEXT,
+    SAFETENSORS_DTYPE_BYTES,
     MemoryBudget,
-    _gib,
-    _layer_index,
-    _safetensors_entries,
-    _SAFETENSORS_DTYPE_BYTES,
     activation_bytes,
+    gib,
     kv_bytes_per_token_per_layer,
+    layer_index,
+    safetensors_entries,
     weight_files,
 )
 
@@ -69,11 +69,11 @@ def weight_split(model_dir: Path, config: dict) -> WeightSplit:
     for path in sorted(model_dir.glob("*.safetensors")):
         if path.name.startswith(("mtp", "draft_vocab")):
             continue
-        for name, (dtype, shape) in _safetensors_entries(path).items():
-            nbytes = _SAFETENSORS_DTYPE_BYTES[dtype]
+        for name, (dtype, shape) in safetensors_entries(path).items():
+            nbytes = SAFETENSORS_DTYPE_BYTES[dtype]
             for size in shape:
                 nbytes *= size
-            index = _layer_index(name)
+            index = layer_index(name)
             if index is not None and index < count:
                 layers[index] += nbytes
             elif index is None and "embed_tokens" in name:
@@ -148,8 +148,8 @@ def plan_pipeline(path: str | Path, budgets: list[MemoryBudget], context: int, d
         plan = max(short, key=lambda p: p.total - p.usable)
         raise UserError(
             f"{model_dir} does not fit on {ranks} ranks at a {context}-token context: rank {plan.rank} (layers "
-            f"{plan.first_layer}-{plan.end_layer - 1}) needs {_gib(plan.total)} but {_gib(plan.usable)} is usable "
-            f"({plan.budget.source}), {_gib(plan.total - plan.usable)} short; add a machine, pass a smaller "
+            f"{plan.first_layer}-{plan.end_layer - 1}) needs {gib(plan.total)} but {gib(plan.usable)} is usable "
+            f"({plan.budget.source}), {gib(plan.total - plan.usable)} short; add a machine, pass a smaller "
             "--max-kv-size, or convert with fewer bits (edgemtp convert --bits 4)")
     return plans
 
@@ -182,7 +182,7 @@ def plan_rows(plans: list[RankPlan]) -> list[tuple[str, str]]:
         parts.append(f"layers {plan.first_layer}-{plan.end_layer - 1}")
         if plan.rank == len(plans) - 1:
             parts.append("final norm, head, MTP layers")
-        rows.append((f"rank {plan.rank}", f"{', '.join(parts)}: weights {_gib(plan.weights)}, KV cache "
-                     f"{_gib(plan.kv_cache + plan.mtp_caches)}, activations {_gib(plan.activations)}, total "
-                     f"{_gib(plan.total)} of {_gib(plan.usable)} usable ({plan.budget.source})"))
+        rows.append((f"rank {plan.rank}", f"{', '.join(parts)}: weights {gib(plan.weights)}, KV cache "
+                     f"{gib(plan.kv_cache + plan.mtp_caches)}, activations {gib(plan.activations)}, total "
+                     f"{gib(plan.total)} of {gib(plan.usable)} usable ({plan.budget.source})"))
     return rows

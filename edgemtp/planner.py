@@ -56,7 +56,7 @@ BUDGET_FRACTION = 0.9
 _CGROUP_UNLIMITED = 2**60
 
 # Bytes per element of each safetensors dtype (the header stores dtype and shape).
-_SAFETENSORS_DTYPE_BYTES = {
+SAFETENSORS_DTYPE_BYTES = {
     "F64": 8, "I64": 8, "U64": 8,
     "F32": 4, "I32": 4, "U32": 4,
     "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
@@ -198,12 +198,12 @@ def weight_files(model_dir: Path, config: dict) -> WeightFiles:
         released_mtp = QWEN3_5_MTP if config["model_type"] == "qwen3_5" else None  # Qwen3.5 keeps mtp.*
         tied = bool(config.get("tie_word_embeddings", False))
         for path in safetensors_files:
-            for name, (dtype, shape) in _safetensors_entries(path).items():
-                nbytes = _SAFETENSORS_DTYPE_BYTES[dtype] * math.prod(shape)
+            for name, (dtype, shape) in safetensors_entries(path).items():
+                nbytes = SAFETENSORS_DTYPE_BYTES[dtype] * math.prod(shape)
                 if name.startswith(QWEN3_5_VISION):  # never loaded: edgemtp runs the text model
                     vision += nbytes
                     continue
-                layer = _layer_index(name)
+                layer = layer_index(name)
                 if (layer is not None and layer >= first_mtp_layer) or (released_mtp and name.startswith(released_mtp)):
                     mtp += nbytes
                     hf_mtp_layers = True
@@ -224,7 +224,7 @@ def weight_files(model_dir: Path, config: dict) -> WeightFiles:
                        trunk_stream=total - mtp - embedding - idle_experts)
 
 
-def _safetensors_entries(path: Path) -> dict[str, tuple[str, list[int]]]:
+def safetensors_entries(path: Path) -> dict[str, tuple[str, list[int]]]:
     """``name -> (dtype, shape)`` from a safetensors header; a damaged file is a ``UserError``."""
     from safetensors import SafetensorError, safe_open
 
@@ -236,7 +236,7 @@ def _safetensors_entries(path: Path) -> dict[str, tuple[str, list[int]]]:
         raise UserError(f"{path} is truncated or corrupt ({exc}); re-download or re-convert it") from None
 
 
-def _layer_index(name: str) -> int | None:
+def layer_index(name: str) -> int | None:
     """``7`` for ``model.layers.7.mlp.gate_proj.weight``; None outside the layer stack."""
     prefix = "model.layers."
     if not name.startswith(prefix):
@@ -372,19 +372,19 @@ class Plan:
         """(label, value) pairs for a two-column table."""
         e = self.estimate
         return [
-            ("memory budget", f"{_gib(self.budget.bytes)} ({self.budget.source})"),
-            ("weights (memory-mapped)", _gib(e.weights)),
-            *([("onnxruntime's repacked weights (bound)", _gib(e.repacked))] if e.repacked else []),
-            ("weights read per token", _gib(self.weights.trunk_stream)),
-            (f"KV cache at {e.context} tokens", _gib(e.kv_cache)),
-            ("MTP draft caches", _gib(e.mtp_caches)),
-            ("activations (estimate)", _gib(e.activations)),
-            ("total", _gib(e.total)),
+            ("memory budget", f"{gib(self.budget.bytes)} ({self.budget.source})"),
+            ("weights (memory-mapped)", gib(e.weights)),
+            *([("onnxruntime's repacked weights (bound)", gib(e.repacked))] if e.repacked else []),
+            ("weights read per token", gib(self.weights.trunk_stream)),
+            (f"KV cache at {e.context} tokens", gib(e.kv_cache)),
+            ("MTP draft caches", gib(e.mtp_caches)),
+            ("activations (estimate)", gib(e.activations)),
+            ("total", gib(e.total)),
             ("max context (max_kv_size)", f"{self.max_kv_size} of {self.max_position_embeddings}"),
         ]
 
 
-def _gib(nbytes: int) -> str:
+def gib(nbytes: int) -> str:
     """Bytes in GiB, or in MiB below one GiB so tiny models do not read as 0.00."""
     if nbytes >= 2**30:
         return f"{nbytes / 2**30:.2f} GiB"
@@ -438,8 +438,8 @@ def plan_for(
     if fitting < smallest:
         need = needs(smallest).total
         raise UserError(
-            f"{model_dir} needs about {_gib(need)} at a {smallest}-token context but only "
-            f"{_gib(usable)} of memory is usable ({budget.source}); convert it with fewer bits "
+            f"{model_dir} needs about {gib(need)} at a {smallest}-token context but only "
+            f"{gib(usable)} of memory is usable ({budget.source}); convert it with fewer bits "
             f"(edgemtp convert --bits 4) or use a smaller model"
         )
     if context is not None:
@@ -450,8 +450,8 @@ def plan_for(
             )
         if context > fitting:
             raise UserError(
-                f"a {context}-token context needs about {_gib(needs(context).total)} "
-                f"but only {_gib(usable)} is usable ({budget.source}); pass --max-kv-size {fitting} or less, "
+                f"a {context}-token context needs about {gib(needs(context).total)} "
+                f"but only {gib(usable)} is usable ({budget.source}); pass --max-kv-size {fitting} or less, "
                 f"or convert with fewer bits (edgemtp convert --bits 4)"
             )
     chosen = fitting if context is None else context

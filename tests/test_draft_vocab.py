@@ -396,7 +396,7 @@ def test_bench_compares_mtp_drafting_with_and_without_the_draft_vocabulary(tiny_
 
     with_vocab, without = result.targets
     assert with_vocab.draft_vocab_size == len(_kept_ids()) and without.draft_vocab_size is None
-    assert {f.spec for f in with_vocab.speculative} == {"mtp", "ngram"}
+    assert {f.spec for f in with_vocab.speculative} == {"mtp", "ngram", "hybrid"}
     assert {f.spec for f in without.speculative} == {"mtp"} and set(without.draft_cost) == {"mtp"}
     assert all(f.identical_to_plain for target in result.targets for f in target.speculative)
     rows = report.draft_vocab_rows(result)

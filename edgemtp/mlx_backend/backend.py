@@ -52,7 +52,7 @@ def parse_dtype(dtype: str) -> mx.Dtype:
     return DTYPES[dtype]
 
 
-def _build_modules(config: dict, mtp_layers: int, has_own: Callable[[int, str], bool]) -> tuple[nn.Module, MTPStack]:
+def build_modules(config: dict, mtp_layers: int, has_own: Callable[[int, str], bool]) -> tuple[nn.Module, MTPStack]:
     """The trunk (an mlx-lm model) and the MTP stack, with placeholder weights. ``has_own(index,
     part)``: whether MTP layer ``index`` has its own ``"shared_head.head"`` / ``"embed_tokens"``."""
     arch = ARCHITECTURES[config["model_type"]]
@@ -142,7 +142,7 @@ class MLXBackend:
         """Build the modules from a Hugging Face checkpoint (directory or opened) and load its weights."""
         ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else Checkpoint.open(checkpoint)
         compute_dtype = parse_dtype(dtype)
-        trunk, mtp = _build_modules(ckpt.config, ckpt.num_mtp_layers,
+        trunk, mtp = build_modules(ckpt.config, ckpt.num_mtp_layers,
                                     lambda index, part: part in own_parts(ckpt, index))
         trunk.load_weights(list(iter_trunk_weights(ckpt, compute_dtype)), strict=True)
         mtp.load_weights(list(iter_mtp_weights(ckpt, compute_dtype)), strict=True)
@@ -161,7 +161,7 @@ class MLXBackend:
         check_supported(config, path / "config.json")
         compute_dtype = parse_dtype(dtype)
         trunk_weights, mtp_weights = read_mlx_dir(path)
-        trunk, mtp = _build_modules(
+        trunk, mtp = build_modules(
             config, mtp_layer_count(mtp_weights), lambda index, part: f"layers.{index}.{part}.weight" in mtp_weights
         )
         # The MTP layers may be quantized at their own bits (--mtp-bits) even when the trunk is not.

@@ -32,7 +32,7 @@ from edgemtp.distributed import Watchdog, host_of, init_group, peer_timeout
 from edgemtp.draft_vocab import load_draft_vocab
 from edgemtp.engine.stats import peak_rss_bytes
 from edgemtp.errors import UserError
-from edgemtp.mlx_backend.backend import MLXBackend, _build_modules, parse_dtype
+from edgemtp.mlx_backend.backend import MLXBackend, build_modules, parse_dtype
 from edgemtp.mlx_backend.models import output_head
 from edgemtp.mlx_backend.weights import (
     cast,
@@ -88,7 +88,7 @@ def load_stage(path: str | Path, plan: RankPlan, ranks: int, *, max_kv_size: int
 
         def has_own(index: int, part: str) -> bool:
             return part in own_parts(ckpt, index)
-    trunk, mtp = _build_modules(config, mtp_layers, has_own)
+    trunk, mtp = build_modules(config, mtp_layers, has_own)
     tied = "lm_head" not in trunk
     keep_embedding = first_rank or (last and (tied or any(not has_own(i, "embed_tokens") for i in range(mtp_layers))))
     inner = trunk.model

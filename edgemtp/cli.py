@@ -254,7 +254,7 @@ def bench_command(
     json_out: str | None = typer.Option(None, "--json", help="Write every figure to this JSON file."),
     plot_out: str | None = typer.Option(None, "--plot", help="Write a PNG plot (tokens/s against draft length, and the cost curve)."),
     markdown_out: str | None = typer.Option(None, "--markdown", help="Write the results as README-ready markdown."),
-    peers: bool = typer.Option(False, "--peers", help="Instead, time the same checkpoint in the engines a user would pick instead (onnxruntime-genai, llama.cpp, mlx-lm on Apple Silicon; pip install 'edgemtp[peers]') against edgemtp plain and speculative, in interleaved rounds (--repeats of them). The default model, or one --model HF directory with one --bits."),
+    peers: bool = typer.Option(False, "--peers", help="Instead, time the same checkpoint in the engines a user would pick instead (onnxruntime-genai, llama.cpp, mlx-lm on Apple Silicon; pip install 'edgemtp\\[peers]') against edgemtp plain and speculative, in interleaved rounds (--repeats of them). The default model, or one --model HF directory with one --bits."),
     threads: int = typer.Option(os.cpu_count() or 1, "--threads", help="Threads every engine uses with --peers."),
 ) -> None:
     """Measure decoding speed, speculative speedups, step costs and bandwidth use."""

@@ -21,6 +21,7 @@ from edgemtp.bench.figures import EngineFigures, PeerComparison
 from edgemtp.bench.peers import llamacpp, mlx_lm, ortgenai
 from edgemtp.bench.peers.timing import PromptTiming, decode_tokens_per_s
 from edgemtp.bench.peers.worker import Worker, WorkerFailed
+from edgemtp.engine.specs import DEFAULT_SPEC
 from edgemtp.errors import UserError
 
 CHECK_PROMPT = "What is the capital of France?"
@@ -28,7 +29,7 @@ CHECK_ANSWER = "Paris"
 CHECK_TOKENS = 8  # leading tokens that must equal edgemtp plain's, else the answer must hold CHECK_ANSWER
 CHECK_LENGTH = 24  # tokens decoded for the check
 INSTALL = "pip install 'edgemtp[peers]'"
-PLAIN, SPECULATIVE = "edgemtp plain", "edgemtp speculative (mtp, auto k)"
+PLAIN, SPECULATIVE = "edgemtp plain", f"edgemtp speculative ({DEFAULT_SPEC}, auto k)"
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,11 @@
 """edgemtp itself behind the peers' interface: greedy decoding from token ids, plain or with
-its default speculative mode (MTP drafting, adaptive draft length)."""
+its default speculative mode (the default drafter, adaptive draft length)."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+
+from edgemtp.engine.specs import DEFAULT_SPEC
 
 
 class Engine:
@@ -14,7 +16,7 @@ class Engine:
 
         options = {"threads": spec["threads"]} if spec["backend"] == "onnx" else {}
         self.model = edgemtp.load(spec["model"], backend=spec["backend"], **options)
-        self.options = {"spec": "none"} if spec["mode"] == "plain" else {"spec": "mtp", "num_draft": "auto"}
+        self.options = {"spec": "none"} if spec["mode"] == "plain" else {"spec": DEFAULT_SPEC, "num_draft": "auto"}
 
     def greedy(self, ids: list[int], max_tokens: int) -> Iterator[list[int]]:
         for chunk in self.model.stream(ids, max_tokens=max_tokens, temperature=0.0, **self.options):

@@ -30,6 +30,7 @@ from typing import Iterator
 from edgemtp.checkpoint import Checkpoint, refuse_pickles
 from edgemtp.config import check_supported, load_config, num_mtp_layers
 from edgemtp.draft_vocab import FILE_NAME as DRAFT_VOCAB_FILE
+from edgemtp.engine.backend import PREFILL_CHUNK
 from edgemtp.engine.generate import AUTO_MAX_DRAFT
 from edgemtp.errors import UserError
 from edgemtp.layout import QWEN3_5_MTP, QWEN3_5_TRUNK, QWEN3_5_VISION, attention_layers, recurrent_state_bytes
@@ -264,22 +265,20 @@ def kv_bytes_per_token_per_layer(config: dict, dtype_bytes: int) -> int:
 
 
 def activation_bytes(config: dict, context: int) -> int:
-    """A rough upper bound on the transient buffers of the largest decode-time step.
+    """The transient buffers of the largest step, the larger of two kinds of step:
 
-    The largest step is a verify pass over ``MAX_DRAFT + 1`` tokens. Its big buffers:
+    * a verify pass over ``MAX_DRAFT + 1`` tokens, whose logits (``rows x vocab`` float32) are
+      alive in about four copies at once: the backend's output, its numpy copy, the engine's
+      probabilities and the sampler's working copy;
+    * a prompt step of ``PREFILL_CHUNK`` tokens (the engine runs long prompts in such steps),
+      whose logits are alive in two copies (the step's output and onnxruntime's buffer for it).
 
-    * logits, ``rows x vocab`` float32, alive in about four copies at once: the
-      backend's output, its numpy copy, the engine's probabilities and the sampler's
-      working copy;
-    * per row, the hidden state, the widest MLP intermediate (the dense MLP, or the
-      routed experts of one token plus the shared experts) and one attention-score row
-      per head over the whole context, again in a few live copies (float32).
-
-    It is deliberately generous: under-estimating would let a model start and then
-    page; over-estimating costs a little context.
+    Per row both also hold the hidden state, the widest MLP intermediate (the dense MLP, or the
+    routed experts of one token plus the shared experts) and one attention-score row per head
+    over the whole context, in a few live copies (float32). The prompt step's copies were fitted
+    to the peak resident memory of the default model on ONNX at 512 to 4,096 tokens
+    (``scripts/memory_check.py``; the estimate came out 4-6% above each peak).
     """
-    rows = MAX_DRAFT + 1
-    copies = 4
     float_bytes = 4
     vocab = int(config["vocab_size"])
     hidden = int(config["hidden_size"])
@@ -287,10 +286,12 @@ def activation_bytes(config: dict, context: int) -> int:
     if config.get("n_routed_experts"):
         per_token_experts = int(config.get("num_experts_per_tok") or 1) + int(config.get("n_shared_experts") or 0)
         mlp = max(mlp, per_token_experts * int(config["moe_intermediate_size"]))
-    scores = int(config["num_attention_heads"]) * context
-    logits = copies * rows * vocab * float_bytes
-    buffers = copies * rows * (hidden + mlp + scores) * float_bytes
-    return logits + buffers
+    per_row = (hidden + mlp + int(config["num_attention_heads"]) * context) * float_bytes
+
+    def step(rows: int, logit_copies: int, buffer_copies: int) -> int:
+        return rows * (logit_copies * vocab * float_bytes + buffer_copies * per_row)
+
+    return max(step(MAX_DRAFT + 1, 4, 4), step(PREFILL_CHUNK, 2, 3))
 
 
 # Bytes per cached value for each compute dtype a backend can run in. Both backends

@@ -4,11 +4,11 @@
 
 For each model (default: the embedded default model, ONNX 8-bit), in a fresh process: load it
 as ``edgemtp.load`` does with ``max_kv_size=N`` (default: the context the planner picks when
-loading), write the trunk cache up to N tokens in 64-token prompt segments (each call reuses the
-cached prefix, so a step's transient buffers stay decode-sized, as the planner models them),
-decode 32 tokens with MTP drafting (its draft caches too), and read the process's peak RSS
-(VmHWM). Prints the planner's estimate at N against that peak, and the issue's limit: weights +
-onnxruntime's repacked copy (the planner's bound: the weight files once more) + KV caches + 300 MB.
+loading), give it a prompt that fills the context but for the decoded tokens (it runs in the
+engine's bounded prefill steps, ``PREFILL_CHUNK`` rows each), decode 32 tokens with MTP drafting
+(its draft caches catch up on the whole prompt), and read the process's peak RSS (VmHWM). Prints
+the planner's estimate at N against that peak, and the issue's limit: weights + onnxruntime's
+repacked copy (the planner's bound: the weight files once more) + KV caches + 300 MB.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-SEGMENT = 64  # prompt tokens added per call while filling the cache
 DECODE = 32
 LIMIT_SLACK = 300 * 2**20  # the issue's 300 MB above weights + repacked copy + KV caches
 
@@ -34,11 +33,7 @@ def child(model_dir: str, context: int) -> None:
 
     model = edgemtp.load(model_dir, backend="onnx", max_kv_size=context)
     vocab = model.backend.vocab_size
-    ids: list[int] = []
-    while len(ids) + SEGMENT + DECODE + 8 <= context:
-        ids += [(7 * len(ids) + 13 * i) % vocab for i in range(SEGMENT)]
-        out = model.generate(ids, max_tokens=1, spec="none").tokens
-        ids += out
+    ids = [(7 * i + 13) % vocab for i in range(context - DECODE - 8)]
     model.generate(ids, max_tokens=DECODE, spec="mtp", num_draft=4)
     print(json.dumps({"peak_rss_bytes": vm_hwm(), "filled": len(ids) + DECODE}))
 

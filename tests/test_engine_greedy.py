@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from fake_backend import FakeBackend, FakeTokenizer
 
+from edgemtp.engine.backend import PREFILL_CHUNK
 from edgemtp.engine.generate import Session
 from edgemtp.engine.sampling import Sampler
 from edgemtp.engine.tuning import Costs
@@ -160,3 +161,28 @@ def test_hybrid_drafts_with_both_drafters_and_falls_back_to_ngram_without_mtp_la
     out = session.generate(PROMPTS[3], max_tokens=NEW_TOKENS, chat=False, spec="hybrid")
     assert out.tokens == greedy_reference(no_mtp, PROMPTS[3], NEW_TOKENS)
     assert out.stats.drafted > 0  # n-gram drafts (an MTP drafter would have refused this model)
+
+
+def test_long_prompts_run_in_bounded_steps():
+    """A prompt longer than PREFILL_CHUNK reaches the trunk and the MTP layers in steps of at most
+    PREFILL_CHUNK rows (a step's buffers grow with its rows), with the output of plain decoding."""
+    options = dict(num_mtp_layers=2, mtp_accuracy=0.7)
+    backend = FakeBackend(vocab_size=32, **options)
+    rows = {"trunk": [], "mtp": []}
+    trunk_step, mtp_step = backend.trunk_step, backend.mtp_step
+
+    def recording_trunk_step(tokens):
+        rows["trunk"].append(len(tokens))
+        return trunk_step(tokens)
+
+    def recording_mtp_step(depth, hidden, tokens):
+        rows["mtp"].append(len(tokens))
+        return mtp_step(depth, hidden, tokens)
+
+    backend.trunk_step, backend.mtp_step = recording_trunk_step, recording_mtp_step
+    prompt = list(np.random.default_rng(7).integers(0, 32, size=2 * PREFILL_CHUNK + 40))
+    out = Session(backend, FakeTokenizer()).generate(prompt, max_tokens=24, chat=False, spec="mtp", num_draft=3)
+    assert out.tokens == greedy_reference(options, prompt, 24)
+    assert rows["trunk"][:3] == [PREFILL_CHUNK, PREFILL_CHUNK, 40]
+    assert max(rows["trunk"] + rows["mtp"]) == PREFILL_CHUNK
+    assert sum(1 for n in rows["mtp"] if n == PREFILL_CHUNK) >= 4  # both depths caught up in steps

@@ -24,7 +24,7 @@ import time
 import numpy as np
 
 from edgemtp.draft_vocab import scatter_logits
-from edgemtp.engine.backend import Backend
+from edgemtp.engine.backend import Backend, mtp_steps, trunk_steps
 from edgemtp.engine.sampling import Sampler
 from edgemtp.engine.tree import MAX_WIDTH, DraftTree, TreeShaper, sorted_masses
 from edgemtp.errors import UserError
@@ -298,7 +298,7 @@ class MTPDrafter:
         rows_first, rows = self.rows[d - 1]
         assert rows_first <= first, "MTP catch-up lost the hidden rows it needs"
         hidden = rows[first - rows_first : upto + 1 - rows_first]
-        logits, out = self.backend.mtp_step(d, hidden, seq[first + d : upto + d + 1])
+        logits, out = mtp_steps(self.backend, d, hidden, seq[first + d : upto + d + 1])
         self._append(d, first, out)
         self.last_logits[d] = logits[-1]
 
@@ -333,7 +333,7 @@ class DraftModelDrafter:
         pass
 
     def _logits(self, new_tokens: list[int]) -> np.ndarray:
-        logits, _ = self.backend.trunk_step(new_tokens)
+        logits, _ = trunk_steps(self.backend, new_tokens)
         self.tokens.extend(new_tokens)
         out = np.full(self.vocab_size, -np.inf, dtype=np.float64)
         n = min(self.vocab_size, logits.shape[-1])  # vocabularies may differ in padding only

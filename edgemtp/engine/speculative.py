@@ -21,7 +21,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from edgemtp.engine.backend import Backend
+from edgemtp.engine.backend import Backend, trunk_steps
 from edgemtp.engine.drafters import NoDrafter, common_prefix, stack_draft_probs
 from edgemtp.engine.sampling import Sampler
 from edgemtp.engine.stats import Stats
@@ -97,7 +97,7 @@ def decode(backend: Backend, drafter, policy, sampler: Sampler, seq: list[int], 
     if max_tokens <= 0:
         return
     began = time.perf_counter()
-    logits, hidden = backend.trunk_step(seq[start:])
+    logits, hidden = trunk_steps(backend, seq[start:])
     stats.prompt_tokens = len(seq) - start
     seq.append(sampler.sample(sampler.probs(logits[-1])[0]))
     drafter.observe(seq, start, hidden)

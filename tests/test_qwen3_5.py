@@ -121,6 +121,19 @@ def test_mtp_logits_match_transformers_layers(tiny_checkpoint, variant, depth):
     assert np.abs(logits - expected).max() <= 1e-4 * np.abs(expected).max()
 
 
+def assert_trunk_and_mtp_match_transformers(backend: MLXBackend, path, ids: list[int]) -> None:
+    """fp32 trunk logits against transformers' ``Qwen3_5ForCausalLM`` on the HF checkpoint at ``path``,
+    and MTP depth-1 logits against ``MTPReference``, within 1e-4 of the largest logit."""
+    logits, _ = backend.trunk_step(ids)
+    with torch.no_grad():
+        expected = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)(torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(logits - expected).max() <= 1e-4 * np.abs(expected).max()
+    backend.reset()
+    mtp = Model({}, None, backend).mtp_logits(ids, depth=1)
+    reference = MTPReference(path).mtp_logits(ids, 1)
+    assert np.abs(mtp - reference).max() <= 1e-4 * np.abs(reference).max()
+
+
 def recurrent_states(backend: MLXBackend) -> list[np.ndarray]:
     return [np.array(array) for cache in backend._trunk_caches if isinstance(cache, RecurrentStateCache)
             for array in cache.arrays()]
@@ -201,13 +214,7 @@ def test_mlx_conversion_matches_transformers_and_loads_in_mlx_lm(tiny_checkpoint
     path = tiny_checkpoint("qwen3_5_untied")
     ids = token_ids(SEQ_LEN, seed=9)
     full = convert(path, tmp_path / "f32", to="mlx", bits=16, dtype="float32", show_progress=False)
-    backend = MLXBackend.load(full)
-    logits, _ = backend.trunk_step(ids)
-    with torch.no_grad():
-        expected = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)(torch.tensor([ids])).logits[0].numpy()
-    assert np.abs(logits - expected).max() <= 1e-4 * np.abs(expected).max()
-    mtp = Model({}, None, backend).mtp_logits(ids, depth=1)
-    assert np.abs(mtp - MTPReference(path).mtp_logits(ids, 1)).max() <= 1e-4 * np.abs(mtp).max()
+    assert_trunk_and_mtp_match_transformers(MLXBackend.load(full), path, ids)
 
     # 4 bits: mlx-lm's own qwen3_5 model and edgemtp's backend read the same directory alike.
     quantized = convert(path, tmp_path / "q4", to="mlx", bits=4, group_size=32, show_progress=False)

@@ -39,6 +39,13 @@ _TOKEN_USER_DEFINED = 4
 # llama.cpp pre-tokenizer names whose regex splits digits one at a time
 # (llama-vocab.cpp groups these with "\p{N}" as the first split expression).
 _DIGIT_SPLITTING_PRE = {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"}
+# llama.cpp pre-tokenizer names with a split regex of their own: the regex of the models' tokenizer.json,
+# as llama-vocab.cpp quotes it (Qwen3.5's also keeps combining marks, \p{M}, with their letters).
+_SPLIT_REGEX_PRE = {
+    "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+    "qwen35": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*"
+              r"|\s*[\r\n]+|\s+(?!\S)|\s+",
+}
 
 
 def _shortest_float(value) -> float:
@@ -213,7 +220,7 @@ class GGUFCheckpoint:
         (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
     def _build_tokenizer(self):
-        from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+        from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
         model = self._value("tokenizer.ggml.model")
         if model != "gpt2":
@@ -227,7 +234,12 @@ class GGUFCheckpoint:
 
         tokenizer = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
         byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-        if self._value("tokenizer.ggml.pre") in _DIGIT_SPLITTING_PRE:
+        pre = self._value("tokenizer.ggml.pre")
+        if pre in _SPLIT_REGEX_PRE:  # as those models' tokenizer.json: split by the regex, then bytes
+            tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+                pre_tokenizers.Split(Regex(_SPLIT_REGEX_PRE[pre]), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        elif pre in _DIGIT_SPLITTING_PRE:
             tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
         else:
             tokenizer.pre_tokenizer = byte_level

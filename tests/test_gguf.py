@@ -82,8 +82,9 @@ def write_llama_gguf(ckpt_dir: Path, path: Path, qtype=gguf.GGMLQuantizationType
     return finish(writer, path)
 
 
-def add_vocab(writer: gguf.GGUFWriter, ckpt_dir: Path) -> None:
-    """A factory checkpoint's byte-level BPE vocabulary, merges and chat template, as llama.cpp writes them."""
+def add_vocab(writer: gguf.GGUFWriter, ckpt_dir: Path, pre: str = "default") -> None:
+    """A factory checkpoint's byte-level BPE vocabulary, merges and chat template, as llama.cpp writes them
+    (``pre``: llama.cpp's name for the pre-tokenizer)."""
     tok = json.loads((ckpt_dir / "tokenizer.json").read_text())
     tok_cfg = json.loads((ckpt_dir / "tokenizer_config.json").read_text())
     vocab = tok["model"]["vocab"]
@@ -91,7 +92,7 @@ def add_vocab(writer: gguf.GGUFWriter, ckpt_dir: Path) -> None:
     specials = {t["content"] for t in tok["added_tokens"] if t["special"]}
     merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
+    writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types([gguf.TokenType.CONTROL if t in specials else gguf.TokenType.NORMAL for t in tokens])
     writer.add_token_merges(merges)

@@ -107,7 +107,7 @@ def write_qwen35_gguf(ckpt_dir: Path, path: Path, qtype=F32, mtp: bool = True) -
     writer.add_rope_dimension_sections(rope["mrope_section"] + [0])
     if mtp_layers:
         writer.add_nextn_predict_layers(mtp_layers)
-    add_vocab(writer, ckpt_dir)
+    add_vocab(writer, ckpt_dir, pre="qwen35")
 
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.QWEN35, blocks)
     for released, data in hf_weights(ckpt_dir).items():
@@ -210,6 +210,20 @@ def test_inspect_shows_the_gguf_mtp_layer(qwen35_gguf):
     assert "MTP layer 0" in result.output and "gguf F32" in result.output
     refused = CliRunner().invoke(app, ["inspect", str(gguf_path), "--ranks", "2"])  # main() prints UserErrors
     assert isinstance(refused.exception, UserError) and "edgemtp convert" in str(refused.exception)
+
+
+def test_tokenizer_splits_text_as_qwen3_5s_tokenizer_json(qwen35_gguf, tmp_path):
+    """llama.cpp's "qwen35" pre-tokenizer: single digits, contractions in any case, combining marks
+    kept with their letters (GPT-2's regex, the fallback, splits all three differently)."""
+    from tokenizers import Tokenizer, decoders
+
+    _, gguf_path = qwen35_gguf("qwen3_5")
+    GGUFCheckpoint.open(gguf_path).write_tokenizer(tmp_path)
+    tokenizer = Tokenizer.from_file(str(tmp_path / "tokenizer.json"))
+    pieces = [piece for piece, _ in tokenizer.pre_tokenizer.pre_tokenize_str("It'S cafe\u0301 2024!\n")]
+    texts = [decoders.ByteLevel().decode([piece]) for piece in pieces]
+    assert texts == ["It", "'S", " cafe\u0301", " ", "2", "0", "2", "4", "!\n"]
+    assert tokenizer.decode(tokenizer.encode("It'S cafe\u0301 2024!\n").ids) == "It'S cafe\u0301 2024!\n"
 
 
 def test_gguf_without_its_mtp_layer_converts_the_trunk(tiny_checkpoint, tmp_path):

@@ -154,7 +154,7 @@ def _pipeline_plan(path: str, ranks: int):
 @app.command("make-tiny")
 def make_tiny_command(
     out: str = typer.Argument(..., help="Directory to create."),
-    arch: str = typer.Option("llama", "--arch", help="Variant: llama, llama_untied, deepseek_v3, deepseek_v3_no_qlora, glm4_moe, glm4_moe_no_qk_norm, qwen2 (Qwen2.5: q/k/v biases), qwen3 (QK norm, explicit head_dim) or qwen3_5, qwen3_5_untied (Qwen3.5: Gated DeltaNet + gated attention, one MTP layer in Qwen's released layout)."),
+    arch: str = typer.Option("llama", "--arch", help="Variant: llama, llama_untied, deepseek_v3, deepseek_v3_no_qlora, glm4_moe, glm4_moe_no_qk_norm, qwen2 (Qwen2.5: q/k/v biases), qwen3 (QK norm, explicit head_dim) or qwen3_5, qwen3_5_untied, qwen3_5_moe (Qwen3.5: Gated DeltaNet + gated attention, one MTP layer in Qwen's released layout; the MoE variant with routed and shared experts)."),
     mtp_layers: int = typer.Option(1, "--mtp-layers", help="Number of MTP layers to add after the trunk."),
     mtp_head: str = typer.Option("own", "--mtp-head", help="Each MTP layer's shared_head.head: own (its own random head) or copy (a copy of the trunk's output head). MTP layers always store a copy of the embedding too, as DeepSeek-V3 and GLM-4.5 release them."),
     fp8: bool = typer.Option(False, "--fp8", help="Store projections as block-scaled float8 e4m3 like DeepSeek-V3."),

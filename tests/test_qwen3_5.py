@@ -345,3 +345,46 @@ def test_speculative_sampling_keeps_the_target_distribution_mlx(tiny_checkpoint)
     wanted = np.array([sum(expected[key] for key in cell) for cell in cells]) * samples
     assert len(common) >= 8
     assert chisquare(observed, wanted * observed.sum() / wanted.sum()).pvalue > 0.001
+
+
+def test_moe_experts_stored_one_tensor_per_expert_read_as_stacked(tiny_checkpoint, tmp_path):
+    """A qwen3_5_moe checkpoint whose routed experts are stored per expert (here the MTP layer's and trunk
+    layer 1's) reads, converts and runs exactly like the stacked one, and transformers' own conversion of
+    those names loads the same model."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    source = tiny_checkpoint("qwen3_5_moe")
+    path = tmp_path / "per_expert"
+    shutil.copytree(source, path)
+    for file in path.glob("*.safetensors"):
+        tensors = load_file(file)
+        for prefix in ("mtp.layers.0.mlp.experts.", "model.language_model.layers.1.mlp.experts."):
+            if prefix + "gate_up_proj" not in tensors:
+                continue
+            gate_up, down = tensors.pop(prefix + "gate_up_proj"), tensors.pop(prefix + "down_proj")
+            half = gate_up.shape[1] // 2
+            for expert in range(gate_up.shape[0]):
+                tensors[f"{prefix}{expert}.gate_proj.weight"] = np.ascontiguousarray(gate_up[expert, :half])
+                tensors[f"{prefix}{expert}.up_proj.weight"] = np.ascontiguousarray(gate_up[expert, half:])
+                tensors[f"{prefix}{expert}.down_proj.weight"] = np.ascontiguousarray(down[expert])
+        save_file(tensors, file)
+
+    stacked, per_expert = Checkpoint.open(source), Checkpoint.open(path)
+    assert "mtp.layers.0.mlp.experts.3.up_proj.weight" not in per_expert.names()
+    assert sorted(per_expert.names()) == sorted(stacked.names())
+    for name in ("mtp.layers.0.mlp.experts.gate_up_proj", "model.language_model.layers.1.mlp.experts.down_proj"):
+        assert per_expert.shape(name) == stacked.shape(name)
+        np.testing.assert_array_equal(per_expert.read(name), stacked.read(name))
+
+    ids = token_ids(SEQ_LEN, seed=13)
+    ours, theirs = (Model({}, None, MLXBackend.from_checkpoint(p, max_kv_size=64)) for p in (path, source))
+    np.testing.assert_array_equal(ours.logits(ids), theirs.logits(ids))
+    np.testing.assert_array_equal(ours.mtp_logits(ids, 1), theirs.mtp_logits(ids, 1))
+
+    model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, dtype=torch.float32)
+    assert not info["missing_keys"] and not info["mismatched_keys"]
+    with torch.no_grad():
+        expected = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)(torch.tensor([ids])).logits
+        np.testing.assert_array_equal(model(torch.tensor([ids])).logits.numpy(), expected.numpy())

@@ -2,54 +2,35 @@
 
 ``GGUFCheckpoint`` offers the same interface as ``edgemtp.checkpoint.Checkpoint``
 (``config``, ``names()``, ``shape()``, ``read()`` -> float32, ...), so every
-converter works on GGUF files without knowing about them:
+converter works on GGUF files without knowing about them. What differs per
+llama.cpp architecture lives in one module each, which rebuilds the HF config from
+the GGUF metadata, gives each tensor its HF name and shape, and undoes llama.cpp's
+changes to the values:
 
-* the config is rebuilt in HF llama form from the GGUF metadata;
-* tensor names are translated to HF names (``blk.3.attn_q.weight`` ->
-  ``model.layers.3.self_attn.q_proj.weight``);
-* quantized tensors are dequantized with the ``gguf`` package;
-* llama.cpp stores Q and K projections with their rows permuted (it converts
-  HF's "rotate half" RoPE layout to its interleaved one); ``read`` undoes that
-  so the weights match the HF layout our backends expect.
+* ``gguf_llama`` -- ``llama`` (SmolLM2, the default model; Q/K rows un-permuted);
+* ``gguf_qwen35`` -- ``qwen35`` (Qwen3.5, dense), in Qwen3.5's released names, its MTP
+  layer (``blk.{n_layer}.nextn.*``) included.
+
+Quantized tensors are dequantized with the ``gguf`` package. Other GGUF architectures are
+refused with a UserError.
 
 ``write_tokenizer(out_dir)`` turns the vocabulary embedded in the GGUF into
 ``tokenizer.json`` + ``tokenizer_config.json``.
-
-Only the ``llama`` architecture is supported (that covers SmolLM2, the
-default model); other GGUF architectures are refused with a UserError.
 """
 
 from __future__ import annotations
 
 import json
-import re
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
 
+from edgemtp.converters import gguf_llama, gguf_qwen35
 from edgemtp.errors import UserError
 
-SUPPORTED_GGUF_ARCHITECTURES = ("llama",)
-
-# GGUF per-layer tensor name -> HF per-layer name (llama).
-_LAYER_NAMES = {
-    "attn_norm": "input_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_norm": "post_attention_layernorm",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-_GLOBAL_NAMES = {
-    "token_embd": "model.embed_tokens",
-    "output_norm": "model.norm",
-    "output": "lm_head",
-}
-_LAYER_RE = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
+LAYOUTS = {module.ARCHITECTURE: module for module in (gguf_llama, gguf_qwen35)}
+SUPPORTED_GGUF_ARCHITECTURES = tuple(LAYOUTS)
 
 # tokenizer.ggml.token_type values (llama.cpp's llama_token_type).
 _TOKEN_CONTROL = 3
@@ -58,38 +39,13 @@ _TOKEN_USER_DEFINED = 4
 # llama.cpp pre-tokenizer names whose regex splits digits one at a time
 # (llama-vocab.cpp groups these with "\p{N}" as the first split expression).
 _DIGIT_SPLITTING_PRE = {"smollm", "starcoder", "refact", "command-r", "codeshell", "exaone", "minerva-7b"}
-
-
-def hf_name(gguf_name: str) -> str:
-    """Translate a llama GGUF tensor name into the HF llama name."""
-    match = _LAYER_RE.match(gguf_name)
-    if match:
-        layer, part, kind = match.groups()
-        if part in _LAYER_NAMES:
-            return f"model.layers.{layer}.{_LAYER_NAMES[part]}.{kind}"
-    else:
-        base, _, kind = gguf_name.rpartition(".")
-        if base in _GLOBAL_NAMES:
-            return f"{_GLOBAL_NAMES[base]}.{kind}"
-    raise UserError(f"GGUF tensor {gguf_name!r} has no llama equivalent; only plain llama GGUF files can be converted")
-
-
-def unpermute_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
-    """Undo llama.cpp's Q/K row permutation (convert_hf_to_gguf.py ``permute``).
-
-    llama.cpp reorders each head's rows from ``[first half, second half]`` to
-    interleaved pairs; this is the inverse.
-    """
-    rows = weight.shape[0]
-    w = weight.reshape(n_heads, rows // n_heads // 2, 2, *weight.shape[1:])
-    return w.swapaxes(1, 2).reshape(weight.shape)
-
-
-def permute_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
-    """llama.cpp's Q/K row permutation (HF layout -> GGUF layout); used to write test GGUFs."""
-    rows = weight.shape[0]
-    w = weight.reshape(n_heads, 2, rows // n_heads // 2, *weight.shape[1:])
-    return w.swapaxes(1, 2).reshape(weight.shape)
+# llama.cpp pre-tokenizer names with a split regex of their own: the regex of the models' tokenizer.json,
+# as llama-vocab.cpp quotes it (Qwen3.5's also keeps combining marks, \p{M}, with their letters).
+_SPLIT_REGEX_PRE = {
+    "qwen2": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+",
+    "qwen35": r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?[\p{L}\p{M}]+|\p{N}| ?[^\s\p{L}\p{M}\p{N}]+[\r\n]*"
+              r"|\s*[\r\n]+|\s+(?!\S)|\s+",
+}
 
 
 def _shortest_float(value) -> float:
@@ -101,24 +57,20 @@ class GGUFCheckpoint:
     """A GGUF file seen through the ``Checkpoint`` interface (HF names, float32 reads)."""
 
     is_fp8 = False
-    num_mtp_layers = 0  # llama.cpp GGUFs carry no MTP layers
 
     def __init__(self, path: Path, reader) -> None:
         self.path = path
         self._reader = reader
         self._fields = reader.fields
-        arch = self._str("general.architecture")
-        if arch not in SUPPORTED_GGUF_ARCHITECTURES:
+        self._arch_name = self._str("general.architecture")
+        if self._arch_name not in LAYOUTS:
             raise UserError(
-                f"{path}: GGUF architecture {arch!r} is not supported "
+                f"{path}: GGUF architecture {self._arch_name!r} is not supported "
                 f"(supported: {', '.join(SUPPORTED_GGUF_ARCHITECTURES)}); convert from the HF checkpoint instead"
             )
-        if any(t.name == "rope_freqs.weight" for t in reader.tensors):
-            raise UserError(
-                f"{path}: this GGUF uses llama3-style scaled RoPE (rope_freqs), which cannot be mapped back to an HF config; "
-                "convert from the HF checkpoint instead"
-            )
-        self._tensors = {hf_name(t.name): t for t in reader.tensors}
+        self._layout = LAYOUTS[self._arch_name]
+        layers = self.config["num_hidden_layers"]
+        self._tensors = {self._layout.hf_name(t.name, layers, path): t for t in reader.tensors}
 
     @classmethod
     def open(cls, path: str | Path) -> "GGUFCheckpoint":
@@ -151,39 +103,22 @@ class GGUFCheckpoint:
         return value
 
     def _arch(self, key: str, default=None):
-        value = self._value(f"llama.{key}", default)
+        """``{architecture}.{key}`` from the metadata (floats as the decimals they were written from)."""
+        value = self._value(f"{self._arch_name}.{key}", default)
         if value is None:
-            raise UserError(f"{self.path}: GGUF metadata key 'llama.{key}' is missing; the file is incomplete")
-        return value
+            raise UserError(f"{self.path}: GGUF metadata key '{self._arch_name}.{key}' is missing; the file is incomplete")
+        return _shortest_float(value) if isinstance(value, float) else value
 
     @cached_property
     def config(self) -> dict:
         from edgemtp.config import with_both_rope_forms
 
-        hidden = int(self._arch("embedding_length"))
-        heads = int(self._arch("attention.head_count"))
-        kv_heads = int(self._arch("attention.head_count_kv", heads))
+        names = {tensor.name for tensor in self._reader.tensors}
+        cfg = self._layout.config(self._arch, self.path, names)
         vocab = len(self._fields["tokenizer.ggml.tokens"].data) if "tokenizer.ggml.tokens" in self._fields else None
-        vocab = int(self._arch("vocab_size", vocab))
-        cfg = {
-            "architectures": ["LlamaForCausalLM"],
-            "model_type": "llama",
-            "vocab_size": vocab,
-            "hidden_size": hidden,
-            "intermediate_size": int(self._arch("feed_forward_length")),
-            "num_hidden_layers": int(self._arch("block_count")),
-            "num_attention_heads": heads,
-            "num_key_value_heads": kv_heads,
-            "head_dim": int(self._arch("rope.dimension_count", hidden // heads)),
-            "max_position_embeddings": int(self._arch("context_length")),
-            "rms_norm_eps": _shortest_float(self._arch("attention.layer_norm_rms_epsilon")),
-            "rope_theta": _shortest_float(self._arch("rope.freq_base", 10000.0)),
-            "hidden_act": "silu",
-            "attention_bias": "model.layers.0.self_attn.q_proj.bias" in self._tensors,
-            "mlp_bias": False,
-            "tie_word_embeddings": "lm_head.weight" not in self._tensors,
-            "torch_dtype": "float32",
-        }
+        cfg["vocab_size"] = int(self._arch("vocab_size", vocab))
+        cfg["tie_word_embeddings"] = "output.weight" not in names
+        cfg["torch_dtype"] = "float32"
         for key, gguf_key in (("bos_token_id", "bos_token_id"), ("eos_token_id", "eos_token_id"), ("pad_token_id", "padding_token_id")):
             value = self._value(f"tokenizer.ggml.{gguf_key}")
             if value is not None:
@@ -195,19 +130,47 @@ class GGUFCheckpoint:
     def names(self) -> list[str]:
         return list(self._tensors)
 
+    @property
+    def num_mtp_layers(self) -> int:
+        from edgemtp.config import num_mtp_layers
+
+        return num_mtp_layers(self.config)
+
+    def mtp_names(self, index: int) -> list[str]:
+        from edgemtp.layout import mtp_prefix
+
+        if index >= self.num_mtp_layers:
+            raise UserError(f"{self.path}: this GGUF file has {self.num_mtp_layers} MTP layers (asked for layer {index})")
+        prefix = mtp_prefix(self.config, index)
+        return [name for name in self.names() if name.startswith(prefix)]
+
     def trunk_names(self) -> list[str]:
-        return self.names()
+        mtp = {name for index in range(self.num_mtp_layers) for name in self.mtp_names(index)}
+        return [name for name in self.names() if name not in mtp]
 
-    def mtp_names(self, i: int) -> list[str]:
-        raise UserError(f"{self.path}: GGUF files carry no MTP layers (asked for MTP layer {i})")
-
-    def shape(self, name: str) -> tuple[int, ...]:
+    def _stored_shape(self, name: str) -> tuple[int, ...]:
         # GGUF lists dimensions fastest-first; numpy/HF order is the reverse.
         return tuple(int(d) for d in reversed(self._tensor(name).shape))
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._layout.hf_shape(name, self._stored_shape(name))
 
     def nbytes(self, name: str) -> int:
         """Bytes of the float32 tensor ``read`` returns."""
         return int(np.prod(self.shape(name))) * 4
+
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes of every tensor as the file stores it (quantized blocks included)."""
+        return sum(int(tensor.n_bytes) for tensor in self._tensors.values())
+
+    @property
+    def storage(self) -> str:
+        """The GGUF type that holds most of the bytes, e.g. ``"gguf Q8_0"``."""
+        by_type: dict[str, int] = {}
+        for tensor in self._tensors.values():
+            by_type[tensor.tensor_type.name] = by_type.get(tensor.tensor_type.name, 0) + int(tensor.n_bytes)
+        return f"gguf {max(by_type, key=by_type.get)}"
 
     @property
     def affine_4bit_blocks(self) -> bool:
@@ -229,19 +192,16 @@ class GGUFCheckpoint:
 
         tensor = self._tensor(name)
         weight = quants.dequantize(tensor.data, tensor.tensor_type).astype(np.float32, copy=False)
-        weight = weight.reshape(self.shape(name))
-        if name.endswith("self_attn.q_proj.weight"):
-            weight = unpermute_rows(weight, self.config["num_attention_heads"])
-        elif name.endswith("self_attn.k_proj.weight"):
-            weight = unpermute_rows(weight, self.config["num_key_value_heads"])
-        return weight
+        return self._layout.to_hf(name, weight.reshape(self._stored_shape(name)), self.config)
 
     def validate(self) -> None:
         """Check that every tensor the config implies is present with the right shape."""
-        from edgemtp.layout import expected_weights
+        from edgemtp.layout import expected_weights, is_optional
 
         for name, shape in expected_weights(self.config).items():
             if name not in self._tensors:
+                if is_optional(name):
+                    continue
                 raise UserError(f"{self.path}: tensor {name!r} is missing from the GGUF file; re-download it")
             if self.shape(name) != shape:
                 raise UserError(
@@ -260,7 +220,7 @@ class GGUFCheckpoint:
         (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
 
     def _build_tokenizer(self):
-        from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
+        from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
         model = self._value("tokenizer.ggml.model")
         if model != "gpt2":
@@ -274,7 +234,12 @@ class GGUFCheckpoint:
 
         tokenizer = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges))
         byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-        if self._value("tokenizer.ggml.pre") in _DIGIT_SPLITTING_PRE:
+        pre = self._value("tokenizer.ggml.pre")
+        if pre in _SPLIT_REGEX_PRE:  # as those models' tokenizer.json: split by the regex, then bytes
+            tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+                pre_tokenizers.Split(Regex(_SPLIT_REGEX_PRE[pre]), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+        elif pre in _DIGIT_SPLITTING_PRE:
             tokenizer.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
         else:
             tokenizer.pre_tokenizer = byte_level

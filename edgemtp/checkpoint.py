@@ -6,6 +6,11 @@ bf16/fp16 are widened and DeepSeek-V3 style FP8 (e4m3 weights with a ``weight_sc
 grid of ``block x block`` tiles) is dequantized. The scale grids are storage details and
 never appear in ``names()``.
 
+Qwen3.5 MoE's routed experts are named stacked (``mlp.experts.gate_up_proj``, ``down_proj``, the
+layout's names); a checkpoint that stores them one tensor per expert (``mlp.experts.{e}.gate_proj.weight``,
+as transformers' conversion for ``qwen3_5_moe`` also reads them) shows them under the stacked names,
+stacked when read.
+
 Pickle-based checkpoints (``pytorch_model.bin``, ``*.pt``...) are refused, never loaded:
 unpickling runs arbitrary code.
 """
@@ -15,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import struct
 from dataclasses import dataclass
 from functools import lru_cache
@@ -23,7 +29,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from edgemtp.config import check_supported, load_config, num_mtp_layers
+from edgemtp.config import check_supported, is_qwen3_5, load_config, num_mtp_layers
 from edgemtp.draft_vocab import FILE_NAME as DRAFT_VOCAB_FILE
 from edgemtp.errors import UserError
 from edgemtp.layout import expected_weights, is_optional, mtp_prefix
@@ -69,6 +75,9 @@ class Checkpoint:
         self.path = path
         self.config = config
         self._entries = entries
+        # Stacked name -> the per-expert tensors it stacks, in groups concatenated along rows.
+        self._stacks = per_expert_stacks(entries, config)
+        self._stacked_parts = {part for groups in self._stacks.values() for group in groups for part in group}
 
     @classmethod
     def open(cls, path: str | Path, validate: bool = True) -> Checkpoint:
@@ -91,21 +100,29 @@ class Checkpoint:
     # --- names and shapes (no tensor data is read) ---------------------------
 
     def names(self) -> list[str]:
-        """Weight names in file order, FP8 scale grids hidden."""
-        return [name for name in self._entries if not name.endswith(SCALE_SUFFIX)]
+        """Weight names in file order, FP8 scale grids hidden, per-expert tensors under their stacked names."""
+        stored = [name for name in self._entries if not name.endswith(SCALE_SUFFIX) and name not in self._stacked_parts]
+        return stored + list(self._stacks)
 
     def __contains__(self, name: str) -> bool:
-        return name in self._entries and not name.endswith(SCALE_SUFFIX)
+        return name in self._stacks or (name in self._entries and not name.endswith(SCALE_SUFFIX)
+                                        and name not in self._stacked_parts)
 
     def shape(self, name: str) -> tuple[int, ...]:
+        if name in self._stacks:
+            groups = self._stacks[name]
+            rows, cols = self._entry(groups[0][0]).shape
+            return (len(groups[0]), rows * len(groups), cols)
         return self._entry(name).shape
 
     def dtype(self, name: str) -> str:
         """The stored safetensors dtype tag (``"BF16"``, ``"F8_E4M3"``...)."""
-        return self._entry(name).dtype
+        return self._entry(self._stacks[name][0][0] if name in self._stacks else name).dtype
 
     def nbytes(self, name: str) -> int:
         """Bytes the tensor occupies on disk, including its FP8 scale grid if any."""
+        if name in self._stacks:
+            return sum(self.nbytes(part) for group in self._stacks[name] for part in group)
         scale = self._entries.get(name + SCALE_SUFFIX)
         return self._entry(name).nbytes + (scale.nbytes if scale else 0)
 
@@ -152,7 +169,10 @@ class Checkpoint:
         return np.array(mapped)
 
     def read(self, name: str) -> np.ndarray:
-        """The tensor as float32; FP8 block-scaled weights come back dequantized."""
+        """The tensor as float32; FP8 block-scaled weights come back dequantized, per-expert ones stacked."""
+        if name in self._stacks:
+            return np.concatenate([np.stack([self.read(part) for part in group]) for group in self._stacks[name]],
+                                  axis=1)
         values = self.read_raw(name).astype(np.float32)
         if name + SCALE_SUFFIX in self._entries:
             values = dequantize_fp8_blocks(values, self.read_raw(name + SCALE_SUFFIX), self.fp8_block)
@@ -162,6 +182,8 @@ class Checkpoint:
         """A hash of the tensor's stored bytes (dtype, shape and FP8 scale grid included). Cached per
         process by file position and modification time: the planner and the backend each open the
         checkpoint, and one DeepSeek-V3 embedding copy is 1.9 GB to read."""
+        if name in self._stacks:
+            return "".join(self.digest(part) for group in self._stacks[name] for part in group)
         entries = [entry for entry in (self._entry(name), self._entries.get(name + SCALE_SUFFIX)) if entry is not None]
         return "".join(_entry_digest(entry, entry.file.stat().st_mtime_ns) for entry in entries)
 
@@ -215,6 +237,28 @@ class Checkpoint:
             return self._entries[name]
         except KeyError:
             raise KeyError(f"{name} is not a weight of {self.path}") from None
+
+
+_PER_EXPERT = re.compile(r"^(.+\.mlp\.experts\.)\d+\.(gate|up|down)_proj\.weight$")
+
+
+def per_expert_stacks(entries, config: dict) -> dict[str, list[list[str]]]:
+    """For a Qwen3.5 MoE checkpoint that stores routed experts one tensor per expert: ``{stacked name:
+    groups of per-expert names}``, ``experts.gate_up_proj`` stacking each expert's gate then up
+    projection (``[[gate_0..gate_E-1], [up_0..up_E-1]]``, concatenated along rows) and
+    ``experts.down_proj`` the down projections. Layers with an incomplete set are left alone (the
+    layout then names what is missing)."""
+    if not is_qwen3_5(config) or not config.get("num_experts"):
+        return {}
+    prefixes = {match.group(1) for name in entries if (match := _PER_EXPERT.match(name))}
+    stacks = {}
+    for prefix in sorted(prefixes):
+        per_kind = {kind: [f"{prefix}{e}.{kind}_proj.weight" for e in range(config["num_experts"])]
+                    for kind in ("gate", "up", "down")}
+        if all(name in entries for names in per_kind.values() for name in names):
+            stacks[prefix + "gate_up_proj"] = [per_kind["gate"], per_kind["up"]]
+            stacks[prefix + "down_proj"] = [per_kind["down"]]
+    return stacks
 
 
 def dequantize_fp8_blocks(values: np.ndarray, scale_inv: np.ndarray, block: tuple[int, int]) -> np.ndarray:

@@ -54,7 +54,7 @@ def _require(modules: tuple[str, ...], extra: str, what: str) -> None:
 
 @app.command("inspect")
 def inspect_command(
-    path: str = typer.Argument(..., help="Model directory: Hugging Face or mlx-lm (config.json + *.safetensors) or an edgemtp ONNX export."),
+    path: str = typer.Argument(..., help="Model directory: Hugging Face or mlx-lm (config.json + *.safetensors) or an edgemtp ONNX export; or a llama.cpp .gguf file."),
     as_json: bool = typer.Option(False, "--json", help="Print the numbers as JSON instead of a table."),
     ranks: int = typer.Option(1, "--ranks", help="Also plan a pipeline over this many machines like this one (mlx.launch): the layers and memory of each rank."),
 ) -> None:
@@ -68,6 +68,10 @@ def inspect_command(
     if ranks < 1:
         raise UserError(f"--ranks must be at least 1, got {ranks}")
     summary = summarize(path)
+    # Memory plans are made for what edgemtp loads: a converted directory, not a GGUF file.
+    plans_memory = not path.lower().endswith(".gguf")
+    if ranks > 1 and not plans_memory:
+        raise UserError(f"--ranks plans a converted model; run `edgemtp convert {path} OUT` and inspect OUT")
     if as_json:
         out = dataclasses.asdict(summary)
         if ranks > 1:
@@ -103,6 +107,8 @@ def inspect_command(
         table.add_row("MTP copies of trunk tensors", f"{gib(summary.trunk_copy_bytes)} stored, loaded once")
     table.add_row(f"KV cache ({summary.kv_cache_tokens} tokens, 16-bit)", gib(summary.kv_cache_bytes))
     Console().print(table)
+    if not plans_memory:
+        return
 
     # The memory planner's view of this machine (edgemtp/planner.py): budget, needs, context.
     from edgemtp.api import default_backend
@@ -148,7 +154,7 @@ def _pipeline_plan(path: str, ranks: int):
 @app.command("make-tiny")
 def make_tiny_command(
     out: str = typer.Argument(..., help="Directory to create."),
-    arch: str = typer.Option("llama", "--arch", help="Variant: llama, llama_untied, deepseek_v3, deepseek_v3_no_qlora, glm4_moe, glm4_moe_no_qk_norm, qwen2 (Qwen2.5: q/k/v biases), qwen3 (QK norm, explicit head_dim) or qwen3_5, qwen3_5_untied (Qwen3.5: Gated DeltaNet + gated attention, one MTP layer in Qwen's released layout)."),
+    arch: str = typer.Option("llama", "--arch", help="Variant: llama, llama_untied, deepseek_v3, deepseek_v3_no_qlora, glm4_moe, glm4_moe_no_qk_norm, qwen2 (Qwen2.5: q/k/v biases), qwen3 (QK norm, explicit head_dim) or qwen3_5, qwen3_5_untied, qwen3_5_moe (Qwen3.5: Gated DeltaNet + gated attention, one MTP layer in Qwen's released layout; the MoE variant with routed and shared experts)."),
     mtp_layers: int = typer.Option(1, "--mtp-layers", help="Number of MTP layers to add after the trunk."),
     mtp_head: str = typer.Option("own", "--mtp-head", help="Each MTP layer's shared_head.head: own (its own random head) or copy (a copy of the trunk's output head). MTP layers always store a copy of the embedding too, as DeepSeek-V3 and GLM-4.5 release them."),
     fp8: bool = typer.Option(False, "--fp8", help="Store projections as block-scaled float8 e4m3 like DeepSeek-V3."),

@@ -17,11 +17,14 @@ from pathlib import Path
 
 from edgemtp.errors import UserError
 
-SUPPORTED_MODEL_TYPES = ("deepseek_v3", "glm4_moe", "llama", "qwen2", "qwen3", "qwen3_5")
+SUPPORTED_MODEL_TYPES = ("deepseek_v3", "glm4_moe", "llama", "qwen2", "qwen3", "qwen3_5", "qwen3_5_moe")
+
+# Qwen3.5, dense and MoE: one layout and one model (mlx-lm's qwen3_5 text model builds both).
+QWEN3_5_TYPES = ("qwen3_5", "qwen3_5_moe")
 
 # Released Qwen3.5 checkpoints are vision-language models: the text model's keys sit under
-# ``text_config`` (model_type ``qwen3_5_text``) and the top level names ``qwen3_5``.
-NESTED_TEXT_CONFIG_TYPES = ("qwen3_5",)
+# ``text_config`` (model_type ``qwen3_5_text``, ``qwen3_5_moe_text``) and the top level names the family.
+NESTED_TEXT_CONFIG_TYPES = QWEN3_5_TYPES
 
 # transformers' default when a config names no RoPE base at all.
 DEFAULT_ROPE_THETA = 10000.0
@@ -48,13 +51,18 @@ def flat_text_config(config: dict) -> dict:
     """The text model's keys at the top level, as every other family stores them.
 
     A Qwen3.5 config nests them in ``text_config``; they are lifted (over the top level's, except
-    ``model_type``, which stays ``qwen3_5``) and the vision tower's config is dropped: edgemtp runs
+    ``model_type``, which stays the family's) and the vision tower's config is dropped: edgemtp runs
     the text model only. Other configs come back unchanged.
     """
     if config.get("model_type") not in NESTED_TEXT_CONFIG_TYPES or not isinstance(config.get("text_config"), dict):
         return config
     outer = {key: value for key, value in config.items() if key not in ("text_config", "vision_config")}
     return {**outer, **config["text_config"], "model_type": config["model_type"]}
+
+
+def is_qwen3_5(config: dict) -> bool:
+    """Whether the config is Qwen3.5's, dense or MoE."""
+    return config.get("model_type") in QWEN3_5_TYPES
 
 
 def check_supported(config: dict, where: str | Path = "config.json") -> str:
@@ -103,7 +111,7 @@ def partial_rotary_factor(config: dict) -> float:
     ``rope_parameters`` or the classic top-level key. GLM-4.5 configs default to half, as
     transformers' ``Glm4MoeConfig`` does, Qwen3.5 configs to a quarter, as ``Qwen3_5TextConfig``
     does; other models rotate every dimension."""
-    default = {"glm4_moe": 0.5, "qwen3_5": 0.25}.get(config.get("model_type"), 1.0)
+    default = {"glm4_moe": 0.5, "qwen3_5": 0.25, "qwen3_5_moe": 0.25}.get(config.get("model_type"), 1.0)
     params = config.get("rope_parameters") or {}
     return float(params.get("partial_rotary_factor", config.get("partial_rotary_factor", default)))
 

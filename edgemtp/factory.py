@@ -24,7 +24,7 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from edgemtp.config import with_both_rope_forms
+from edgemtp.config import is_qwen3_5, with_both_rope_forms
 from edgemtp.errors import UserError
 from edgemtp.layout import expected_weights, is_fp8_quantized, is_mtp_embedding, is_zero_centred_norm, layer_types
 from edgemtp.mtp_copies import trunk_head_name
@@ -190,6 +190,19 @@ _QWEN3_5 = {
     "mtp_use_dedicated_embeddings": False,
 }
 
+# Qwen3.5 MoE in miniature (Qwen3_5MoeForConditionalGeneration): the same hybrid trunk with a routed MLP in every layer,
+# the MTP layer's included (a router, stacked experts, a gated shared expert), and no dense MLP.
+_QWEN3_5_MOE = {
+    **{key: value for key, value in _QWEN3_5.items() if key != "intermediate_size"},
+    "architectures": ["Qwen3_5MoeForConditionalGeneration"],
+    "model_type": "qwen3_5_moe",
+    "num_experts": 8,
+    "num_experts_per_tok": 2,
+    "moe_intermediate_size": 32,
+    "shared_expert_intermediate_size": 64,
+    "tie_word_embeddings": False,
+}
+
 # Named variants: a base config plus the features a test wants to exercise.
 VARIANTS: dict[str, dict] = {
     "llama": _LLAMA,  # GQA (4 query heads, 2 KV heads), tied embeddings
@@ -202,6 +215,7 @@ VARIANTS: dict[str, dict] = {
     "glm4_moe_no_qk_norm": {**_GLM4_MOE, "use_qk_norm": False},  # GLM-4.5's released setting
     "qwen3_5": _QWEN3_5,  # Gated DeltaNet + gated attention, partial RoPE, QK norm, tied embeddings
     "qwen3_5_untied": {**_QWEN3_5, "tie_word_embeddings": False},  # as Qwen3.5-9B
+    "qwen3_5_moe": _QWEN3_5_MOE,  # Qwen3.5's trunk with routed experts and a shared expert in every layer
 }
 
 # Config keys that may be overridden although the base configs leave them out.
@@ -300,7 +314,7 @@ def tiny_config(arch: str = "llama", mtp_layers: int = 1, **overrides) -> dict:
     if mtp_layers < 0:
         raise UserError(f"mtp_layers must be >= 0, got {mtp_layers}")
     base.update(overrides)
-    if base["model_type"] == "qwen3_5":
+    if is_qwen3_5(base):
         if mtp_layers > 1:
             raise UserError("qwen3_5 checkpoints carry one MTP layer, as released; pass mtp_layers 0 or 1")
         base["layer_types"] = layer_types(base)
@@ -316,13 +330,13 @@ def tiny_config(arch: str = "llama", mtp_layers: int = 1, **overrides) -> dict:
 def _released_config(config: dict) -> dict:
     """The config.json as the family releases it: Qwen3.5's text keys nested in ``text_config``
     under a vision-language top level (no vision tower is written); other families flat."""
-    if config["model_type"] != "qwen3_5":
+    if not is_qwen3_5(config):
         return config
     outer = ("architectures", "model_type", "quantization_config")
     text = {key: value for key, value in config.items() if key not in outer}
     top = {key: config[key] for key in outer if key in config}
     return {**top, "tie_word_embeddings": config["tie_word_embeddings"], "torch_dtype": config["torch_dtype"],
-            "text_config": {**text, "model_type": "qwen3_5_text"}}
+            "text_config": {**text, "model_type": config["model_type"] + "_text"}}
 
 
 # --- weights ----------------------------------------------------------------

@@ -9,7 +9,7 @@ the trunk's type plus ``enorm``, ``hnorm``, ``eh_proj`` and ``shared_head.{norm,
 as DeepSeek-V3/R1 and GLM-4.5 release them, its own ``embed_tokens`` (in those
 releases a copy of the trunk's embedding; see ``edgemtp.mtp_copies``).
 
-Qwen3.5 (``qwen3_5``) keeps its released names instead: the trunk under
+Qwen3.5 (``qwen3_5``, and ``qwen3_5_moe`` with its routed MLPs) keeps its released names instead: the trunk under
 ``model.language_model.``, its one MTP layer under ``mtp.`` (``fc``, ``pre_fc_norm_embedding``,
 ``pre_fc_norm_hidden``, ``layers.0.`` a full-attention block, ``norm``; the head is the trunk's).
 The backends map those names onto the convention above (``eh_proj``, ``enorm``, ``hnorm``,
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 
-from edgemtp.config import check_supported, mtp_fusion_layers, num_mtp_layers
+from edgemtp.config import QWEN3_5_TYPES, check_supported, is_qwen3_5, mtp_fusion_layers, num_mtp_layers
 from edgemtp.errors import UserError
 
 Shapes = dict[str, tuple[int, ...]]
@@ -58,7 +58,7 @@ def is_optional(name: str) -> bool:
 
 def mtp_prefix(config: dict, index: int) -> str:
     """Weight-name prefix of MTP layer ``index`` (0-based)."""
-    if config.get("model_type") == "qwen3_5":
+    if is_qwen3_5(config):
         return QWEN3_5_MTP
     return f"model.layers.{config['num_hidden_layers'] + index}."
 
@@ -66,7 +66,7 @@ def mtp_prefix(config: dict, index: int) -> str:
 def expected_weights(config: dict) -> Shapes:
     """Every weight the config promises, trunk first then MTP layers, name -> shape."""
     model_type = check_supported(config)
-    if model_type == "qwen3_5":
+    if model_type in QWEN3_5_TYPES:
         return _qwen3_5_weights(config)
     block = _BLOCKS[model_type]
     hidden, vocab = config["hidden_size"], config["vocab_size"]
@@ -229,7 +229,7 @@ def layer_types(config: dict) -> list[str]:
 
 def attention_layers(config: dict) -> int:
     """Trunk layers that cache keys and values: all of them, but Qwen3.5's full-attention ones only."""
-    if config.get("model_type") == "qwen3_5":
+    if is_qwen3_5(config):
         return layer_types(config).count("full_attention")
     return int(config["num_hidden_layers"])
 
@@ -238,7 +238,7 @@ def recurrent_state_bytes(config: dict) -> int:
     """Bytes of Qwen3.5's Gated DeltaNet states, fixed whatever the context: per linear-attention
     layer a recurrent state of ``value heads x value dim x key dim`` and the convolution's last
     ``kernel - 1`` inputs, both counted as float32 (the recurrent state always is). 0 elsewhere."""
-    if config.get("model_type") != "qwen3_5":
+    if not is_qwen3_5(config):
         return 0
     value_heads, key_dim, value_dim = (config["linear_num_value_heads"], config["linear_key_head_dim"],
                                        config["linear_value_head_dim"])
@@ -253,7 +253,7 @@ _QWEN3_5_NORM = re.compile(r"norm(_embedding|_hidden)?\.weight$")
 def is_zero_centred_norm(model_type: str, name: str) -> bool:
     """Whether RMSNorm weight ``name`` is stored as ``w`` for a scale of ``1 + w`` (Qwen3.5's
     norms, the MTP module's ``pre_fc_norm_*`` included, all but the gated norm inside Gated DeltaNet)."""
-    return (model_type == "qwen3_5" and _QWEN3_5_NORM.search(name) is not None
+    return (model_type in QWEN3_5_TYPES and _QWEN3_5_NORM.search(name) is not None
             and not name.endswith("linear_attn.norm.weight"))
 
 
@@ -279,7 +279,7 @@ def _qwen3_5_weights(config: dict) -> Shapes:
 
 def _qwen3_5_block(config: dict, kind: str, prefix: str) -> Shapes:
     """A Gated DeltaNet or a gated full-attention block (``q_proj`` also yields the output gate:
-    twice the query width), then a dense MLP."""
+    twice the query width), then a dense MLP or (``num_experts``, Qwen3.5 MoE) a routed one."""
     hidden = config["hidden_size"]
     shapes: Shapes = {prefix + "input_layernorm.weight": (hidden,)}
     if kind == "linear_attention":
@@ -311,7 +311,25 @@ def _qwen3_5_block(config: dict, kind: str, prefix: str) -> Shapes:
             attn + "k_norm.weight": (head_dim,),
         })
     shapes[prefix + "post_attention_layernorm.weight"] = (hidden,)
-    shapes.update(_mlp(prefix + "mlp.", hidden, config["intermediate_size"]))
+    if config.get("num_experts"):
+        shapes.update(_qwen3_5_moe_mlp(config, prefix + "mlp."))
+    else:
+        shapes.update(_mlp(prefix + "mlp.", hidden, config["intermediate_size"]))
+    return shapes
+
+
+def _qwen3_5_moe_mlp(config: dict, mlp: str) -> Shapes:
+    """Qwen3.5 MoE's MLP as released (transformers' ``Qwen3_5MoeSparseMoeBlock``): a router, the routed
+    experts stacked in two tensors (``gate_up_proj`` holds each expert's gate rows then its up rows),
+    and one shared expert scaled by a sigmoid gate."""
+    hidden, experts, expert_size = config["hidden_size"], config["num_experts"], config["moe_intermediate_size"]
+    shapes: Shapes = {
+        mlp + "gate.weight": (experts, hidden),
+        mlp + "experts.gate_up_proj": (experts, 2 * expert_size, hidden),
+        mlp + "experts.down_proj": (experts, hidden, expert_size),
+        mlp + "shared_expert_gate.weight": (1, hidden),
+    }
+    shapes.update(_mlp(mlp + "shared_expert.", hidden, config["shared_expert_intermediate_size"]))
     return shapes
 
 

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Iterator
 
 from edgemtp.checkpoint import Checkpoint, refuse_pickles
-from edgemtp.config import check_supported, load_config, num_mtp_layers
+from edgemtp.config import check_supported, is_qwen3_5, load_config, num_mtp_layers
 from edgemtp.draft_vocab import FILE_NAME as DRAFT_VOCAB_FILE
 from edgemtp.engine.backend import PREFILL_CHUNK
 from edgemtp.engine.generate import AUTO_MAX_DRAFT
@@ -196,7 +196,7 @@ def weight_files(model_dir: Path, config: dict) -> WeightFiles:
     safetensors_files = [p for p in trunk_files if p.suffix == ".safetensors"]
     if safetensors_files and len(safetensors_files) == len(trunk_files):
         first_mtp_layer = int(config["num_hidden_layers"])
-        released_mtp = QWEN3_5_MTP if config["model_type"] == "qwen3_5" else None  # Qwen3.5 keeps mtp.*
+        released_mtp = QWEN3_5_MTP if is_qwen3_5(config) else None  # Qwen3.5 keeps mtp.*
         tied = bool(config.get("tie_word_embeddings", False))
         for path in safetensors_files:
             for name, (dtype, shape) in safetensors_entries(path).items():
@@ -219,7 +219,7 @@ def weight_files(model_dir: Path, config: dict) -> WeightFiles:
         total, mtp = total - copies, mtp - copies
     idle_experts = 0
     if experts:
-        used = int(config.get("num_experts_per_tok") or 1) / int(config["n_routed_experts"])
+        used = int(config.get("num_experts_per_tok") or 1) / int(config.get("n_routed_experts") or config["num_experts"])
         idle_experts = round(experts * (1 - used))
     return WeightFiles(total=total, mtp=mtp, embedding=embedding, idle_experts=idle_experts,
                        trunk_stream=total - mtp - embedding - idle_experts)

@@ -44,7 +44,10 @@ class ModelSummary:
 
 
 def summarize(path: str | Path) -> ModelSummary:
-    """Describe the model directory at ``path`` (HF, mlx-lm or edgemtp ONNX) without loading its weights."""
+    """Describe the model at ``path`` (HF, mlx-lm or edgemtp ONNX directory, or GGUF file) without
+    loading its weights."""
+    if _is_gguf(Path(path)):
+        return _gguf_summary(Path(path))
     config = load_config(path)
     onnx_export = _onnx_export_summary(Path(path))
     copy_bytes = 0
@@ -63,6 +66,11 @@ def summarize(path: str | Path) -> ModelSummary:
         else:
             from_trunk = [parts_from_trunk(checkpoint, i) for i in range(num_mtp_layers(config))]
             copy_bytes = trunk_copy_bytes(checkpoint)
+    return _summary(config, where, storage, weight_bytes, from_trunk, copy_bytes)
+
+
+def _summary(config: dict, where: str, storage: str, weight_bytes: int, from_trunk: list[list[str]],
+             copy_bytes: int) -> ModelSummary:
     trunk, mtp = parameter_counts(config, from_trunk)
     return ModelSummary(
         path=where,
@@ -80,6 +88,22 @@ def summarize(path: str | Path) -> ModelSummary:
         kv_cache_tokens=KV_CACHE_TOKENS,
         kv_cache_bytes=kv_cache_bytes(config, KV_CACHE_TOKENS),
     )
+
+
+def _is_gguf(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() == ".gguf"
+
+
+def _gguf_summary(path: Path) -> ModelSummary:
+    """A llama.cpp GGUF file, read through the converters' reader: its config rebuilt from the
+    metadata, its bytes as stored (quantized blocks included), its MTP layers (``blk.{n}.nextn.*``)."""
+    from edgemtp.converters.gguf_source import GGUFCheckpoint
+
+    checkpoint = GGUFCheckpoint.open(path)
+    checkpoint.validate()
+    from_trunk = [parts_from_trunk(checkpoint, i) for i in range(checkpoint.num_mtp_layers)]
+    return _summary(checkpoint.config, str(path), checkpoint.storage, checkpoint.stored_bytes, from_trunk,
+                    trunk_copy_bytes(checkpoint))
 
 
 def _onnx_export_summary(path: Path) -> tuple[str, int, list[list[str]]] | None:

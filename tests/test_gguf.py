@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from edgemtp.converters.gguf_source import GGUFCheckpoint, permute_rows, unpermute_rows
+from edgemtp.converters.gguf_llama import permute_rows, unpermute_rows
+from edgemtp.converters.gguf_source import GGUFCheckpoint
 from edgemtp.errors import UserError
 
 # The shared corpus lies beside the repository (../shared), in CI as in a checkout.
@@ -57,8 +58,6 @@ def write_llama_gguf(ckpt_dir: Path, path: Path, qtype=gguf.GGMLQuantizationType
     2-D weights are stored as ``qtype``, norms as F32; Q/K rows get llama.cpp's permutation.
     """
     cfg = json.loads((ckpt_dir / "config.json").read_text())
-    tok = json.loads((ckpt_dir / "tokenizer.json").read_text())
-    tok_cfg = json.loads((ckpt_dir / "tokenizer_config.json").read_text())
     writer = gguf.GGUFWriter(path, "llama")
     writer.add_block_count(cfg["num_hidden_layers"])
     writer.add_context_length(cfg["max_position_embeddings"])
@@ -69,19 +68,7 @@ def write_llama_gguf(ckpt_dir: Path, path: Path, qtype=gguf.GGMLQuantizationType
     writer.add_rope_freq_base(cfg["rope_theta"])
     writer.add_layer_norm_rms_eps(cfg["rms_norm_eps"])
     writer.add_rope_dimension_count(cfg["hidden_size"] // cfg["num_attention_heads"])
-    vocab = tok["model"]["vocab"]
-    tokens = sorted(vocab, key=vocab.get)
-    specials = {t["content"] for t in tok["added_tokens"] if t["special"]}
-    merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("default")
-    writer.add_token_list(tokens)
-    writer.add_token_types([gguf.TokenType.CONTROL if t in specials else gguf.TokenType.NORMAL for t in tokens])
-    writer.add_token_merges(merges)
-    writer.add_eos_token_id(vocab[tok_cfg["eos_token"]])
-    writer.add_bos_token_id(vocab[tok_cfg["eos_token"]])
-    writer.add_add_bos_token(False)
-    writer.add_chat_template(tok_cfg["chat_template"])
+    add_vocab(writer, ckpt_dir)
 
     n_layers = cfg["num_hidden_layers"]
     for name, weight in hf_weights(ckpt_dir).items():
@@ -91,10 +78,40 @@ def write_llama_gguf(ckpt_dir: Path, path: Path, qtype=gguf.GGMLQuantizationType
             weight = permute_rows(weight, cfg["num_attention_heads"])
         elif name.endswith("k_proj.weight"):
             weight = permute_rows(weight, cfg["num_key_value_heads"])
-        if weight.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32:
-            writer.add_tensor(_gguf_name(name), gguf.quants.quantize(weight, qtype), raw_dtype=qtype)
-        else:
-            writer.add_tensor(_gguf_name(name), weight)
+        add_tensor(writer, _gguf_name(name), weight, qtype)
+    return finish(writer, path)
+
+
+def add_vocab(writer: gguf.GGUFWriter, ckpt_dir: Path, pre: str = "default") -> None:
+    """A factory checkpoint's byte-level BPE vocabulary, merges and chat template, as llama.cpp writes them
+    (``pre``: llama.cpp's name for the pre-tokenizer)."""
+    tok = json.loads((ckpt_dir / "tokenizer.json").read_text())
+    tok_cfg = json.loads((ckpt_dir / "tokenizer_config.json").read_text())
+    vocab = tok["model"]["vocab"]
+    tokens = sorted(vocab, key=vocab.get)
+    specials = {t["content"] for t in tok["added_tokens"] if t["special"]}
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types([gguf.TokenType.CONTROL if t in specials else gguf.TokenType.NORMAL for t in tokens])
+    writer.add_token_merges(merges)
+    writer.add_eos_token_id(vocab[tok_cfg["eos_token"]])
+    writer.add_bos_token_id(vocab[tok_cfg["eos_token"]])
+    writer.add_add_bos_token(False)
+    writer.add_chat_template(tok_cfg["chat_template"])
+
+
+def add_tensor(writer: gguf.GGUFWriter, name: str, weight: np.ndarray, qtype) -> None:
+    """Matrices as ``qtype`` where their rows split into its blocks, everything else (norms) as F32."""
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    if weight.ndim == 2 and qtype != gguf.GGMLQuantizationType.F32 and weight.shape[-1] % block == 0:
+        writer.add_tensor(name, gguf.quants.quantize(weight, qtype), raw_dtype=qtype)
+    else:
+        writer.add_tensor(name, weight)
+
+
+def finish(writer: gguf.GGUFWriter, path: Path) -> Path:
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

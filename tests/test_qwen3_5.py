@@ -1,4 +1,4 @@
-"""Qwen3.5 (``qwen3_5``): the released layout, its MTP layer against transformers' own layer
+"""Qwen3.5 (``qwen3_5``, and ``qwen3_5_moe`` where the same code serves): the released layout, its MTP layer against transformers' own layer
 classes, and rollback of the Gated DeltaNet states on MLX.
 
 The trunk's parity with transformers runs with every factory variant in ``test_mlx_parity.py``.
@@ -15,11 +15,16 @@ import numpy as np
 import pytest
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, Qwen3_5TextConfig
+from transformers import AutoModelForCausalLM, Qwen3_5MoeTextConfig, Qwen3_5TextConfig
 from transformers.models.qwen3_5.modeling_qwen3_5 import (
     Qwen3_5DecoderLayer,
     Qwen3_5RMSNorm,
     Qwen3_5TextRotaryEmbedding,
+)
+from transformers.models.qwen3_5_moe.modeling_qwen3_5_moe import (
+    Qwen3_5MoeDecoderLayer,
+    Qwen3_5MoeRMSNorm,
+    Qwen3_5MoeTextRotaryEmbedding,
 )
 
 import edgemtp
@@ -65,7 +70,8 @@ def test_factory_writes_the_released_layout(tiny_checkpoint):
 class MTPReference:
     """Qwen3.5's MTP module from transformers' own classes: ``Qwen3_5RMSNorm`` for
     ``pre_fc_norm_embedding``, ``pre_fc_norm_hidden`` and ``norm``, a ``Qwen3_5DecoderLayer`` of
-    the full-attention kind for ``layers.0``, the trunk's ``lm_head``:
+    the full-attention kind for ``layers.0`` (the ``Qwen3_5Moe`` classes for ``qwen3_5_moe``), the
+    trunk's ``lm_head``:
 
         x = fc(concat[pre_fc_norm_embedding(embed(t[i+1])), pre_fc_norm_hidden(h[i])])
         logits = lm_head(norm(layers.0(x)))   # causal, RoPE positions 0..n-1
@@ -76,19 +82,24 @@ class MTPReference:
     def __init__(self, path):
         ckpt = Checkpoint.open(path)
         self.trunk = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-        config = Qwen3_5TextConfig(**json.loads((path / "config.json").read_text())["text_config"])
+        released = json.loads((path / "config.json").read_text())
+        moe = released["model_type"] == "qwen3_5_moe"
+        config_class, norm_class, layer_class, rotary_class = (
+            (Qwen3_5MoeTextConfig, Qwen3_5MoeRMSNorm, Qwen3_5MoeDecoderLayer, Qwen3_5MoeTextRotaryEmbedding) if moe
+            else (Qwen3_5TextConfig, Qwen3_5RMSNorm, Qwen3_5DecoderLayer, Qwen3_5TextRotaryEmbedding))
+        config = config_class(**released["text_config"])
         config._attn_implementation = "eager"
         hidden, eps = config.hidden_size, config.rms_norm_eps
         tensors = {name.removeprefix("mtp."): torch.from_numpy(ckpt.read(name)) for name in ckpt.mtp_names(0)}
         self.norms = {}
         for part in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm"):
-            self.norms[part] = Qwen3_5RMSNorm(hidden, eps)
+            self.norms[part] = norm_class(hidden, eps)
             self.norms[part].load_state_dict({"weight": tensors[f"{part}.weight"]})
         self.fc = tensors["fc.weight"]
-        self.layer = Qwen3_5DecoderLayer(config, layer_idx=config.layer_types.index("full_attention")).eval()
+        self.layer = layer_class(config, layer_idx=config.layer_types.index("full_attention")).eval()
         self.layer.load_state_dict({name.removeprefix("layers.0."): tensor for name, tensor in tensors.items()
                                     if name.startswith("layers.0.")})
-        self.rotary = Qwen3_5TextRotaryEmbedding(config)
+        self.rotary = rotary_class(config)
 
     @torch.no_grad()
     def layer_step(self, hidden: torch.Tensor, tokens: list[int]) -> tuple[np.ndarray, torch.Tensor]:
@@ -108,7 +119,7 @@ class MTPReference:
         return logits
 
 
-@pytest.mark.parametrize(("variant", "depth"), [("qwen3_5", 1), ("qwen3_5_untied", 2)])
+@pytest.mark.parametrize(("variant", "depth"), [("qwen3_5", 1), ("qwen3_5_untied", 2), ("qwen3_5_moe", 1)])
 def test_mtp_logits_match_transformers_layers(tiny_checkpoint, variant, depth):
     path = tiny_checkpoint(variant)
     model = Model({}, None, MLXBackend.from_checkpoint(path, max_kv_size=128))
@@ -119,6 +130,19 @@ def test_mtp_logits_match_transformers_layers(tiny_checkpoint, variant, depth):
 
     assert logits.shape == (SEQ_LEN - depth, 384)
     assert np.abs(logits - expected).max() <= 1e-4 * np.abs(expected).max()
+
+
+def assert_trunk_and_mtp_match_transformers(backend: MLXBackend, path, ids: list[int]) -> None:
+    """fp32 trunk logits against transformers' ``Qwen3_5ForCausalLM`` on the HF checkpoint at ``path``,
+    and MTP depth-1 logits against ``MTPReference``, within 1e-4 of the largest logit."""
+    logits, _ = backend.trunk_step(ids)
+    with torch.no_grad():
+        expected = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)(torch.tensor([ids])).logits[0].numpy()
+    assert np.abs(logits - expected).max() <= 1e-4 * np.abs(expected).max()
+    backend.reset()
+    mtp = Model({}, None, backend).mtp_logits(ids, depth=1)
+    reference = MTPReference(path).mtp_logits(ids, 1)
+    assert np.abs(mtp - reference).max() <= 1e-4 * np.abs(reference).max()
 
 
 def recurrent_states(backend: MLXBackend) -> list[np.ndarray]:
@@ -167,7 +191,7 @@ def test_pipelined_greedy_decoding_rolls_back_its_queued_step(tiny_checkpoint):
     assert_same_trunk(backend, fresh, tokens[-1])
 
 
-@pytest.mark.parametrize("variant", ["qwen3_5", "qwen3_5_untied"])
+@pytest.mark.parametrize("variant", ["qwen3_5", "qwen3_5_untied", "qwen3_5_moe"])
 def test_speculative_greedy_equals_plain_greedy_mlx(tiny_checkpoint, variant):
     path = tiny_checkpoint(variant)
     model = edgemtp.load(path, backend="mlx")
@@ -193,21 +217,16 @@ def test_speculative_greedy_equals_plain_greedy_mlx(tiny_checkpoint, variant):
     mx.eval()  # nothing left pending
 
 
-def test_mlx_conversion_matches_transformers_and_loads_in_mlx_lm(tiny_checkpoint, tmp_path):
+@pytest.mark.parametrize("variant", ["qwen3_5_untied", "qwen3_5_moe"])
+def test_mlx_conversion_matches_transformers_and_loads_in_mlx_lm(tiny_checkpoint, tmp_path, variant):
     import mlx_lm
 
     from edgemtp.converters.convert import convert
 
-    path = tiny_checkpoint("qwen3_5_untied")
+    path = tiny_checkpoint(variant)
     ids = token_ids(SEQ_LEN, seed=9)
     full = convert(path, tmp_path / "f32", to="mlx", bits=16, dtype="float32", show_progress=False)
-    backend = MLXBackend.load(full)
-    logits, _ = backend.trunk_step(ids)
-    with torch.no_grad():
-        expected = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)(torch.tensor([ids])).logits[0].numpy()
-    assert np.abs(logits - expected).max() <= 1e-4 * np.abs(expected).max()
-    mtp = Model({}, None, backend).mtp_logits(ids, depth=1)
-    assert np.abs(mtp - MTPReference(path).mtp_logits(ids, 1)).max() <= 1e-4 * np.abs(mtp).max()
+    assert_trunk_and_mtp_match_transformers(MLXBackend.load(full), path, ids)
 
     # 4 bits: mlx-lm's own qwen3_5 model and edgemtp's backend read the same directory alike.
     quantized = convert(path, tmp_path / "q4", to="mlx", bits=4, group_size=32, show_progress=False)
@@ -235,7 +254,25 @@ def test_onnx_export_refuses_in_one_line(tiny_checkpoint, tmp_path):
 
     with pytest.raises(UserError, match="qwen3_5 has no ONNX export yet; convert it --to mlx"):
         export_onnx(tiny_checkpoint("qwen3_5"), tmp_path / "onnx")
+    with pytest.raises(UserError, match="qwen3_5_moe has no ONNX export yet; convert it --to mlx"):
+        export_onnx(tiny_checkpoint("qwen3_5_moe"), tmp_path / "onnx")
     assert not any(tmp_path.iterdir())
+
+
+def test_moe_factory_writes_the_released_layout_transformers_loads(tiny_checkpoint):
+    path = tiny_checkpoint("qwen3_5_moe")
+    config = json.loads((path / "config.json").read_text())
+    assert config["model_type"] == "qwen3_5_moe" and config["text_config"]["model_type"] == "qwen3_5_moe_text"
+    ckpt = Checkpoint.open(path)
+    assert ckpt.num_mtp_layers == 1
+    # Every layer's MLP routes, the MTP layer's included: experts stacked as transformers stores them.
+    assert ckpt.shape("model.language_model.layers.0.mlp.experts.gate_up_proj") == (8, 64, 64)
+    assert ckpt.shape("mtp.layers.0.mlp.experts.down_proj") == (8, 64, 32)
+    assert "mtp.layers.0.mlp.shared_expert_gate.weight" in ckpt.mtp_names(0)
+
+    model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, dtype=torch.float32)
+    assert type(model).__name__ == "Qwen3_5MoeForCausalLM"
+    assert not info["missing_keys"] and not info["mismatched_keys"] and not info["unexpected_keys"]
 
 
 def test_long_speculative_run_leaves_no_drift_mlx(tiny_checkpoint):
@@ -308,3 +345,46 @@ def test_speculative_sampling_keeps_the_target_distribution_mlx(tiny_checkpoint)
     wanted = np.array([sum(expected[key] for key in cell) for cell in cells]) * samples
     assert len(common) >= 8
     assert chisquare(observed, wanted * observed.sum() / wanted.sum()).pvalue > 0.001
+
+
+def test_moe_experts_stored_one_tensor_per_expert_read_as_stacked(tiny_checkpoint, tmp_path):
+    """A qwen3_5_moe checkpoint whose routed experts are stored per expert (here the MTP layer's and trunk
+    layer 1's) reads, converts and runs exactly like the stacked one, and transformers' own conversion of
+    those names loads the same model."""
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    source = tiny_checkpoint("qwen3_5_moe")
+    path = tmp_path / "per_expert"
+    shutil.copytree(source, path)
+    for file in path.glob("*.safetensors"):
+        tensors = load_file(file)
+        for prefix in ("mtp.layers.0.mlp.experts.", "model.language_model.layers.1.mlp.experts."):
+            if prefix + "gate_up_proj" not in tensors:
+                continue
+            gate_up, down = tensors.pop(prefix + "gate_up_proj"), tensors.pop(prefix + "down_proj")
+            half = gate_up.shape[1] // 2
+            for expert in range(gate_up.shape[0]):
+                tensors[f"{prefix}{expert}.gate_proj.weight"] = np.ascontiguousarray(gate_up[expert, :half])
+                tensors[f"{prefix}{expert}.up_proj.weight"] = np.ascontiguousarray(gate_up[expert, half:])
+                tensors[f"{prefix}{expert}.down_proj.weight"] = np.ascontiguousarray(down[expert])
+        save_file(tensors, file)
+
+    stacked, per_expert = Checkpoint.open(source), Checkpoint.open(path)
+    assert "mtp.layers.0.mlp.experts.3.up_proj.weight" not in per_expert.names()
+    assert sorted(per_expert.names()) == sorted(stacked.names())
+    for name in ("mtp.layers.0.mlp.experts.gate_up_proj", "model.language_model.layers.1.mlp.experts.down_proj"):
+        assert per_expert.shape(name) == stacked.shape(name)
+        np.testing.assert_array_equal(per_expert.read(name), stacked.read(name))
+
+    ids = token_ids(SEQ_LEN, seed=13)
+    ours, theirs = (Model({}, None, MLXBackend.from_checkpoint(p, max_kv_size=64)) for p in (path, source))
+    np.testing.assert_array_equal(ours.logits(ids), theirs.logits(ids))
+    np.testing.assert_array_equal(ours.mtp_logits(ids, 1), theirs.mtp_logits(ids, 1))
+
+    model, info = AutoModelForCausalLM.from_pretrained(path, output_loading_info=True, dtype=torch.float32)
+    assert not info["missing_keys"] and not info["mismatched_keys"]
+    with torch.no_grad():
+        expected = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)(torch.tensor([ids])).logits
+        np.testing.assert_array_equal(model(torch.tensor([ids])).logits.numpy(), expected.numpy())

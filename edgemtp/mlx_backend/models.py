@@ -19,7 +19,7 @@ from edgemtp.mlx_backend import deepseek_v3, glm4_moe, llama, qwen2, qwen3, qwen
 from edgemtp.mlx_backend.cache import PreallocatedKVCache, RecurrentStateCache
 
 ARCHITECTURES: dict[str, ModuleType] = {"llama": llama, "deepseek_v3": deepseek_v3, "glm4_moe": glm4_moe, "qwen2": qwen2,
-                                        "qwen3": qwen3, "qwen3_5": qwen3_5}
+                                        "qwen3": qwen3, "qwen3_5": qwen3_5, "qwen3_5_moe": qwen3_5}
 
 
 def output_head(trunk: nn.Module) -> Callable[[mx.array], mx.array]:

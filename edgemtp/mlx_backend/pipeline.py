@@ -27,7 +27,7 @@ import mlx.core as mx
 import numpy as np
 
 from edgemtp.checkpoint import Checkpoint
-from edgemtp.config import load_config, mtp_fusion_layers
+from edgemtp.config import is_qwen3_5, load_config, mtp_fusion_layers
 from edgemtp.distributed import Watchdog, host_of, init_group, peer_timeout
 from edgemtp.draft_vocab import load_draft_vocab
 from edgemtp.engine.stats import peak_rss_bytes
@@ -370,8 +370,8 @@ def join_pipeline(path: str | Path, *, max_kv_size: int | None, context_cap: int
     rank serves rank 0's passes and leaves the process (exit code 0) when rank 0 closes."""
     path = Path(path)
     config = load_config(path)
-    if config.get("model_type") == "qwen3_5":  # rollback recomputes whole steps on one rank
-        raise UserError("Qwen3.5 (qwen3_5) does not run over several machines yet: its linear-attention "
+    if is_qwen3_5(config):  # rollback recomputes whole steps on one rank
+        raise UserError(f"Qwen3.5 ({config['model_type']}) does not run over several machines yet: its linear-attention "
                         "state rolls back by recomputing a step, which the pipeline does not do; run it "
                         "in one process, without mlx.launch")
     if mtp_fusion_layers(config):  # the fused feature needs inner layers that live on other ranks

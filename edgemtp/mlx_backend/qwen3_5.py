@@ -1,11 +1,13 @@
-"""Qwen3.5 (dense) on MLX: mlx-lm's ``qwen3_5`` text model built from an HF config.
+"""Qwen3.5 (dense ``qwen3_5`` and MoE ``qwen3_5_moe``) on MLX: mlx-lm's ``qwen3_5`` text model built
+from an HF config (mlx-lm's ``qwen3_5_moe`` model is that same text model with ``num_experts`` set).
 
 Exposes the same six names as ``llama.py``. The trunk is mlx-lm's ``TextModel`` (parameters
 ``model.*`` and ``lm_head``), which is what mlx-lm's ``Model`` wraps as ``language_model``, so a
 conversion loads in mlx-lm too. ``convert_weights`` does what mlx-lm's ``sanitize`` does to a
 released checkpoint (``model.language_model.`` prefix dropped, vision tower skipped, conv1d
-weights to MLX's channels-last layout, zero-centred norms stored as ``1 + w``) and maps the MTP
-module's names onto edgemtp's MTP convention:
+weights to MLX's channels-last layout, zero-centred norms stored as ``1 + w``, MoE experts' stacked
+``gate_up_proj`` split into ``switch_mlp``'s gate and up projections as mlx-lm's ``qwen3_5_moe``
+sanitize does) and maps the MTP module's names onto edgemtp's MTP convention:
 
     mtp.fc -> eh_proj, mtp.pre_fc_norm_embedding -> enorm, mtp.pre_fc_norm_hidden -> hnorm,
     mtp.layers.0.* -> the block, mtp.norm -> shared_head.norm (the head is the trunk's).
@@ -28,6 +30,9 @@ from edgemtp.layout import QWEN3_5_MTP, QWEN3_5_TRUNK, QWEN3_5_VISION, is_zero_c
 # The full-attention layers take mlx-lm's "causal" string mask (fast SDPA path).
 MASK_AS_ARRAY = False
 
+# A MoE layer's routed experts as released (two stacked tensors) and as mlx-lm's SwitchGLU holds them.
+_STACKED_GATE_UP, _STACKED_DOWN = "experts.gate_up_proj", "experts.down_proj"
+
 # Released MTP names -> edgemtp's MTP convention (``edgemtp.layout``), after the ``mtp.`` prefix.
 _MTP_NAMES = {"fc.": "eh_proj.", "pre_fc_norm_embedding.": "enorm.", "pre_fc_norm_hidden.": "hnorm.",
               "norm.": "shared_head.norm.", "layers.0.": ""}
@@ -47,6 +52,8 @@ def model_args(config: dict) -> qwen3_5.TextModelArgs:
             "rope_parameters": {"rope_type": "default", "rope_theta": rope_theta(config),
                                 "partial_rotary_factor": partial_rotary_factor(config)},
             "tie_word_embeddings": config.get("tie_word_embeddings", False),
+            # transformers' Qwen3_5MoeTopKRouter always renormalizes the chosen experts' weights.
+            "norm_topk_prob": True,
         }
     )
 
@@ -90,4 +97,13 @@ def convert_weights(
             value = np.moveaxis(value, 2, 1)  # (channels, 1, kernel) -> (channels, kernel, 1)
         if is_zero_centred_norm("qwen3_5", name):
             value = value + np.float32(1.0)
-        yield mlx_name(name), value
+        name = mlx_name(name)
+        if name.endswith(_STACKED_GATE_UP):
+            switch = name.removesuffix(_STACKED_GATE_UP) + "switch_mlp."
+            half = value.shape[1] // 2  # each expert's gate rows, then its up rows
+            yield switch + "gate_proj.weight", value[:, :half]
+            yield switch + "up_proj.weight", value[:, half:]
+        elif name.endswith(_STACKED_DOWN):
+            yield name.removesuffix(_STACKED_DOWN) + "switch_mlp.down_proj.weight", value
+        else:
+            yield name, value

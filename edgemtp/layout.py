@@ -216,6 +216,24 @@ QWEN3_5_MTP = "mtp."
 QWEN3_5_VISION = "model.visual."  # the released checkpoints' vision tower, which edgemtp never loads
 
 
+# Released MTP names -> edgemtp's MTP convention (ARCHITECTURE.md), after the ``mtp.`` prefix.
+_QWEN3_5_MTP_NAMES = {"fc.": "eh_proj.", "pre_fc_norm_embedding.": "enorm.", "pre_fc_norm_hidden.": "hnorm.",
+                      "norm.": "shared_head.norm.", "layers.0.": ""}
+
+
+def qwen3_5_name(name: str) -> str:
+    """A released Qwen3.5 tensor's name in the layout every other family uses: the trunk's under
+    ``model.`` (mlx-lm's names too), the MTP layer's in edgemtp's MTP convention under ``mtp.``."""
+    if name.startswith(QWEN3_5_TRUNK):
+        return "model." + name.removeprefix(QWEN3_5_TRUNK)
+    if name.startswith(QWEN3_5_MTP):
+        part = name.removeprefix(QWEN3_5_MTP)
+        for released, ours in _QWEN3_5_MTP_NAMES.items():
+            if part.startswith(released):
+                return QWEN3_5_MTP + ours + part.removeprefix(released)
+    return name
+
+
 def layer_types(config: dict) -> list[str]:
     """``"linear_attention"`` or ``"full_attention"`` per trunk layer of a Qwen3.5 config: its
     ``layer_types``, else every ``full_attention_interval``-th layer (default 4) full, as

@@ -2,7 +2,8 @@
 
 One session runs the trunk graph and one runs each MTP layer's graph. Every cache (the trunk's
 and one per MTP depth) is a preallocated buffer bound with IO binding (see cache.py), so a
-step copies no cache and a rollback is O(1).
+step copies no cache and a rollback is O(1), except over Qwen3.5's Gated DeltaNet states: those a
+rollback restores by running the kept tokens again (``trunk_rollback``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from edgemtp.config import load_config
 from edgemtp.converters.onnx_export.manifest import read_manifest, weight_bytes
 from edgemtp.draft_vocab import read_draft_vocab
 from edgemtp.errors import UserError
-from edgemtp.onnx_backend.cache import CACHE_KINDS, PADDING_ROWS, SPARE_ROWS
+from edgemtp.onnx_backend.cache import CACHE_KINDS, PADDING_ROWS, SPARE_ROWS, RecurrentCache
 from edgemtp.onnx_backend.row_invariance import one_row_steps_differ
 
 DEFAULT_MAX_CONTEXT = 4096
@@ -109,6 +110,8 @@ class OnnxBackend:
             return {name: embedding[name] for name in entry["shared_inputs"]}
 
         def needs_padding(quantization: dict) -> bool:
+            if manifest.get("graphs_pad_rows"):
+                return False  # every MatMul of these graphs already sees two rows or more
             return quantization["method"] != "none" and one_row_steps_differ(quantization["bits"],
                                                                              quantization["block_size"])
 
@@ -123,7 +126,13 @@ class OnnxBackend:
         self.num_mtp_layers = len(self._mtp)
         self.draft_ids = self._read_draft_vocab(path)
         self._cache_kind = CACHE_KINDS[manifest["cache"]["kind"]]
-        self._trunk_cache = self._new_cache(manifest["trunk"]["cache_slots"])
+        trunk_slots = range(manifest["trunk"]["cache_slots"])
+        if manifest["cache"].get("recurrent"):
+            self._trunk_cache = RecurrentCache(manifest["cache"], trunk_slots, self.max_context)
+        else:
+            self._trunk_cache = self._cache_kind(manifest["cache"], trunk_slots, self.max_context)
+        # The tokens in the trunk's cache: a rollback runs some of them again through recurrent layers.
+        self._trunk_tokens: list[int] = []
         self._mtp_caches: dict[int, object] = {}  # depth -> cache, created on first use
         self._weight_bytes = weight_bytes(path)
 
@@ -138,32 +147,65 @@ class OnnxBackend:
                             "re-export the model")
         return ids
 
-    def _new_cache(self, slots: int):
-        return self._cache_kind(self.manifest["cache"], slots, self.max_context)
-
     def _mtp_cache(self, depth: int):
         if depth < 1:
             raise ValueError(f"MTP depth is 1-based, got {depth}")
         if depth not in self._mtp_caches:
-            self._mtp_caches[depth] = self._new_cache(1)
+            self._mtp_caches[depth] = self._cache_kind(self.manifest["cache"], range(1), self.max_context)
         return self._mtp_caches[depth]
 
     # --- Backend interface -------------------------------------------------------------------
 
     def reset(self) -> None:
-        self._trunk_cache.length = 0
+        self._trunk_cache.clear()
+        self._trunk_tokens.clear()
         for cache in self._mtp_caches.values():
-            cache.length = 0
+            cache.clear()
 
     def trunk_step(self, tokens: list[int]) -> tuple[np.ndarray, np.ndarray]:
         ids = np.asarray(tokens, np.int64).reshape(1, -1)
-        return self._trunk.run(self._trunk_cache, {"input_ids": ids})
+        result = self._trunk.run(self._trunk_cache, {"input_ids": ids})
+        self._trunk_tokens.extend(tokens)
+        return result
 
     def trunk_len(self) -> int:
         return self._trunk_cache.length
 
     def trunk_rollback(self, n: int) -> None:
-        self._trunk_cache.rollback(n)
+        keep = self.trunk_len() - n
+        if isinstance(self._trunk_cache, RecurrentCache):
+            self._recompute_to(keep)
+        else:
+            self._trunk_cache.rollback(n)
+        del self._trunk_tokens[keep:]
+
+    def _recompute_to(self, keep: int) -> None:
+        """Roll a trunk with Gated DeltaNet layers back to ``keep`` positions.
+
+        Their states cannot be cut back, so the cache returns to the states from before the last
+        step (kept for free, cache.py), or to empty when ``keep`` lies before that step, and the
+        trunk runs again over the kept tokens after that point, as the MLX backend does: the states
+        are then exactly those of a run that never saw the dropped tokens.
+        Recomputation rather than a state per verified position, although snapshots measure
+        cheaper: ``scripts/qwen3_5_rollback_cost.py`` (a random 8-layer qwen3_5 at the 0.8B model's
+        widths, 8 bits, 2 threads, on the shared 2-core CPU at a load of ~9) took 572 ms for a
+        4-token verify step and 140-456 ms more to recompute 1-3 kept tokens, where copying the
+        6.4 MiB of states once per verified position and once back took 15 ms. Snapshots are not
+        built: the ``Scan`` would emit a state per position of every step, prefill included (1 MiB
+        per position and layer at those widths), unless the graph got a second path for verify steps.
+        """
+        cache = self._trunk_cache
+        if not 0 <= keep <= cache.length:
+            raise ValueError(f"cannot roll back to {keep} of {cache.length} cached positions")
+        if keep == cache.length:
+            return
+        if cache.step_start is not None and keep >= cache.step_start:
+            cache.restore_step_start()
+        else:
+            cache.clear()
+        if keep > cache.length:
+            ids = np.asarray(self._trunk_tokens[cache.length:keep], np.int64).reshape(1, -1)
+            self._trunk.run(cache, {"input_ids": ids})
 
     def mtp_step(self, depth: int, hidden: np.ndarray, tokens: list[int]) -> tuple[np.ndarray, np.ndarray]:
         if not self._mtp:

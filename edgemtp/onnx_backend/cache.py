@@ -9,6 +9,9 @@ binds what stays bound from step to step (once, while a graph keeps using the sa
   head_dim)`` OrtValue bound as both past and present; GQA appends at ``seqlens_k``.
 * ``LatentCache`` (DeepSeek MLA): per slot a ``(max_context, width)`` array; the past input is
   the view ``[:length]`` and the new-rows output is bound to the view ``[length:length+n]``.
+* ``RecurrentCache`` (Qwen3.5): ``SharedKVCache`` for the full-attention layers, plus each Gated
+  DeltaNet layer's convolution and recurrent states, which a step reads whole and writes whole.
+  They cannot be cut back by an offset; see the class for how a rollback returns to an earlier state.
 """
 
 from __future__ import annotations
@@ -44,13 +47,16 @@ class _Cache:
     def advance(self, n: int) -> None:
         self.length += n
 
+    def clear(self) -> None:
+        self.length = 0
+
 
 class SharedKVCache(_Cache):
-    def __init__(self, layout: dict, slots: int, max_context: int):
+    def __init__(self, layout: dict, slots: range | list[int], max_context: int):
         super().__init__(max_context)
         shape = [max_context + SPARE_ROWS if d == "max_context" else d for d in layout["shape"]]
         self._pairs = []  # (input name, output name, OrtValue) per bound buffer
-        for slot in range(slots):
+        for slot in slots:
             for past, present in zip(layout["inputs"], layout["outputs"], strict=True):
                 buffer = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, np.float32))
                 self._pairs.append((past.format(slot=slot), present.format(slot=slot), buffer))
@@ -68,10 +74,10 @@ class SharedKVCache(_Cache):
 
 
 class LatentCache(_Cache):
-    def __init__(self, layout: dict, slots: int, max_context: int):
+    def __init__(self, layout: dict, slots: range | list[int], max_context: int):
         super().__init__(max_context)
         self._buffers = []  # (input name, output name, array) per bound buffer
-        for slot in range(slots):
+        for slot in slots:
             for past, new, width in zip(layout["inputs"], layout["outputs"], layout["widths"], strict=True):
                 self._buffers.append((past.format(slot=slot), new.format(slot=slot),
                                       np.zeros((max_context + PADDING_ROWS, width), np.float32)))
@@ -91,6 +97,56 @@ class LatentCache(_Cache):
             binding.bind_ortvalue_input(past, past_view)
             binding.bind_ortvalue_output(new, new_view)
             self._keep_alive += [past_view, new_view]
+
+
+class RecurrentCache(SharedKVCache):
+    """Keys and values of the full-attention slots, and two buffers per Gated DeltaNet state.
+
+    A step reads each state from one buffer and writes it to the other (an op cannot safely read
+    and write the same buffer), and the next step swaps them. So after a step the other buffers
+    still hold the states from before it, at no cost: ``restore_step_start`` swaps back to them,
+    and the backend runs the kept tokens of that step again (``OnnxBackend.trunk_rollback``).
+    """
+
+    def __init__(self, layout: dict, slots: range | list[int], max_context: int):
+        recurrent = layout["recurrent"]
+        super().__init__(layout, [slot for slot in slots if slot not in recurrent["slots"]], max_context)
+        # (input name, output name, [buffer 0, buffer 1]) per state; OrtValues share the arrays' memory.
+        self._states = []
+        for slot in recurrent["slots"]:
+            for past, present, shape in zip(recurrent["inputs"], recurrent["outputs"], recurrent["shapes"], strict=True):
+                arrays = [np.zeros(shape, np.float32) for _ in range(2)]
+                self._states.append((past.format(slot=slot), present.format(slot=slot), arrays,
+                                     [ort.OrtValue.ortvalue_from_numpy(array) for array in arrays]))
+        self.nbytes += sum(array.nbytes for _, _, arrays, _ in self._states for array in arrays)
+        self._current = 0  # which buffer holds the states at ``length``
+        self.step_start: int | None = None  # the length before the last step, while its states are kept
+
+    def bind_step(self, binding: ort.IOBinding, n: int) -> None:
+        super().bind_step(binding, n)
+        for past, present, _, values in self._states:
+            binding.bind_ortvalue_input(past, values[self._current])
+            binding.bind_ortvalue_output(present, values[1 - self._current])
+
+    def advance(self, n: int) -> None:
+        self.step_start = self.length
+        super().advance(n)
+        self._current = 1 - self._current
+
+    def restore_step_start(self) -> None:
+        """Return to the states and length from before the last step."""
+        if self.step_start is None:
+            raise ValueError("no step to return to: the states before it are gone")
+        self._current = 1 - self._current
+        self.length, self.step_start = self.step_start, None
+
+    def clear(self) -> None:
+        for _, _, arrays, _ in self._states:
+            arrays[self._current].fill(0)
+        self.length, self.step_start = 0, None
+
+    def rollback(self, n: int) -> None:
+        raise TypeError("recurrent states cannot be cut back by an offset; use OnnxBackend.trunk_rollback")
 
 
 CACHE_KINDS = {"gqa_shared_buffer": SharedKVCache, "mla_latent": LatentCache}

@@ -1,0 +1,143 @@
+"""Qwen3.5 (``qwen3_5``) on ONNX Runtime: the exported hybrid trunk and MTP layer against
+transformers, and rollback of the Gated DeltaNet states.
+
+Random tiny models draft badly, so speculative runs reject most drafts and every rollback path
+runs: back to the states before the verify step and again over its accepted tokens, or from
+empty when a rollback reaches past that step.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from test_qwen3_5 import SEQ_LEN, MTPReference, token_ids
+from transformers import AutoModelForCausalLM
+
+import edgemtp
+from edgemtp.api import Model
+from edgemtp.converters.onnx_export import export_onnx
+from edgemtp.onnx_backend.backend import OnnxBackend
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture
+def export(tiny_checkpoint, tmp_path):
+    """``export(variant, bits=None)``: the factory checkpoint exported to ONNX (None: float32), once."""
+    built = {}
+
+    def build(variant: str, bits: int | None = None):
+        if (variant, bits) not in built:
+            built[variant, bits] = export_onnx(tiny_checkpoint(variant), tmp_path / f"{variant}-{bits}", bits=bits)
+        return built[variant, bits]
+
+    return build
+
+
+def transformers_logits(path, ids: list[int]) -> np.ndarray:
+    with torch.no_grad():
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        return model(torch.tensor([ids])).logits[0].numpy()
+
+
+def assert_close(actual: np.ndarray, expected: np.ndarray) -> None:
+    assert actual.shape == expected.shape
+    assert np.abs(actual - expected).max() <= 1e-4 * np.abs(expected).max()
+
+
+def states(backend: OnnxBackend) -> list[np.ndarray]:
+    """The Gated DeltaNet states the trunk's next step reads."""
+    cache = backend._trunk_cache
+    return [arrays[cache._current].copy() for _, _, arrays, _ in cache._states]
+
+
+def assert_same_states(backend: OnnxBackend, fresh: OnnxBackend) -> None:
+    assert backend.trunk_len() == fresh.trunk_len()
+    for state, expected in zip(states(backend), states(fresh), strict=True):
+        assert np.abs(state - expected).max() <= 1e-5 * max(np.abs(expected).max(), 1.0)
+
+
+@pytest.mark.parametrize("variant", ["qwen3_5", "qwen3_5_untied"])
+def test_trunk_logits_match_transformers_through_steps_and_rollbacks(tiny_checkpoint, export, variant):
+    path = tiny_checkpoint(variant)
+    backend = OnnxBackend(export(variant), threads=1)
+    ids = token_ids(SEQ_LEN, seed=3)
+    expected = transformers_logits(path, ids)
+
+    assert_close(backend.trunk_step(ids[:20])[0], expected[:20])  # prefill
+    for i in range(20, 23):  # single steps
+        assert_close(backend.trunk_step([ids[i]])[0], expected[i:i + 1])
+    backend.trunk_step(token_ids(6, seed=4))  # a verify step of wrong tokens...
+    backend.trunk_rollback(4)  # ...of which 2 stay: back before it, then those 2 again
+    backend.trunk_rollback(2)
+    assert_close(backend.trunk_step(ids[23:29])[0], expected[23:29])  # a multi-token step after a rollback
+    backend.trunk_rollback(9)  # past the last step's start: from empty, 20 tokens again
+    assert_close(backend.trunk_step(ids[20:26])[0], expected[20:26])
+
+    # The parity bound: the states equal those of a plain run over the same tokens.
+    fresh = OnnxBackend(export(variant), threads=1)
+    fresh.trunk_step(ids[:26])
+    assert_same_states(backend, fresh)
+    backend.trunk_rollback(backend.trunk_len())
+    assert backend.trunk_len() == 0 and not any(state.any() for state in states(backend))
+
+
+@pytest.mark.parametrize(("variant", "depth"), [("qwen3_5", 1), ("qwen3_5_untied", 2)])
+def test_mtp_logits_match_transformers_layers(tiny_checkpoint, export, variant, depth):
+    model = Model({}, None, OnnxBackend(export(variant), threads=1))
+    ids = token_ids(SEQ_LEN, seed=5)
+    expected = MTPReference(tiny_checkpoint(variant)).mtp_logits(ids, depth)
+    assert_close(model.mtp_logits(ids, depth=depth), expected)
+
+
+def check_speculative_equals_plain(model, other_model, fresh: OnnxBackend) -> None:
+    """Greedy output of every drafter equals plain decoding, with many rejected drafts, and the
+    trunk's states afterwards equal those of ``fresh`` (the same model, unused) run over the same
+    tokens."""
+    rejections = 0
+    for prompt in ("hello world", "The quick brown fox", "1 2 3 4 5 6 7 8"):
+        reference = model.generate(prompt, max_tokens=48, spec="none")
+        for options in (dict(spec="mtp", num_draft=1), dict(spec="mtp", num_draft=3), dict(spec="ngram", num_draft=4),
+                        dict(spec="hybrid", num_draft="auto"), dict(spec="draft", num_draft=2, draft_model=other_model)):
+            out = model.generate(prompt, max_tokens=48, **options)
+            assert out.tokens == reference.tokens, (prompt, options)
+            rejections += out.stats.provenance.count("correction")
+    assert rejections > 20, "the drafts must be rejected often"
+
+    fresh.trunk_step(model._session.tokens)
+    assert_same_states(model.backend, fresh)
+
+
+@pytest.mark.parametrize("variant", ["qwen3_5", "qwen3_5_untied"])
+def test_speculative_greedy_equals_plain_greedy_onnx(tiny_checkpoint, variant):
+    model = edgemtp.load(tiny_checkpoint(variant), backend="onnx", bits=None)
+    other_model = edgemtp.load(tiny_checkpoint(variant, seed=1), backend="onnx", bits=None)
+    check_speculative_equals_plain(model, other_model, edgemtp.load(tiny_checkpoint(variant), backend="onnx",
+                                                                    bits=None).backend)
+
+
+def test_long_speculative_run_leaves_no_drift_onnx(tiny_checkpoint):
+    """After hundreds of rejected drafts, the trunk's next logits and every MTP depth's draft
+    logits equal a fresh teacher-forced run over the same tokens."""
+    from test_engine_greedy import check_no_cache_drift
+
+    model = edgemtp.load(tiny_checkpoint("qwen3_5"), backend="onnx", bits=None)
+    out = check_no_cache_drift(model, model.tokenizer.encode("once upon a time"), 300, atol=2e-4,
+                               chat=False, spec="mtp", num_draft=3)
+    assert out.stats.provenance.count("correction") > 50
+
+
+def test_8bit_conversion_decodes_speculatively_as_plainly(tiny_checkpoint, tmp_path):
+    from edgemtp.converters.convert import convert
+
+    import onnx
+
+    out = convert(tiny_checkpoint("qwen3_5"), tmp_path / "q8", to="onnx", bits=8, show_progress=False)
+    model = edgemtp.load(out, backend="onnx")
+    assert model.backend.manifest["quantization"]["trunk"]["bits"] == 8
+    for graph in ("trunk", "mtp0"):
+        ops = {node.op_type for node in onnx.load(out / graph / "model.onnx", load_external_data=False).graph.node}
+        assert "MatMulNBits" in ops and "MatMul" not in ops, graph
+    other_model = edgemtp.load(tiny_checkpoint("qwen3_5", seed=1), backend="onnx", bits=8)
+    check_speculative_equals_plain(model, other_model, edgemtp.load(out, backend="onnx").backend)

@@ -128,16 +128,17 @@ def test_long_speculative_run_leaves_no_drift_onnx(tiny_checkpoint):
     assert out.stats.provenance.count("correction") > 50
 
 
-def test_8bit_conversion_decodes_speculatively_as_plainly(tiny_checkpoint, tmp_path):
-    from edgemtp.converters.convert import convert
-
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_conversion_decodes_speculatively_as_plainly(tiny_checkpoint, tmp_path, bits):
     import onnx
 
-    out = convert(tiny_checkpoint("qwen3_5"), tmp_path / "q8", to="onnx", bits=8, show_progress=False)
+    from edgemtp.converters.convert import convert
+
+    out = convert(tiny_checkpoint("qwen3_5"), tmp_path / f"q{bits}", to="onnx", bits=bits, show_progress=False)
     model = edgemtp.load(out, backend="onnx")
-    assert model.backend.manifest["quantization"]["trunk"]["bits"] == 8
+    assert model.backend.manifest["quantization"]["trunk"]["bits"] == bits
     for graph in ("trunk", "mtp0"):
         ops = {node.op_type for node in onnx.load(out / graph / "model.onnx", load_external_data=False).graph.node}
         assert "MatMulNBits" in ops and "MatMul" not in ops, graph
-    other_model = edgemtp.load(tiny_checkpoint("qwen3_5", seed=1), backend="onnx", bits=8)
+    other_model = edgemtp.load(tiny_checkpoint("qwen3_5", seed=1), backend="onnx", bits=bits)
     check_speculative_equals_plain(model, other_model, edgemtp.load(out, backend="onnx").backend)

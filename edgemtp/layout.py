@@ -252,16 +252,26 @@ def attention_layers(config: dict) -> int:
     return int(config["num_hidden_layers"])
 
 
-def recurrent_state_bytes(config: dict) -> int:
+# The ONNX backend keeps Gated DeltaNet states after every position of a step of up to this many
+# tokens (a verify step of auto k: at most 4 drafts and the pending token); see onnx_backend/cache.py.
+ONNX_SNAPSHOT_ROWS = 5
+
+
+def recurrent_state_bytes(config: dict, backend: str = "mlx") -> int:
     """Bytes of Qwen3.5's Gated DeltaNet states, fixed whatever the context: per linear-attention
     layer a recurrent state of ``value heads x value dim x key dim`` and the convolution's last
-    ``kernel - 1`` inputs, both counted as float32 (the recurrent state always is). 0 elsewhere."""
+    ``kernel - 1`` inputs, both counted as float32 (the recurrent state always is). The ONNX backend
+    holds each twice (a step reads one buffer and writes the other) and a verify step's snapshots:
+    ``ONNX_SNAPSHOT_ROWS`` recurrent states and convolution input rows. 0 for other models."""
     if config.get("model_type") != "qwen3_5":
         return 0
     value_heads, key_dim, value_dim = (config["linear_num_value_heads"], config["linear_key_head_dim"],
                                        config["linear_value_head_dim"])
     conv_dim = 2 * config["linear_num_key_heads"] * key_dim + value_heads * value_dim
-    per_layer = value_heads * value_dim * key_dim + (config.get("linear_conv_kernel_dim", 4) - 1) * conv_dim
+    state, conv_rows = value_heads * value_dim * key_dim, config.get("linear_conv_kernel_dim", 4) - 1
+    per_layer = state + conv_rows * conv_dim
+    if backend == "onnx":
+        per_layer = 2 * per_layer + ONNX_SNAPSHOT_ROWS * state + (conv_rows + ONNX_SNAPSHOT_ROWS) * conv_dim
     return 4 * per_layer * layer_types(config).count("linear_attention")
 
 

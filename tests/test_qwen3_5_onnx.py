@@ -49,13 +49,20 @@ def assert_close(actual: np.ndarray, expected: np.ndarray) -> None:
 def states(backend: OnnxBackend) -> list[np.ndarray]:
     """The Gated DeltaNet states the trunk's next step reads."""
     cache = backend._trunk_cache
-    return [arrays[cache._current].copy() for _, _, arrays, _ in cache._states]
+    return [pair[cache._current].copy() for layer in cache._layers for pair in layer.buffers]
 
 
 def assert_same_states(backend: OnnxBackend, fresh: OnnxBackend) -> None:
     assert backend.trunk_len() == fresh.trunk_len()
     for state, expected in zip(states(backend), states(fresh), strict=True):
         assert np.abs(state - expected).max() <= 1e-5 * max(np.abs(expected).max(), 1.0)
+
+
+def count_runs(backend: OnnxBackend) -> list:
+    """A list that grows by one each time the trunk graph runs."""
+    runs, run = [], backend._trunk.run
+    backend._trunk.run = lambda *args: runs.append(1) or run(*args)
+    return runs
 
 
 @pytest.mark.parametrize("variant", ["qwen3_5", "qwen3_5_untied"])
@@ -68,12 +75,18 @@ def test_trunk_logits_match_transformers_through_steps_and_rollbacks(tiny_checkp
     assert_close(backend.trunk_step(ids[:20])[0], expected[:20])  # prefill
     for i in range(20, 23):  # single steps
         assert_close(backend.trunk_step([ids[i]])[0], expected[i:i + 1])
-    backend.trunk_step(token_ids(6, seed=4))  # a verify step of wrong tokens...
-    backend.trunk_rollback(4)  # ...of which 2 stay: back before it, then those 2 again
-    backend.trunk_rollback(2)
-    assert_close(backend.trunk_step(ids[23:29])[0], expected[23:29])  # a multi-token step after a rollback
-    backend.trunk_rollback(9)  # past the last step's start: from empty, 20 tokens again
-    assert_close(backend.trunk_step(ids[20:26])[0], expected[20:26])
+    runs = count_runs(backend)
+    backend.trunk_step(token_ids(5, seed=4))  # a verify step of wrong tokens, every position's states kept...
+    backend.trunk_rollback(3)  # ...of which 2 stay: their states copied back
+    backend.trunk_rollback(2)  # none stays: the states from before the step
+    assert_close(backend.trunk_step(ids[23:26])[0], expected[23:26])
+    backend.trunk_rollback(1)
+    assert len(runs) == 2, "rollbacks within a verify step run nothing again"
+    assert_close(backend.trunk_step(ids[25:33])[0], expected[25:33])  # longer than a verify step: no snapshots
+    backend.trunk_rollback(5)  # back to its start, then 3 tokens again
+    assert_close(backend.trunk_step(ids[28:30])[0], expected[28:30])
+    backend.trunk_rollback(9)  # past the last step's start: from empty, 21 tokens again
+    assert_close(backend.trunk_step(ids[21:26])[0], expected[21:26])
 
     # The parity bound: the states equal those of a plain run over the same tokens.
     fresh = OnnxBackend(export(variant), threads=1)
@@ -140,5 +153,24 @@ def test_quantized_conversion_decodes_speculatively_as_plainly(tiny_checkpoint, 
     for graph in ("trunk", "mtp0"):
         ops = {node.op_type for node in onnx.load(out / graph / "model.onnx", load_external_data=False).graph.node}
         assert "MatMulNBits" in ops and "MatMul" not in ops, graph
+    # One-token steps compute their rows bitwise as a verify step does (what greedy equality rests on).
+    backend, ids = OnnxBackend(out, threads=1), token_ids(12, seed=6)
+    backend.trunk_step(ids[:6])
+    alone = np.concatenate([backend.trunk_step([token])[0] for token in ids[6:]])
+    backend.reset()
+    backend.trunk_step(ids[:6])
+    np.testing.assert_array_equal(alone, backend.trunk_step(ids[6:])[0])
     other_model = edgemtp.load(tiny_checkpoint("qwen3_5", seed=1), backend="onnx", bits=bits)
     check_speculative_equals_plain(model, other_model, edgemtp.load(out, backend="onnx").backend)
+
+
+def test_the_planner_counts_the_states_the_backend_holds(export):
+    from edgemtp.layout import recurrent_state_bytes
+    from edgemtp.onnx_backend.cache import SPARE_ROWS
+
+    backend = OnnxBackend(export("qwen3_5"), threads=1)
+    keys_and_values = 2 * 2 * (backend.max_context + SPARE_ROWS) * 32 * 4  # 1 full-attention layer, 2 KV heads of 32
+    # 3 Gated DeltaNet layers: two buffers of each state (4x16x16 and 3 inputs of 128 channels), 5
+    # per-position recurrent states and 3 + 5 convolution input rows, float32.
+    states = 3 * 4 * (2 * (4 * 16 * 16 + 3 * 128) + 5 * 4 * 16 * 16 + 8 * 128)
+    assert backend._trunk_cache.nbytes - keys_and_values == recurrent_state_bytes(backend.config, "onnx") == states

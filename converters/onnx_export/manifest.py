@@ -18,7 +18,8 @@ Since version 3 every graph runs its attention on one row more than a step feeds
 repeated; see llama.py and deepseek_v3.py), so no step is ever a one-row attention. For GQA graphs
 that row also passes through the KV cache, and the lengths a step passes count it. Since version 5
 the embedding lives in embedding.safetensors. Qwen3.5's trunk cache also holds Gated DeltaNet
-states (``cache["recurrent"]``: slots, input and output names, shapes), and its graphs pad every
+states (``cache["recurrent"]``: slots, input and output names, shapes, and the per-position
+snapshots a step returns when its ``keep_states`` input is true), and its graphs pad every
 step themselves (``graphs_pad_rows``; an export without the key pads nothing itself).
 """
 
@@ -57,7 +58,7 @@ def make_manifest(config: dict, cache: dict, bits: int | None, mtp_bits: int | N
 
     layers = config["num_hidden_layers"]
     # Qwen3.5's Gated DeltaNet layers (cache["recurrent"]["slots"]) take states instead of keys and values.
-    recurrent = cache.get("recurrent") or {"slots": [], "inputs": [], "outputs": []}
+    recurrent = cache.get("recurrent") or {"slots": [], "inputs": [], "outputs": [], "snapshots": []}
     attention = [slot for slot in range(layers) if slot not in recurrent["slots"]]
 
     def state_names(kind: str) -> list[str]:
@@ -71,8 +72,10 @@ def make_manifest(config: dict, cache: dict, bits: int | None, mtp_bits: int | N
         "cache": cache,
         "embedding": SHARED_FILE,
         "trunk": {"path": "trunk/model.onnx", "cache_slots": layers, "shared_inputs": shared_inputs.get("trunk", []),
-                  "inputs": ["input_ids", *positions, *names("inputs", attention), *state_names("inputs")],
-                  "outputs": ["logits", "hidden", *names("outputs", attention), *state_names("outputs")]},
+                  "inputs": ["input_ids", *positions, *names("inputs", attention), *state_names("inputs"),
+                             *(["keep_states"] if recurrent["slots"] else [])],
+                  "outputs": ["logits", "hidden", *names("outputs", attention), *state_names("outputs"),
+                              *state_names("snapshots")]},
         "mtp": [{"path": f"mtp{i}/model.onnx", "cache_slots": 1,
                  "inputs": ["hidden", "input_ids", *positions, *names("inputs", [0])],
                  "outputs": ["logits", "h1", *names("outputs", [0])],

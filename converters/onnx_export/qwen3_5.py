@@ -16,7 +16,10 @@ The math is transformers' ``modeling_qwen3_5.py`` (its torch fallbacks
   recurrent state ``(value heads, key dim, value dim)``; an RMS norm of ``out`` gated by
   ``silu(z)``, then ``out_proj``. Both states are cache inputs and outputs of the graph:
   ``past_key_values.{slot}.conv`` / ``.recurrent`` in, ``present.{slot}.conv`` / ``.recurrent``
-  out, where ``{slot}`` is the layer's index (the backend double-buffers them, cache.py).
+  out, where ``{slot}`` is the layer's index (the backend double-buffers them, cache.py). With the
+  ``keep_states`` input true (a verify step) the graph also returns ``snapshots.{slot}.recurrent``,
+  the state after each position, and ``snapshots.{slot}.conv``, the convolution's input rows (its
+  state, then the step's rows), from which a rollback takes the states at any kept position.
 * Gated attention ("full_attention", and the MTP layer's block): ``q_proj`` gives each head's
   query and output gate side by side; QK norm; RoPE over the leading ``partial_rotary_factor``
   of each head (rotate-half, computed here: onnxruntime's GroupQueryAttention rotates only
@@ -85,7 +88,9 @@ def cache_layout(config: dict) -> dict:
             "recurrent": {"slots": slots,
                           "inputs": ["past_key_values.{slot}.conv", "past_key_values.{slot}.recurrent"],
                           "outputs": ["present.{slot}.conv", "present.{slot}.recurrent"],
-                          "shapes": [conv, recurrent]}}
+                          "shapes": [conv, recurrent],
+                          # With the keep_states input: each position's recurrent state, the conv's input rows.
+                          "snapshots": ["snapshots.{slot}.recurrent", "snapshots.{slot}.conv"]}}
 
 
 class Qwen3_5Layers:
@@ -109,6 +114,7 @@ class Qwen3_5Layers:
         self._tables = (g.weight("rope.cos", np.concatenate([cos, cos], axis=1)),
                         g.weight("rope.sin", np.concatenate([sin, sin], axis=1)))
         self._rope = None  # (cos, sin) of this step's rows, built by the first attention
+        self._keep = None  # the keep_states input, declared by the first Gated DeltaNet layer
 
     def block(self, prefix: str, layer_index: int, slot: int) -> Block:
         read = self.read
@@ -202,8 +208,7 @@ class Qwen3_5Layers:
         present_conv = g.node("Slice", [joined, g.const([-conv_shape[2]]), g.const([2**62]), g.const([2])],
                               name=f"{name}.conv_state")
         g.output(f"present.{slot}.conv", present_conv, np.float32, conv_shape)
-        conv = g.node("Conv", [joined, g.weight(f"{name}.conv.weight", read(prefix + "conv1d.weight"))],
-                      name=f"{name}.conv", group=channels)
+        conv = self._depthwise_conv(joined, read(prefix + "conv1d.weight"), f"{name}.conv")
         conv = g.node("Transpose", [self._silu(conv, f"{name}.conv_act")], name=f"{name}.rows_first", perm=[0, 2, 1])
         q, k, v = g.node("Split", [g.node("Reshape", [conv, g.const([-1, channels])], name=f"{name}.rows"),
                                    g.const([keys, keys, values])], name=f"{name}.split_qkv", outputs=3, axis=-1)
@@ -226,9 +231,19 @@ class Qwen3_5Layers:
 
         past_state = g.input(f"past_key_values.{slot}.recurrent", np.float32, state_shape)
         state = g.node("Reshape", [past_state, g.const(state_shape[1:])], name=f"{name}.state_in")
-        final_state, out = g.node("Scan", [state, q, k, k_column, v, decay, beta], name=f"{name}.scan",
-                                  outputs=[f"{name}/final_state", f"{name}/scan_out"],
-                                  body=_delta_rule_body(f"{name}.step"), num_scan_inputs=6)
+        # With keep_states (a verify step) the recurrence also returns the state after every position
+        # and the convolution's input rows, from which a rollback takes the states at the last kept
+        # position (edgemtp/onnx_backend/cache.py); a prefill does not write them.
+        scan_inputs = [state, q, k, k_column, v, decay, beta]
+        branches = {keep: _recurrence(f"{name}.{'keep' if keep else 'final'}", scan_inputs, joined,
+                                      g.const([-1, channels]), keep, state_shape[1:], channels)
+                     for keep in (True, False)}
+        final_state, out, _, _ = g.node(
+            "If", [self._keep_states()], name=f"{name}.recurrence",
+            outputs=[f"{name}/final_state", f"{name}/scan_out", f"snapshots.{slot}.recurrent", f"snapshots.{slot}.conv"],
+            then_branch=branches[True], else_branch=branches[False])
+        g.output(f"snapshots.{slot}.recurrent", f"snapshots.{slot}.recurrent", np.float32, ["n", *state_shape[1:]])
+        g.output(f"snapshots.{slot}.conv", f"snapshots.{slot}.conv", np.float32, ["conv_rows", channels])
         g.output(f"present.{slot}.recurrent",
                  g.node("Reshape", [final_state, g.const(state_shape)], name=f"{name}.state_out"),
                  np.float32, state_shape)
@@ -241,6 +256,28 @@ class Qwen3_5Layers:
         gated = g.node("Reshape", [gated, g.const([1, -1, values])], name=f"{name}.gated_rows")
         return linear(g, repeat_last_row(g, gated, 1, f"{name}.out"), read(prefix + "out_proj.weight"),
                       f"{name}.out_proj")
+
+    def _keep_states(self) -> str:
+        """The ``keep_states`` input (bool): declared by the first Gated DeltaNet layer, so a graph
+        without one (the MTP layer's) does not take it."""
+        if self._keep is None:
+            self._keep = self.g.input("keep_states", np.bool_, [])
+        return self._keep
+
+    def _depthwise_conv(self, joined: str, weight: np.ndarray, name: str) -> str:
+        """The causal depthwise convolution of ``joined`` ``(1, channels, kernel - 1 + n)`` with ``weight``
+        ``(channels, 1, kernel)``: ``(1, channels, n)``, as one Mul and Add per tap in a fixed order.
+        onnxruntime's grouped Conv summed a one-token step's taps differently from a longer step's
+        (logits ~1e-6 apart), so plain decoding drifted from verification."""
+        g, kernel = self.g, weight.shape[2]
+        out = None
+        for tap in range(kernel):
+            end = g.const([tap - kernel + 1 if tap < kernel - 1 else 2**62])
+            window = g.node("Slice", [joined, g.const([tap]), end, g.const([2])], name=f"{name}.window{tap}")
+            term = g.node("Mul", [window, g.weight(f"{name}.tap{tap}", weight[None, :, 0, tap:tap + 1])],
+                          name=f"{name}.tap{tap}")
+            out = term if out is None else g.node("Add", [out, term], name=f"{name}.sum{tap}")
+        return out
 
     def _silu(self, x: str, name: str) -> str:
         return self.g.node("Mul", [x, self.g.node("Sigmoid", [x], name=f"{name}.sigmoid")], name=name)
@@ -266,10 +303,34 @@ class Qwen3_5Layers:
         return g.node("Reshape", [x, g.const([0, -1, 1, dim])], name=f"{name}.value_heads")
 
 
-def _delta_rule_body(name: str):
+def _recurrence(name: str, scan_inputs: list[str], joined: str, rows_shape: str, keep: bool,
+                state_dims: list[int], channels: int):
+    """A branch of the ``If`` on ``keep_states``: the recurrence over the rows (a ``Scan``), giving
+    the final state, every position's output, and with ``keep`` every position's state ``(n, *state_dims)``
+    and the convolution's input as rows ``(kernel - 1 + n, channels)`` (empty without)."""
+    outputs = [f"{name}/final_state", f"{name}/scan_out", f"{name}/states", f"{name}/conv_rows"]
+    if keep:
+        columns = f"{name}/conv_columns"
+        nodes = [helper.make_node("Scan", scan_inputs, outputs[:3], name=f"{name}.scan",
+                                  body=_delta_rule_body(f"{name}.step", keep_states=True), num_scan_inputs=6),
+                 helper.make_node("Transpose", [joined], [columns], name=f"{name}.conv_columns", perm=[0, 2, 1]),
+                 helper.make_node("Reshape", [columns, rows_shape], outputs[3:], name=f"{name}.conv_rows")]
+    else:
+        empty = [helper.make_tensor(f"{name}.no_{part}", TensorProto.FLOAT, dims, []) for part, dims in
+                 (("states", [0, *state_dims]), ("conv_rows", [0, channels]))]
+        nodes = [helper.make_node("Scan", scan_inputs, outputs[:2], name=f"{name}.scan",
+                                  body=_delta_rule_body(f"{name}.step", keep_states=False), num_scan_inputs=6),
+                 *(helper.make_node("Constant", [], [output], name=f"{name}.{output}", value=tensor)
+                   for output, tensor in zip(outputs[2:], empty))]
+    return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(output, TensorProto.FLOAT, None)
+                                                for output in outputs])
+
+
+def _delta_rule_body(name: str, keep_states: bool):
     """One position of the gated delta rule, the ``Scan`` body. State ``S`` ``(heads, key dim,
     value dim)``; per position ``q``, ``k`` ``(heads, 1, key dim)``, ``k_column`` ``(heads, key dim,
-    1)``, ``v`` ``(heads, 1, value dim)``, ``decay = exp(g)`` and ``beta`` ``(heads, 1, 1)``."""
+    1)``, ``v`` ``(heads, 1, value dim)``, ``decay = exp(g)`` and ``beta`` ``(heads, 1, 1)``. With
+    ``keep_states`` the new state is also a per-position output."""
     nodes = [
         helper.make_node("Mul", ["state", "decay"], ["decayed"], name=f"{name}.decay"),
         helper.make_node("MatMul", ["k", "decayed"], ["remembered"], name=f"{name}.remembered"),  # k S
@@ -283,5 +344,9 @@ def _delta_rule_body(name: str):
     def value(tensor: str, rank: int):
         return helper.make_tensor_value_info(tensor, TensorProto.FLOAT, [None] * rank)
 
+    outputs = [value("new_state", 3), value("out", 3)]
+    if keep_states:
+        nodes.append(helper.make_node("Identity", ["new_state"], ["kept_state"], name=f"{name}.kept_state"))
+        outputs.append(value("kept_state", 3))
     inputs = [value("state", 3), *(value(tensor, 3) for tensor in ("q", "k", "k_column", "v", "decay", "beta"))]
-    return helper.make_graph(nodes, name, inputs, [value("new_state", 3), value("out", 3)])
+    return helper.make_graph(nodes, name, inputs, outputs)

@@ -2,8 +2,8 @@
 
 One session runs the trunk graph and one runs each MTP layer's graph. Every cache (the trunk's
 and one per MTP depth) is a preallocated buffer bound with IO binding (see cache.py), so a
-step copies no cache and a rollback is O(1), except over Qwen3.5's Gated DeltaNet states: those a
-rollback restores by running the kept tokens again (``trunk_rollback``).
+step copies no cache and a rollback is O(1), except over Qwen3.5's Gated DeltaNet states, which a
+rollback copies back from a verify step's per-position snapshots (``trunk_rollback``).
 """
 
 from __future__ import annotations
@@ -174,37 +174,34 @@ class OnnxBackend:
     def trunk_rollback(self, n: int) -> None:
         keep = self.trunk_len() - n
         if isinstance(self._trunk_cache, RecurrentCache):
-            self._recompute_to(keep)
+            self._restore_states(keep)
         else:
             self._trunk_cache.rollback(n)
         del self._trunk_tokens[keep:]
 
-    def _recompute_to(self, keep: int) -> None:
+    def _restore_states(self, keep: int) -> None:
         """Roll a trunk with Gated DeltaNet layers back to ``keep`` positions.
 
-        Their states cannot be cut back, so the cache returns to the states from before the last
-        step (kept for free, cache.py), or to empty when ``keep`` lies before that step, and the
-        trunk runs again over the kept tokens after that point, as the MLX backend does: the states
-        are then exactly those of a run that never saw the dropped tokens.
-        Recomputation rather than a state per verified position, although snapshots measure
-        cheaper: ``scripts/qwen3_5_rollback_cost.py`` (a random 8-layer qwen3_5 at the 0.8B model's
-        widths, 8 bits, 2 threads, on the shared 2-core CPU at a load of ~9) took 572 ms for a
-        4-token verify step and 140-456 ms more to recompute 1-3 kept tokens, where copying the
-        6.4 MiB of states once per verified position and once back took 15 ms. Snapshots are not
-        built: the ``Scan`` would emit a state per position of every step, prefill included (1 MiB
-        per position and layer at those widths), unless the graph got a second path for verify steps.
+        Their states cannot be cut back. Within the last step the cache has them: the states from
+        before it, and after each position of a verify step (cache.py). Further back, the states
+        start from empty and the trunk runs again over the kept tokens, as the MLX backend does
+        after every rollback. Either way they are those of a run that never saw the dropped tokens.
+        Snapshots rather than that recomputation after every verify step, as measured with
+        ``scripts/qwen3_5_rollback_cost.py`` (a random 8-layer qwen3_5 at the 0.8B model's widths,
+        8 bits, 2 threads, on the shared 2-core CPU at a load of ~8-10): a 4-token verify step and a
+        rollback keeping 1-3 of its tokens took 460-465 ms with snapshots, 621-761 ms recomputing.
         """
         cache = self._trunk_cache
         if not 0 <= keep <= cache.length:
             raise ValueError(f"cannot roll back to {keep} of {cache.length} cached positions")
-        if keep == cache.length:
+        if keep == cache.length or cache.restore(keep):
             return
-        if cache.step_start is not None and keep >= cache.step_start:
+        if cache.step_start is not None and keep > cache.step_start:  # inside a long step: from its start
             cache.restore_step_start()
         else:
             cache.clear()
-        if keep > cache.length:
-            ids = np.asarray(self._trunk_tokens[cache.length:keep], np.int64).reshape(1, -1)
+        ids = np.asarray(self._trunk_tokens[cache.length:keep], np.int64).reshape(1, -1)
+        if ids.size:
             self._trunk.run(cache, {"input_ids": ids})
 
     def mtp_step(self, depth: int, hidden: np.ndarray, tokens: list[int]) -> tuple[np.ndarray, np.ndarray]:

@@ -189,10 +189,8 @@ class Qwen3_5Layers:
 
     def _gated_delta_net(self, x: str, prefix: str, slot: int) -> str:
         g, read, config, name = self.g, self.read, self.config, f"slot{slot}.linear"
-        key_heads, value_heads = config["linear_num_key_heads"], config["linear_num_value_heads"]
-        key_dim, value_dim = config["linear_key_head_dim"], config["linear_value_head_dim"]
-        (conv_shape, state_shape), keys = state_shapes(config), key_heads * key_dim
-        channels, values = conv_shape[1], value_heads * value_dim
+        value_heads, value_dim = config["linear_num_value_heads"], config["linear_value_head_dim"]
+        channels, values = state_shapes(config)[0][1], value_heads * value_dim
         projections = ("in_proj_qkv", "in_proj_z", "in_proj_b", "in_proj_a")
         weight = np.concatenate([read(f"{prefix}{p}.weight") for p in projections])
         # The recurrence runs on the real rows only: the repeated last row leaves here and comes back
@@ -200,18 +198,46 @@ class Qwen3_5Layers:
         projected = drop_last_row(g, linear(g, x, weight, f"{name}.in_proj"), 1, f"{name}.real_rows")
         mixed, z, b, a = g.node("Split", [projected, g.const([channels, values, value_heads, value_heads])],
                                 name=f"{name}.split", outputs=4, axis=-1)
+        joined, convolved = self._causal_conv(mixed, prefix, slot, name)
+        out = self._delta_rule(joined, convolved, b, a, prefix, slot, name)
 
-        # Causal depthwise convolution over [state, rows]; the new state is its last kernel - 1 inputs.
-        past_conv = g.input(f"past_key_values.{slot}.conv", np.float32, conv_shape)
-        joined = g.node("Concat", [past_conv, g.node("Transpose", [mixed], name=f"{name}.channels_first",
-                                                     perm=[0, 2, 1])], name=f"{name}.conv_input", axis=2)
-        present_conv = g.node("Slice", [joined, g.const([-conv_shape[2]]), g.const([2**62]), g.const([2])],
-                              name=f"{name}.conv_state")
-        g.output(f"present.{slot}.conv", present_conv, np.float32, conv_shape)
-        conv = self._depthwise_conv(joined, read(prefix + "conv1d.weight"), f"{name}.conv")
-        conv = g.node("Transpose", [self._silu(conv, f"{name}.conv_act")], name=f"{name}.rows_first", perm=[0, 2, 1])
-        q, k, v = g.node("Split", [g.node("Reshape", [conv, g.const([-1, channels])], name=f"{name}.rows"),
-                                   g.const([keys, keys, values])], name=f"{name}.split_qkv", outputs=3, axis=-1)
+        # RMS norm over each value head, gated by silu(z); then the repeated row again.
+        normed = rms_norm(g, out, read(prefix + "norm.weight"), self.eps, f"{name}.norm")
+        z = g.node("Reshape", [z, g.const([-1, value_heads, value_dim])], name=f"{name}.z_heads")
+        gated = g.node("Mul", [normed, self._silu(z, f"{name}.z_act")], name=f"{name}.gated")
+        gated = g.node("Reshape", [gated, g.const([1, -1, values])], name=f"{name}.gated_rows")
+        return linear(g, repeat_last_row(g, gated, 1, f"{name}.out"), read(prefix + "out_proj.weight"),
+                      f"{name}.out_proj")
+
+    def _causal_conv(self, mixed: str, prefix: str, slot: int, name: str) -> tuple[str, str]:
+        """The causal depthwise convolution of ``mixed`` ``(1, n, channels)`` over the layer's
+        convolution state, then SiLU: returns its input ``[state, rows]`` ``(1, channels, kernel - 1 + n)``
+        and its output ``(n, channels)``; the new state (the input's last ``kernel - 1`` columns) is
+        the graph's ``present.{slot}.conv``."""
+        g = self.g
+        conv_shape = state_shapes(self.config)[0]
+        past = g.input(f"past_key_values.{slot}.conv", np.float32, conv_shape)
+        joined = g.node("Concat", [past, g.node("Transpose", [mixed], name=f"{name}.channels_first", perm=[0, 2, 1])],
+                        name=f"{name}.conv_input", axis=2)
+        present = g.node("Slice", [joined, g.const([-conv_shape[2]]), g.const([2**62]), g.const([2])],
+                         name=f"{name}.conv_state")
+        g.output(f"present.{slot}.conv", present, np.float32, conv_shape)
+        conv = self._depthwise_conv(joined, self.read(prefix + "conv1d.weight"), f"{name}.conv")
+        rows = g.node("Transpose", [self._silu(conv, f"{name}.conv_act")], name=f"{name}.rows_first", perm=[0, 2, 1])
+        return joined, g.node("Reshape", [rows, g.const([-1, conv_shape[1]])], name=f"{name}.rows")
+
+    def _delta_rule(self, joined: str, convolved: str, b: str, a: str, prefix: str, slot: int, name: str) -> str:
+        """The gated delta rule over the rows, from the convolution's output ``(n, channels)`` (queries,
+        keys, values) and the projections ``b``, ``a``: returns the output ``(n, value heads, value dim)``;
+        the final state is the graph's ``present.{slot}.recurrent``, and with ``keep_states`` the
+        state after each position and the convolution's input rows its ``snapshots.{slot}.*``."""
+        g, read, config = self.g, self.read, self.config
+        key_heads, value_heads = config["linear_num_key_heads"], config["linear_num_value_heads"]
+        key_dim, value_dim = config["linear_key_head_dim"], config["linear_value_head_dim"]
+        (_, channels, _), state_shape = state_shapes(config)
+        keys = key_heads * key_dim
+        q, k, v = g.node("Split", [convolved, g.const([keys, keys, value_heads * value_dim])],
+                         name=f"{name}.split_qkv", outputs=3, axis=-1)
 
         # Per-position inputs of the recurrence, shaped for its body's batched MatMuls.
         repeats = value_heads // key_heads
@@ -238,24 +264,16 @@ class Qwen3_5Layers:
         branches = {keep: _recurrence(f"{name}.{'keep' if keep else 'final'}", scan_inputs, joined,
                                       g.const([-1, channels]), keep, state_shape[1:], channels)
                      for keep in (True, False)}
-        final_state, out, _, _ = g.node(
-            "If", [self._keep_states()], name=f"{name}.recurrence",
-            outputs=[f"{name}/final_state", f"{name}/scan_out", f"snapshots.{slot}.recurrent", f"snapshots.{slot}.conv"],
-            then_branch=branches[True], else_branch=branches[False])
-        g.output(f"snapshots.{slot}.recurrent", f"snapshots.{slot}.recurrent", np.float32, ["n", *state_shape[1:]])
-        g.output(f"snapshots.{slot}.conv", f"snapshots.{slot}.conv", np.float32, ["conv_rows", channels])
+        snapshots = [f"snapshots.{slot}.recurrent", f"snapshots.{slot}.conv"]
+        final_state, out, _, _ = g.node("If", [self._keep_states()], name=f"{name}.recurrence",
+                                        outputs=[f"{name}/final_state", f"{name}/scan_out", *snapshots],
+                                        then_branch=branches[True], else_branch=branches[False])
+        g.output(snapshots[0], snapshots[0], np.float32, ["n", *state_shape[1:]])
+        g.output(snapshots[1], snapshots[1], np.float32, ["conv_rows", channels])
         g.output(f"present.{slot}.recurrent",
                  g.node("Reshape", [final_state, g.const(state_shape)], name=f"{name}.state_out"),
                  np.float32, state_shape)
-
-        # RMS norm over each value head, gated by silu(z); then the repeated row again.
-        out = g.node("Reshape", [out, g.const([-1, value_heads, value_dim])], name=f"{name}.out_heads")
-        normed = rms_norm(g, out, read(prefix + "norm.weight"), self.eps, f"{name}.norm")
-        z = g.node("Reshape", [z, g.const([-1, value_heads, value_dim])], name=f"{name}.z_heads")
-        gated = g.node("Mul", [normed, self._silu(z, f"{name}.z_act")], name=f"{name}.gated")
-        gated = g.node("Reshape", [gated, g.const([1, -1, values])], name=f"{name}.gated_rows")
-        return linear(g, repeat_last_row(g, gated, 1, f"{name}.out"), read(prefix + "out_proj.weight"),
-                      f"{name}.out_proj")
+        return g.node("Reshape", [out, g.const([-1, value_heads, value_dim])], name=f"{name}.out_heads")
 
     def _keep_states(self) -> str:
         """The ``keep_states`` input (bool): declared by the first Gated DeltaNet layer, so a graph

@@ -252,7 +252,7 @@ def attention_layers(config: dict) -> int:
     return int(config["num_hidden_layers"])
 
 
-# The ONNX backend keeps Gated DeltaNet states after every position of a step of up to this many
+# The ONNX backend keeps Gated DeltaNet states after every position of a step of 2 up to this many
 # tokens (a verify step of auto k: at most 4 drafts and the pending token); see onnx_backend/cache.py.
 ONNX_SNAPSHOT_ROWS = 5
 

@@ -100,7 +100,7 @@ class LatentCache(_Cache):
             self._keep_alive += [past_view, new_view]
 
 
-# Steps of up to this many tokens keep each position's Gated DeltaNet states; a longer step (a
+# Steps of 2 up to this many tokens keep each position's Gated DeltaNet states; a longer step (a
 # prefill) does not.
 SNAPSHOT_ROWS = ONNX_SNAPSHOT_ROWS
 
@@ -138,7 +138,7 @@ class RecurrentCache(SharedKVCache):
 
     A step reads each state from one buffer and writes it to the other (an op cannot safely read
     and write the same buffer), and the next step swaps them. So after a step the other buffers
-    still hold the states from before it, at no cost, and a step of up to ``SNAPSHOT_ROWS`` tokens
+    still hold the states from before it, at no cost, and a step of 2 to ``SNAPSHOT_ROWS`` tokens
     also writes every position's states: a rollback into that step copies the states at its last
     kept position back (``restore``). Before the last step, the backend recomputes
     (``OnnxBackend.trunk_rollback``).
@@ -156,7 +156,8 @@ class RecurrentCache(SharedKVCache):
 
     def bind_step(self, binding: ort.IOBinding, n: int) -> None:
         super().bind_step(binding, n)
-        keep = n <= SNAPSHOT_ROWS
+        # A one-token step needs no snapshot: a rollback into it keeps none of it (the other buffers).
+        keep = 1 < n <= SNAPSHOT_ROWS
         binding.bind_cpu_input("keep_states", np.array(keep))
         self._snapshot_rows = n if keep else 0
         # Views of the snapshot buffers (no copy); kept alive until the run that writes them is over.

@@ -111,8 +111,9 @@ def check_speculative_equals_plain(model, other_model, fresh: OnnxBackend) -> No
     rejections = 0
     for prompt in ("hello world", "The quick brown fox", "1 2 3 4 5 6 7 8"):
         reference = model.generate(prompt, max_tokens=48, spec="none")
+        # num_draft 5: verify steps of 6 tokens, longer than those that keep snapshots (they recompute).
         for options in (dict(spec="mtp", num_draft=1), dict(spec="mtp", num_draft=3), dict(spec="ngram", num_draft=4),
-                        dict(spec="hybrid", num_draft="auto"),
+                        dict(spec="mtp", num_draft=5), dict(spec="hybrid", num_draft="auto"),
                         dict(spec="draft", num_draft=2, draft_model=other_model)):
             out = model.generate(prompt, max_tokens=48, **options)
             assert out.tokens == reference.tokens, (prompt, options)

@@ -216,6 +216,24 @@ QWEN3_5_MTP = "mtp."
 QWEN3_5_VISION = "model.visual."  # the released checkpoints' vision tower, which edgemtp never loads
 
 
+# Released MTP names -> edgemtp's MTP convention (ARCHITECTURE.md), after the ``mtp.`` prefix.
+_QWEN3_5_MTP_NAMES = {"fc.": "eh_proj.", "pre_fc_norm_embedding.": "enorm.", "pre_fc_norm_hidden.": "hnorm.",
+                      "norm.": "shared_head.norm.", "layers.0.": ""}
+
+
+def qwen3_5_name(name: str) -> str:
+    """A released Qwen3.5 tensor's name in the layout every other family uses: the trunk's under
+    ``model.`` (mlx-lm's names too), the MTP layer's in edgemtp's MTP convention under ``mtp.``."""
+    if name.startswith(QWEN3_5_TRUNK):
+        return "model." + name.removeprefix(QWEN3_5_TRUNK)
+    if name.startswith(QWEN3_5_MTP):
+        part = name.removeprefix(QWEN3_5_MTP)
+        for released, ours in _QWEN3_5_MTP_NAMES.items():
+            if part.startswith(released):
+                return QWEN3_5_MTP + ours + part.removeprefix(released)
+    return name
+
+
 def layer_types(config: dict) -> list[str]:
     """``"linear_attention"`` or ``"full_attention"`` per trunk layer of a Qwen3.5 config: its
     ``layer_types``, else every ``full_attention_interval``-th layer (default 4) full, as
@@ -234,16 +252,26 @@ def attention_layers(config: dict) -> int:
     return int(config["num_hidden_layers"])
 
 
-def recurrent_state_bytes(config: dict) -> int:
+# The ONNX backend keeps Gated DeltaNet states after every position of a step of 2 up to this many
+# tokens (a verify step of auto k: at most 4 drafts and the pending token); see onnx_backend/cache.py.
+ONNX_SNAPSHOT_ROWS = 5
+
+
+def recurrent_state_bytes(config: dict, backend: str = "mlx") -> int:
     """Bytes of Qwen3.5's Gated DeltaNet states, fixed whatever the context: per linear-attention
     layer a recurrent state of ``value heads x value dim x key dim`` and the convolution's last
-    ``kernel - 1`` inputs, both counted as float32 (the recurrent state always is). 0 elsewhere."""
+    ``kernel - 1`` inputs, both counted as float32 (the recurrent state always is). The ONNX backend
+    holds each twice (a step reads one buffer and writes the other) and a verify step's snapshots:
+    ``ONNX_SNAPSHOT_ROWS`` recurrent states and convolution input rows. 0 for other models."""
     if not is_qwen3_5(config):
         return 0
     value_heads, key_dim, value_dim = (config["linear_num_value_heads"], config["linear_key_head_dim"],
                                        config["linear_value_head_dim"])
     conv_dim = 2 * config["linear_num_key_heads"] * key_dim + value_heads * value_dim
-    per_layer = value_heads * value_dim * key_dim + (config.get("linear_conv_kernel_dim", 4) - 1) * conv_dim
+    state, conv_rows = value_heads * value_dim * key_dim, config.get("linear_conv_kernel_dim", 4) - 1
+    per_layer = state + conv_rows * conv_dim
+    if backend == "onnx":
+        per_layer = 2 * per_layer + ONNX_SNAPSHOT_ROWS * state + (conv_rows + ONNX_SNAPSHOT_ROWS) * conv_dim
     return 4 * per_layer * layer_types(config).count("linear_attention")
 
 

@@ -331,9 +331,10 @@ def repacked_bytes(backend: str, weights: int) -> int:
     return weights if backend == "onnx" else 0
 
 
-def estimate(config: dict, weights: int, context: int, dtype: str = DEFAULT_DTYPE, repacked: int = 0) -> Estimate:
-    """Memory needed to serve ``context`` tokens in ``dtype``: weights (and their repacked copy)
-    + caches + activations."""
+def estimate(config: dict, weights: int, context: int, dtype: str = DEFAULT_DTYPE, repacked: int = 0,
+             backend: str = "mlx") -> Estimate:
+    """Memory needed to serve ``context`` tokens in ``dtype`` on ``backend``: weights (and their
+    repacked copy) + caches + activations."""
     if dtype not in DTYPE_BYTES:
         raise UserError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPE_BYTES)}")
     per_layer_token = kv_bytes_per_token_per_layer(config, DTYPE_BYTES[dtype])
@@ -343,7 +344,7 @@ def estimate(config: dict, weights: int, context: int, dtype: str = DEFAULT_DTYP
     return Estimate(
         context=context,
         weights=weights,
-        kv_cache=per_layer_token * layers * context + recurrent_state_bytes(config),
+        kv_cache=per_layer_token * layers * context + recurrent_state_bytes(config, backend),
         mtp_caches=per_layer_token * mtp_depths * context,
         activations=activation_bytes(config, context),
         repacked=repacked,
@@ -393,7 +394,7 @@ def gib(nbytes: int) -> str:
 
 
 def largest_fitting_context(config: dict, weights: int, dtype: str, usable: int, limit: int,
-                            repacked: int = 0) -> int:
+                            repacked: int = 0, backend: str = "mlx") -> int:
     """The longest context in ``[0, limit]`` whose estimate fits in ``usable`` bytes.
 
     Memory grows monotonically with context, so a binary search finds the boundary.
@@ -401,7 +402,7 @@ def largest_fitting_context(config: dict, weights: int, dtype: str, usable: int,
     low, high = 0, limit
     while low < high:
         middle = (low + high + 1) // 2
-        if estimate(config, weights, middle, dtype, repacked).total <= usable:
+        if estimate(config, weights, middle, dtype, repacked, backend).total <= usable:
             low = middle
         else:
             high = middle - 1
@@ -432,9 +433,9 @@ def plan_for(
     repacked = repacked_bytes(backend, weights.total)
 
     def needs(context: int) -> Estimate:
-        return estimate(config, weights.total, context, dtype, repacked)
+        return estimate(config, weights.total, context, dtype, repacked, backend)
 
-    fitting = largest_fitting_context(config, weights.total, dtype, usable, max_positions, repacked)
+    fitting = largest_fitting_context(config, weights.total, dtype, usable, max_positions, repacked, backend)
     smallest = min(MIN_USEFUL_CONTEXT, max_positions)
     if fitting < smallest:
         need = needs(smallest).total

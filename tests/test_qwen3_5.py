@@ -1,5 +1,6 @@
-"""Qwen3.5 (``qwen3_5``, and ``qwen3_5_moe`` where the same code serves): the released layout, its MTP layer against transformers' own layer
-classes, and rollback of the Gated DeltaNet states on MLX.
+"""Qwen3.5 (``qwen3_5``, and ``qwen3_5_moe`` where the same code serves): the released layout,
+its MTP layer against transformers' own layer classes, and rollback of the Gated DeltaNet states on
+MLX (on ONNX: ``test_qwen3_5_onnx.py``; the sampling distribution test here runs on both backends).
 
 The trunk's parity with transformers runs with every factory variant in ``test_mlx_parity.py``.
 Random tiny models draft badly, so speculative runs here reject most drafts and every rollback
@@ -248,12 +249,10 @@ def test_memory_counts_keys_and_values_of_full_attention_layers_only(tiny_checkp
     assert estimate(config, weights=0, context=100, dtype="float16").kv_cache == 100 * per_token + states
 
 
-def test_onnx_export_refuses_in_one_line(tiny_checkpoint, tmp_path):
+def test_moe_onnx_export_refuses_in_one_line(tiny_checkpoint, tmp_path):
     from edgemtp.converters.onnx_export.export import export_onnx
     from edgemtp.errors import UserError
 
-    with pytest.raises(UserError, match="qwen3_5 has no ONNX export yet; convert it --to mlx"):
-        export_onnx(tiny_checkpoint("qwen3_5"), tmp_path / "onnx")
     with pytest.raises(UserError, match="qwen3_5_moe has no ONNX export yet; convert it --to mlx"):
         export_onnx(tiny_checkpoint("qwen3_5_moe"), tmp_path / "onnx")
     assert not any(tmp_path.iterdir())
@@ -309,16 +308,15 @@ def test_the_vision_tower_is_skipped_and_not_planned_for(tiny_checkpoint, tmp_pa
     np.testing.assert_array_equal(logits, expected)
 
 
-def test_speculative_sampling_keeps_the_target_distribution_mlx(tiny_checkpoint):
+@pytest.mark.parametrize(("backend", "options"), [("mlx", {}), ("onnx", {"bits": None})])
+def test_speculative_sampling_keeps_the_target_distribution(tiny_checkpoint, backend, options):
     """Temperature 1, top-k 4: the first two tokens (the second from a verify step drafting one
     token with the MTP layer, then rolled back) follow the trunk's exact joint distribution."""
-    import itertools
-
     from scipy.stats import chisquare
 
     from edgemtp.engine.sampling import Sampler
 
-    model = edgemtp.load(tiny_checkpoint("qwen3_5"), backend="mlx")
+    model = edgemtp.load(tiny_checkpoint("qwen3_5"), backend=backend, **options)
     prompt, samples, warp = token_ids(6, seed=11), 800, dict(temperature=1.0, top_k=4)
     sampler = Sampler(**warp)
     first = sampler.probs(model.logits(prompt)[-1])[0]

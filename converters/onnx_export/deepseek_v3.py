@@ -37,6 +37,8 @@ def _deinterleave(rows: np.ndarray) -> np.ndarray:
 
 
 class DeepseekV3Layers:
+    PADS_ROWS = False  # only attention gets the repeated row (module docstring); model.py pads nothing
+
     def __init__(self, g: GraphBuilder, read: Callable[[str], np.ndarray], config: dict, max_positions: int):
         self.g, self.read, self.config = g, read, config
         self.eps = config.get("rms_norm_eps", 1e-6)

@@ -13,7 +13,7 @@ from safetensors.numpy import save_file
 from edgemtp.checkpoint import Checkpoint
 from edgemtp.converters.onnx_export.graph import save_model
 from edgemtp.converters.onnx_export.manifest import MANIFEST, make_manifest
-from edgemtp.converters.onnx_export.model import ARCHS, build_mtp, build_trunk
+from edgemtp.converters.onnx_export.model import ARCHS, build_mtp, build_trunk, checkpoint_reader
 from edgemtp.converters.onnx_export.quantize import quantize
 from edgemtp.converters.onnx_export.shared import FILE_NAME as SHARED_FILE
 from edgemtp.converters.onnx_export.shared import detach, embedding_tensors, same_tensors
@@ -65,8 +65,9 @@ def export_onnx(checkpoint: str | Path, out_dir: str | Path, bits: int | None = 
     out, partial = empty_partial_dir(out_dir)
 
     max_positions = int(config.get("max_position_embeddings", 4096))
-    graphs = [("trunk", lambda: build_trunk(config, ckpt.read, max_positions), bits, affine_trunk)]
-    graphs += [(f"mtp{i}", lambda i=i: build_mtp(config, ckpt.read, i, max_positions, own_parts(ckpt, i), draft_ids),
+    read = checkpoint_reader(ckpt)
+    graphs = [("trunk", lambda: build_trunk(config, read, max_positions), bits, affine_trunk)]
+    graphs += [(f"mtp{i}", lambda i=i: build_mtp(config, read, i, max_positions, own_parts(ckpt, i), draft_ids),
                  mtp_bits, False)
                for i in range(ckpt.num_mtp_layers)]
     embedding: dict = {}  # the trunk's embedding tensors, written once (shared.py)
@@ -95,7 +96,8 @@ def export_onnx(checkpoint: str | Path, out_dir: str | Path, bits: int | None = 
     cache = ARCHS[config["model_type"]][1](config)
     from_trunk = tuple(parts_from_trunk(ckpt, i) for i in range(ckpt.num_mtp_layers))
     manifest = make_manifest(config, cache, bits, mtp_bits, group_size, dtype, max_positions,
-                             None if draft_ids is None else len(draft_ids), affine_trunk, from_trunk, shared_inputs)
+                             None if draft_ids is None else len(draft_ids), affine_trunk, from_trunk, shared_inputs,
+                             ARCHS[config["model_type"]][0].PADS_ROWS)
     (partial / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return publish(partial, out)
 

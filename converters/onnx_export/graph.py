@@ -19,7 +19,8 @@ OPSET = 21
 MS_DOMAIN = "com.microsoft"
 
 _DTYPES = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16,
-           np.dtype(np.int64): TensorProto.INT64, np.dtype(np.int32): TensorProto.INT32}
+           np.dtype(np.int64): TensorProto.INT64, np.dtype(np.int32): TensorProto.INT32,
+           np.dtype(np.bool_): TensorProto.BOOL}
 
 
 class GraphBuilder:

@@ -58,6 +58,8 @@ class LlamaLayers:
     transformers' GLM-4.5 does; that width must be a multiple of 16 (GLM-4.5 rotates 64 of 128).
     """
 
+    PADS_ROWS = False  # only attention gets the repeated row (module docstring); model.py pads nothing
+
     def __init__(self, g: GraphBuilder, read: Callable[[str], np.ndarray], config: dict, max_positions: int):
         self.g, self.read, self.config = g, read, config
         self.heads = config["num_attention_heads"]

@@ -17,7 +17,10 @@ j-th id of the file (see edgemtp/draft_vocab.py); without it (null) they are ful
 Since version 3 every graph runs its attention on one row more than a step feeds (the last row,
 repeated; see llama.py and deepseek_v3.py), so no step is ever a one-row attention. For GQA graphs
 that row also passes through the KV cache, and the lengths a step passes count it. Since version 5
-the embedding lives in embedding.safetensors.
+the embedding lives in embedding.safetensors. Qwen3.5's trunk cache also holds Gated DeltaNet
+states (``cache["recurrent"]``: slots, input and output names, shapes, and the per-position
+snapshots a step returns when its ``keep_states`` input is true), and its graphs pad every
+step themselves (``graphs_pad_rows``; an export without the key pads nothing itself).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from edgemtp.config import num_mtp_layers
 from edgemtp.converters.onnx_export.graph import OPSET
 from edgemtp.converters.onnx_export.quantize import scheme
 from edgemtp.converters.onnx_export.shared import FILE_NAME as SHARED_FILE
@@ -38,19 +42,29 @@ MANIFEST = "manifest.json"
 
 def make_manifest(config: dict, cache: dict, bits: int | None, mtp_bits: int | None, group_size: int,
                   dtype: str, max_positions: int, draft_vocab_size: int | None, affine_trunk: bool,
-                  mtp_from_trunk: tuple[list[str], ...], shared_inputs: dict[str, list[str]]) -> dict:
+                  mtp_from_trunk: tuple[list[str], ...], shared_inputs: dict[str, list[str]],
+                  graphs_pad_rows: bool) -> dict:
     """``mtp_from_trunk``: per MTP layer, the parts its graph takes from the trunk's weights
     (``embed_tokens``, ``shared_head.head``; see edgemtp/mtp_copies.py), for ``inspect``.
     ``shared_inputs``: graph name (``trunk``, ``mtp0``...) -> the embedding tensors it takes as
-    inputs from ``embedding.safetensors`` (shared.py)."""
+    inputs from ``embedding.safetensors`` (shared.py). ``graphs_pad_rows``: every graph repeats a
+    step's last row through all its MatMuls itself (Qwen3.5, onnx_export/qwen3_5.py), so the
+    backend never pads a one-token step."""
     # GQA takes explicit lengths; MLA derives positions from the length of its past inputs.
     positions = ["seqlens_k", "total_sequence_length"] if cache["kind"] == "gqa_shared_buffer" else []
 
-    def names(kind: str, slots: int) -> list[str]:
-        return [name.format(slot=slot) for slot in range(slots) for name in cache[kind]]
+    def names(kind: str, slots) -> list[str]:
+        return [name.format(slot=slot) for slot in slots for name in cache[kind]]
 
     layers = config["num_hidden_layers"]
-    num_mtp = int(config.get("num_nextn_predict_layers") or 0)
+    # Qwen3.5's Gated DeltaNet layers (cache["recurrent"]["slots"]) take states instead of keys and values.
+    recurrent = cache.get("recurrent") or {"slots": [], "inputs": [], "outputs": [], "snapshots": []}
+    attention = [slot for slot in range(layers) if slot not in recurrent["slots"]]
+
+    def state_names(kind: str) -> list[str]:
+        return [name.format(slot=slot) for slot in recurrent["slots"] for name in recurrent[kind]]
+
+    num_mtp = num_mtp_layers(config)
     return {
         "format": FORMAT, "version": VERSION, "arch": config["model_type"], "opset": OPSET, "dtype": dtype,
         "max_positions": max_positions,
@@ -58,14 +72,17 @@ def make_manifest(config: dict, cache: dict, bits: int | None, mtp_bits: int | N
         "cache": cache,
         "embedding": SHARED_FILE,
         "trunk": {"path": "trunk/model.onnx", "cache_slots": layers, "shared_inputs": shared_inputs.get("trunk", []),
-                  "inputs": ["input_ids", *positions, *names("inputs", layers)],
-                  "outputs": ["logits", "hidden", *names("outputs", layers)]},
+                  "inputs": ["input_ids", *positions, *names("inputs", attention), *state_names("inputs"),
+                             *(["keep_states"] if recurrent["slots"] else [])],
+                  "outputs": ["logits", "hidden", *names("outputs", attention), *state_names("outputs"),
+                              *state_names("snapshots")]},
         "mtp": [{"path": f"mtp{i}/model.onnx", "cache_slots": 1,
-                 "inputs": ["hidden", "input_ids", *positions, *names("inputs", 1)],
-                 "outputs": ["logits", "h1", *names("outputs", 1)],
+                 "inputs": ["hidden", "input_ids", *positions, *names("inputs", [0])],
+                 "outputs": ["logits", "h1", *names("outputs", [0])],
                  "from_trunk": mtp_from_trunk[i], "shared_inputs": shared_inputs.get(f"mtp{i}", [])}
                 for i in range(num_mtp)],
         "draft_vocab": None if draft_vocab_size is None else {"file": DRAFT_VOCAB_FILE, "size": draft_vocab_size},
+        "graphs_pad_rows": graphs_pad_rows,
     }
 
 

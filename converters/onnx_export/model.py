@@ -7,8 +7,9 @@ from collections.abc import Callable
 import numpy as np
 import onnx
 
-from edgemtp.converters.onnx_export import deepseek_v3, glm4_moe, llama
-from edgemtp.converters.onnx_export.graph import GraphBuilder, decoder_stack, linear, rms_norm
+from edgemtp.converters.onnx_export import deepseek_v3, glm4_moe, llama, qwen3_5
+from edgemtp.converters.onnx_export.graph import (GraphBuilder, decoder_stack, drop_last_row, linear,
+                                                  repeat_last_row, rms_norm)
 from edgemtp.converters.onnx_export.quantize import EMBEDDING_NODE
 from edgemtp.config import mtp_fusion_layers, num_mtp_layers
 from edgemtp.layout import mtp_prefix
@@ -18,7 +19,23 @@ ARCHS = {"llama": (llama.LlamaLayers, llama.cache_layout),
          "qwen2": (llama.LlamaLayers, llama.cache_layout),
          "qwen3": (llama.LlamaLayers, llama.cache_layout),
          "deepseek_v3": (deepseek_v3.DeepseekV3Layers, deepseek_v3.cache_layout),
-         "glm4_moe": (glm4_moe.Glm4MoeLayers, llama.cache_layout)}
+         "glm4_moe": (glm4_moe.Glm4MoeLayers, llama.cache_layout),
+         "qwen3_5": (qwen3_5.Qwen3_5Layers, qwen3_5.cache_layout)}
+
+
+def checkpoint_reader(ckpt) -> Callable[[str], np.ndarray]:
+    """What the builders read weights with: the checkpoint itself, or for Qwen3.5's released layout
+    a reader by the names every other family uses (qwen3_5.py)."""
+    return qwen3_5.released_reader(ckpt) if ckpt.config["model_type"] == "qwen3_5" else ckpt.read
+
+
+def _padded(g: GraphBuilder, layers, x: str, name: str) -> str:
+    """``x`` with its last row repeated where the blocks want every step padded (``PADS_ROWS``)."""
+    return repeat_last_row(g, x, 1, name) if layers.PADS_ROWS else x
+
+
+def _unpadded(g: GraphBuilder, layers, x: str, name: str) -> str:
+    return drop_last_row(g, x, 1, name) if layers.PADS_ROWS else x
 
 
 def _embed(g: GraphBuilder, read: Callable[[str], np.ndarray], ids: str, name: str = "model.embed_tokens.weight") -> str:
@@ -39,12 +56,13 @@ def build_trunk(config: dict, read: Callable[[str], np.ndarray], max_positions: 
     blocks = [layers.block(f"model.layers.{i}.", i, slot=i) for i in range(config["num_hidden_layers"])]
     eps = config.get("rms_norm_eps", 1e-6)
     fusion = mtp_fusion_layers(config) if num_mtp_layers(config) else None
-    stack = decoder_stack(g, _embed(g, read, ids), blocks, read("model.norm.weight"), eps, "layers", taps=fusion or ())
+    embedded = _embed(g, read, _padded(g, layers, ids, "input_ids"))
+    stack = decoder_stack(g, embedded, blocks, read("model.norm.weight"), eps, "layers", taps=fusion or ())
     normed = stack[0]
-    g.output("logits", linear(g, normed, read(trunk_head_name(config)), "lm_head"), np.float32,
-             [1, "n", config["vocab_size"]])
+    logits = linear(g, normed, read(trunk_head_name(config)), "lm_head")
+    g.output("logits", _unpadded(g, layers, logits, "logits"), np.float32, [1, "n", config["vocab_size"]])
     hidden = normed if fusion is None else _fused_feature(g, read, config, stack[2], normed, eps)
-    g.output("hidden", hidden, np.float32, [1, "n", config["hidden_size"]])
+    g.output("hidden", _unpadded(g, layers, hidden, "hidden"), np.float32, [1, "n", config["hidden_size"]])
     return g.to_model()
 
 
@@ -75,6 +93,7 @@ def build_mtp(config: dict, read: Callable[[str], np.ndarray], index: int, max_p
     prefix = mtp_prefix(config, index)
     eps = config.get("rms_norm_eps", 1e-6)
     table = prefix + "embed_tokens.weight" if "embed_tokens" in own else "model.embed_tokens.weight"
+    ids, hidden = _padded(g, layers, ids, "input_ids"), _padded(g, layers, hidden, "hidden")
     embedded = rms_norm(g, _embed(g, read, ids, table), read(prefix + "enorm.weight"), eps, "mtp.enorm")
     previous = rms_norm(g, hidden, read(prefix + "hnorm.weight"), eps, "mtp.hnorm")
     joined = g.node("Concat", [embedded, previous], name="mtp.concat", axis=-1)
@@ -87,6 +106,6 @@ def build_mtp(config: dict, read: Callable[[str], np.ndarray], index: int, max_p
         # ``linear`` so the quantizer still finds (and quantizes) the "mtp.head" MatMul.
         head = head[draft_ids]
     logits = linear(g, normed, head, "mtp.head")
-    g.output("logits", logits, np.float32, [1, "n", len(head)])
-    g.output("h1", h1, np.float32, [1, "n", config["hidden_size"]])
+    g.output("logits", _unpadded(g, layers, logits, "logits"), np.float32, [1, "n", len(head)])
+    g.output("h1", _unpadded(g, layers, h1, "h1"), np.float32, [1, "n", config["hidden_size"]])
     return g.to_model()

@@ -7,7 +7,7 @@ conversion loads in mlx-lm too. ``convert_weights`` does what mlx-lm's ``sanitiz
 released checkpoint (``model.language_model.`` prefix dropped, vision tower skipped, conv1d
 weights to MLX's channels-last layout, zero-centred norms stored as ``1 + w``, MoE experts' stacked
 ``gate_up_proj`` split into ``switch_mlp``'s gate and up projections as mlx-lm's ``qwen3_5_moe``
-sanitize does) and maps the MTP module's names onto edgemtp's MTP convention:
+sanitize does) and maps the MTP module's names onto edgemtp's MTP convention (``layout.qwen3_5_name``):
 
     mtp.fc -> eh_proj, mtp.pre_fc_norm_embedding -> enorm, mtp.pre_fc_norm_hidden -> hnorm,
     mtp.layers.0.* -> the block, mtp.norm -> shared_head.norm (the head is the trunk's).
@@ -25,17 +25,13 @@ from mlx_lm.models import qwen3_5
 
 from edgemtp.config import partial_rotary_factor, rope_theta
 from edgemtp.errors import UserError
-from edgemtp.layout import QWEN3_5_MTP, QWEN3_5_TRUNK, QWEN3_5_VISION, is_zero_centred_norm, layer_types
+from edgemtp.layout import QWEN3_5_VISION, is_zero_centred_norm, layer_types, qwen3_5_name
 
 # The full-attention layers take mlx-lm's "causal" string mask (fast SDPA path).
 MASK_AS_ARRAY = False
 
 # A MoE layer's routed experts as released (two stacked tensors) and as mlx-lm's SwitchGLU holds them.
 _STACKED_GATE_UP, _STACKED_DOWN = "experts.gate_up_proj", "experts.down_proj"
-
-# Released MTP names -> edgemtp's MTP convention (``edgemtp.layout``), after the ``mtp.`` prefix.
-_MTP_NAMES = {"fc.": "eh_proj.", "pre_fc_norm_embedding.": "enorm.", "pre_fc_norm_hidden.": "hnorm.",
-              "norm.": "shared_head.norm.", "layers.0.": ""}
 
 
 def model_args(config: dict) -> qwen3_5.TextModelArgs:
@@ -73,18 +69,6 @@ def cache_dims(args: qwen3_5.TextModelArgs) -> tuple[tuple[int, int], tuple[int,
     return (args.num_key_value_heads, args.head_dim), (args.num_key_value_heads, args.head_dim)
 
 
-def mlx_name(name: str) -> str:
-    """The MLX name of a released tensor (trunk: mlx-lm's; MTP: edgemtp's convention under ``mtp.``)."""
-    if name.startswith(QWEN3_5_TRUNK):
-        return "model." + name.removeprefix(QWEN3_5_TRUNK)
-    if name.startswith(QWEN3_5_MTP):
-        part = name.removeprefix(QWEN3_5_MTP)
-        for released, ours in _MTP_NAMES.items():
-            if part.startswith(released):
-                return QWEN3_5_MTP + ours + part.removeprefix(released)
-    return name
-
-
 def convert_weights(
     names: list[str], read: Callable[[str], np.ndarray], args: qwen3_5.TextModelArgs
 ) -> Iterator[tuple[str, np.ndarray]]:
@@ -97,7 +81,7 @@ def convert_weights(
             value = np.moveaxis(value, 2, 1)  # (channels, 1, kernel) -> (channels, kernel, 1)
         if is_zero_centred_norm("qwen3_5", name):
             value = value + np.float32(1.0)
-        name = mlx_name(name)
+        name = qwen3_5_name(name)
         if name.endswith(_STACKED_GATE_UP):
             switch = name.removesuffix(_STACKED_GATE_UP) + "switch_mlp."
             half = value.shape[1] // 2  # each expert's gate rows, then its up rows

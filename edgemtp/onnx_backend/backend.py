@@ -2,7 +2,8 @@
 
 One session runs the trunk graph and one runs each MTP layer's graph. Every cache (the trunk's
 and one per MTP depth) is a preallocated buffer bound with IO binding (see cache.py), so a
-step copies no cache and a rollback is O(1).
+step copies no cache and a rollback is O(1), except over Qwen3.5's Gated DeltaNet states, which a
+rollback copies back from a verify step's per-position snapshots (``trunk_rollback``).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from edgemtp.config import load_config
 from edgemtp.converters.onnx_export.manifest import read_manifest, weight_bytes
 from edgemtp.draft_vocab import read_draft_vocab
 from edgemtp.errors import UserError
-from edgemtp.onnx_backend.cache import CACHE_KINDS, PADDING_ROWS, SPARE_ROWS
+from edgemtp.onnx_backend.cache import CACHE_KINDS, PADDING_ROWS, SPARE_ROWS, RecurrentCache
 from edgemtp.onnx_backend.row_invariance import one_row_steps_differ
 
 DEFAULT_MAX_CONTEXT = 4096
@@ -109,6 +110,8 @@ class OnnxBackend:
             return {name: embedding[name] for name in entry["shared_inputs"]}
 
         def needs_padding(quantization: dict) -> bool:
+            if manifest.get("graphs_pad_rows"):
+                return False  # every MatMul of these graphs already sees two rows or more
             return quantization["method"] != "none" and one_row_steps_differ(quantization["bits"],
                                                                              quantization["block_size"])
 
@@ -123,7 +126,13 @@ class OnnxBackend:
         self.num_mtp_layers = len(self._mtp)
         self.draft_ids = self._read_draft_vocab(path)
         self._cache_kind = CACHE_KINDS[manifest["cache"]["kind"]]
-        self._trunk_cache = self._new_cache(manifest["trunk"]["cache_slots"])
+        trunk_slots = range(manifest["trunk"]["cache_slots"])
+        if manifest["cache"].get("recurrent"):
+            self._trunk_cache = RecurrentCache(manifest["cache"], trunk_slots, self.max_context)
+        else:
+            self._trunk_cache = self._cache_kind(manifest["cache"], trunk_slots, self.max_context)
+        # The tokens in the trunk's cache: a rollback runs some of them again through recurrent layers.
+        self._trunk_tokens: list[int] = []
         self._mtp_caches: dict[int, object] = {}  # depth -> cache, created on first use
         self._weight_bytes = weight_bytes(path)
 
@@ -138,32 +147,62 @@ class OnnxBackend:
                             "re-export the model")
         return ids
 
-    def _new_cache(self, slots: int):
-        return self._cache_kind(self.manifest["cache"], slots, self.max_context)
-
     def _mtp_cache(self, depth: int):
         if depth < 1:
             raise ValueError(f"MTP depth is 1-based, got {depth}")
         if depth not in self._mtp_caches:
-            self._mtp_caches[depth] = self._new_cache(1)
+            self._mtp_caches[depth] = self._cache_kind(self.manifest["cache"], range(1), self.max_context)
         return self._mtp_caches[depth]
 
     # --- Backend interface -------------------------------------------------------------------
 
     def reset(self) -> None:
-        self._trunk_cache.length = 0
+        self._trunk_cache.clear()
+        self._trunk_tokens.clear()
         for cache in self._mtp_caches.values():
-            cache.length = 0
+            cache.clear()
 
     def trunk_step(self, tokens: list[int]) -> tuple[np.ndarray, np.ndarray]:
         ids = np.asarray(tokens, np.int64).reshape(1, -1)
-        return self._trunk.run(self._trunk_cache, {"input_ids": ids})
+        result = self._trunk.run(self._trunk_cache, {"input_ids": ids})
+        self._trunk_tokens.extend(tokens)
+        return result
 
     def trunk_len(self) -> int:
         return self._trunk_cache.length
 
     def trunk_rollback(self, n: int) -> None:
-        self._trunk_cache.rollback(n)
+        keep = self.trunk_len() - n
+        if isinstance(self._trunk_cache, RecurrentCache):
+            self._restore_states(keep)
+        else:
+            self._trunk_cache.rollback(n)
+        del self._trunk_tokens[keep:]
+
+    def _restore_states(self, keep: int) -> None:
+        """Roll a trunk with Gated DeltaNet layers back to ``keep`` positions.
+
+        Their states cannot be cut back. Within the last step the cache has them: the states from
+        before it, and after each position of a verify step (cache.py). Further back, the states
+        start from empty and the trunk runs again over the kept tokens, as the MLX backend does
+        after every rollback. Either way they are those of a run that never saw the dropped tokens.
+        Snapshots rather than that recomputation after every verify step, as measured with
+        ``scripts/qwen3_5_rollback_cost.py`` (a random 8-layer qwen3_5 at the 0.8B model's widths,
+        8 bits, 2 threads, on the shared 2-core CPU at a load of ~8-10): a 4-token verify step and a
+        rollback keeping 1-3 of its tokens took 460-465 ms with snapshots, 621-761 ms recomputing.
+        """
+        cache = self._trunk_cache
+        if not 0 <= keep <= cache.length:
+            raise ValueError(f"cannot roll back to {keep} of {cache.length} cached positions")
+        if keep == cache.length or cache.restore(keep):
+            return
+        if cache.step_start is not None and keep > cache.step_start:  # inside a long step: from its start
+            cache.restore_step_start()
+        else:
+            cache.clear()
+        ids = np.asarray(self._trunk_tokens[cache.length:keep], np.int64).reshape(1, -1)
+        if ids.size:
+            self._trunk.run(cache, {"input_ids": ids})
 
     def mtp_step(self, depth: int, hidden: np.ndarray, tokens: list[int]) -> tuple[np.ndarray, np.ndarray]:
         if not self._mtp:

@@ -80,23 +80,29 @@ def _weights(backend: MLXBackend) -> dict[str, np.ndarray]:
     return {name: np.array(array) for name, array in tree_flatten(backend.trunk.parameters())}
 
 
-@pytest.mark.parametrize("arch", ["llama", "deepseek_v3"])
-def test_each_rank_holds_its_shard(tiny_checkpoint, arch):
+@pytest.mark.parametrize("arch,mlx_4bit", [("llama", False), ("deepseek_v3", False), ("llama", True)])
+def test_each_rank_holds_its_shard(tiny_checkpoint, tmp_path, arch, mlx_4bit):
     """Each rank holds the layers' unsplit tensors and half of the split ones (rank 0 also the
-    embedding, the head and the MTP layers), and the two halves of a split tensor are the whole."""
+    embedding, the head and the MTP layers), and the two halves of a split tensor are the whole;
+    from an HF checkpoint and from a 4-bit MLX directory (packed weights, scales and biases)."""
+    from edgemtp.converters.convert import convert
+
     path = tiny_checkpoint(arch, mtp_layers=1, num_hidden_layers=3)
+    if mlx_4bit:
+        path = convert(path, tmp_path / "mlx", to="mlx", bits=4, group_size=32, show_progress=False)
     config = load_config(path)
     layers = int(config["num_hidden_layers"])
     whole = MLXBackend.load(path, max_kv_size=64)
     parts = [load_part(path, 0, layers, embeds=rank == 0, finishes=rank == 0, max_kv_size=64, group=_Rank(rank, 2))
              for rank in range(2)]
-    split = weight_split(path, config)  # the checkpoint's bytes: float32, as loaded here
-    shared = sum(split.layers) - sum(split.sharded)
-    assert parts[1].weight_bytes() == shared + sum(split.sharded) // 2
-    assert parts[0].weight_bytes() == parts[1].weight_bytes() + split.embedding + split.head + (
-        whole.weight_bytes() - sum(split.layers) - split.embedding - split.head)  # + the MTP layers
-    plans = plan_tensor(path, [ROOMY, ROOMY], context=64)
-    assert [plan.weights for plan in plans] == [part.weight_bytes() for part in parts]
+    if not mlx_4bit:  # the checkpoint's bytes are float32, as loaded here
+        split = weight_split(path, config)
+        shared = sum(split.layers) - sum(split.sharded)
+        assert parts[1].weight_bytes() == shared + sum(split.sharded) // 2
+        assert parts[0].weight_bytes() == parts[1].weight_bytes() + split.embedding + split.head + (
+            whole.weight_bytes() - sum(split.layers) - split.embedding - split.head)  # + the MTP layers
+        plans = plan_tensor(path, [ROOMY, ROOMY], context=64)
+        assert [plan.weights for plan in plans] == [part.weight_bytes() for part in parts]
     full, halves = _weights(whole), [_weights(part) for part in parts]
     assert set(halves[1]) < set(full) and not any("embed_tokens" in n or "lm_head" in n for n in halves[1])
     joined = 0
@@ -108,6 +114,7 @@ def test_each_rank_holds_its_shard(tiny_checkpoint, arch):
         assert np.array_equal(np.concatenate([halves[0][name], tensor], axis=axis), full[name]), name
         joined += 1
     assert joined >= 7 * layers  # attention and MLP projections of every layer
+    assert parts[1].weight_bytes() < whole.weight_bytes() / 2
 
 
 def test_choice_and_refusals(tiny_checkpoint, monkeypatch):

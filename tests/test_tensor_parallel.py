@@ -80,7 +80,7 @@ def _weights(backend: MLXBackend) -> dict[str, np.ndarray]:
     return {name: np.array(array) for name, array in tree_flatten(backend.trunk.parameters())}
 
 
-@pytest.mark.parametrize("arch,mlx_4bit", [("llama", False), ("deepseek_v3", False), ("llama", True)])
+@pytest.mark.parametrize("arch,mlx_4bit", [("llama", False), ("deepseek_v3", False), ("qwen3", False), ("llama", True)])
 def test_each_rank_holds_its_shard(tiny_checkpoint, tmp_path, arch, mlx_4bit):
     """Each rank holds the layers' unsplit tensors and half of the split ones (rank 0 also the
     embedding, the head and the MTP layers), and the two halves of a split tensor are the whole;

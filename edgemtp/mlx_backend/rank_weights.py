@@ -122,9 +122,12 @@ def load_part(path: str | Path, first_layer: int, end_layer: int, *, embeds: boo
                             for name, array in trunk_weights.items()])
         mtp.load_weights([(name, cast(name, array, compute_dtype)) for name, array in mtp_weights.items()])
     else:
+        def cut_checkpoint(name: str, array):  # the reader yields full names; the cut knows the part's
+            return cut(part_name(name), array)
+
         trunk.load_weights([(part_name(name), array) for name, array in
                             iter_trunk_weights(ckpt, compute_dtype, keep=lambda n: part_name(n) is not None,
-                                               cut=cut and (lambda name, array: cut(part_name(name), array)))],
+                                               cut=cut_checkpoint if cut else None)],
                            strict=True)
         if finishes:
             mtp.load_weights(list(iter_mtp_weights(ckpt, compute_dtype)), strict=True)

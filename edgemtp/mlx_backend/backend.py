@@ -117,8 +117,8 @@ class MLXBackend:
                  for value in sub.values() if isinstance(value, mx.array)])
         self._node_positions = NodePositions()
         wrap_ropes(trunk.model.layers, self._node_positions)
-        self._trunk_caches = [RecurrentStateCache() if is_recurrent(layer) else self._new_cache(self._trunk_cache_dims)
-                              for layer in trunk.model.layers]
+        self._trunk_caches = [RecurrentStateCache() if is_recurrent(layer)
+                              else self._new_cache(self._trunk_cache_dims) for layer in trunk.model.layers]
         self._recurrent = [cache for cache in self._trunk_caches if isinstance(cache, RecurrentStateCache)]
         # The tokens in the trunk's caches: a rollback re-runs some of them through recurrent layers.
         self._trunk_tokens: list[int] = []

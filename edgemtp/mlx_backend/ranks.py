@@ -97,7 +97,8 @@ def trim_to(stage: MLXBackend, start: int, depth: int = 0) -> None:
 
 
 def finish(stage: MLXBackend, h: mx.array) -> tuple[mx.array, mx.array]:
-    """Final norm and head (the pipeline's last rank, tensor parallel's rank 0): float32 ``(n, V)`` logits and ``(n, H)`` hidden states."""
+    """Final norm and head (the pipeline's last rank, tensor parallel's rank 0): float32 ``(n, V)``
+    logits and ``(n, H)`` hidden states."""
     hidden = stage.trunk.model.norm(h)
     logits = output_head(stage.trunk)(hidden)
     return logits[0].astype(mx.float32), hidden[0].astype(mx.float32)

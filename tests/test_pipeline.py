@@ -39,7 +39,9 @@ def test_pipeline_output_equals_single_process(tiny_checkpoint, tmp_path, arch, 
     for rank, (code, out, err) in enumerate(results):
         assert code == 0, f"rank {rank}: {err}"
         assert out.strip() == "" or rank == 0
-    assert json.loads(results[0][1])["tokens"] == single
+    run = json.loads(results[0][1])
+    assert run["tokens"] == single
+    assert run["report"]["parallel"] == "pipeline"  # what --parallel auto picks over ring (TCP)
     assert all(len(tokens) == MAX_TOKENS for tokens in single)
 
 

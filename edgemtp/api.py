@@ -14,12 +14,14 @@ from pathlib import Path
 
 import numpy as np
 
+from edgemtp.config import load_config
 from edgemtp.distributed import launched
 from edgemtp.draft_vocab import scatter_logits
 from edgemtp.engine.backend import Backend
 from edgemtp.engine.generate import Chunk, Generation, Session, collect
 from edgemtp.engine.specs import DEFAULT_SPEC
 from edgemtp.errors import UserError
+from edgemtp.tensor_plan import check_parallel, choose_parallel
 from edgemtp.tokenizer import IdsOnlyTokenizer, Tokenizer, load_tokenizer
 
 
@@ -69,7 +71,7 @@ _BACKEND_OPTIONS = {"mlx": ("dtype", "draft_vocab"), "onnx": ("bits", "group_siz
 
 
 def load(path: str | Path | None = None, backend: str | None = None, max_kv_size: int | None = None,
-         **options) -> Model:
+         parallel: str = "auto", **options) -> Model:
     """Load a model directory for inference.
 
     ``backend`` is ``"mlx"`` or ``"onnx"`` (default: ``default_backend()``).
@@ -80,9 +82,10 @@ def load(path: str | Path | None = None, backend: str | None = None, max_kv_size
     MTP head scores the full vocabulary even when the model stores a draft vocabulary); for ONNX:
     ``threads``.
 
-    Under ``mlx.launch`` (several ranks) the MLX backend runs as a pipeline over the group
-    (``edgemtp.mlx_backend.pipeline``): only rank 0 returns; every other rank serves rank 0's
-    passes and exits when rank 0's process ends.
+    Under ``mlx.launch`` (several ranks) the MLX backend runs over the group: ``parallel`` is
+    ``"pipeline"`` (``edgemtp.mlx_backend.pipeline``), ``"tensor"``
+    (``edgemtp.mlx_backend.tensor_parallel``) or ``"auto"`` (``tensor_plan.choose_parallel``). Only
+    rank 0 returns; every other rank serves rank 0's passes and exits when rank 0's process ends.
     """
     backend = backend or default_backend()
     if path is None:  # the embedded default model, converted for this backend on first use
@@ -96,14 +99,20 @@ def load(path: str | Path | None = None, backend: str | None = None, max_kv_size
     if unknown:
         raise UserError(f"the {backend} backend has no load option {', '.join(unknown)}; "
                         f"its options are {', '.join(_BACKEND_OPTIONS[backend])} (and max_kv_size)")
-    if launched():  # one rank of several (mlx.launch): a pipeline over the group
+    check_parallel(parallel)
+    if launched():  # one rank of several (mlx.launch): the model is split over the group
         if backend != "mlx":
             raise UserError(f"several machines (mlx.launch) run on the MLX backend only, not {backend}; "
                             "pass --backend mlx or leave --backend out")
         from edgemtp.mlx_backend.pipeline import join_pipeline
+        from edgemtp.mlx_backend.ranks import join_group
+        from edgemtp.mlx_backend.tensor_parallel import join_tensor_parallel
 
-        pipeline = join_pipeline(path, max_kv_size=max_kv_size, context_cap=DEFAULT_CONTEXT_CAP, **options)
-        return Model(pipeline.config, load_tokenizer(path), pipeline)
+        group = join_group(path)
+        kind = choose_parallel(parallel, load_config(path), group.size(), path)
+        join = join_tensor_parallel if kind == "tensor" else join_pipeline
+        ranked = join(path, group, max_kv_size=max_kv_size, context_cap=DEFAULT_CONTEXT_CAP, **options)
+        return Model(ranked.config, load_tokenizer(path), ranked)
     context = planned_context(path, backend, max_kv_size)
     loaded = _BACKEND_LOADERS[backend](path, max_kv_size=context, **options)
     return Model(loaded.config, load_tokenizer(path), loaded)

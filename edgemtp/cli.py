@@ -52,11 +52,17 @@ def _require(modules: tuple[str, ...], extra: str, what: str) -> None:
 # Each command below is a thin wrapper around a library function.
 
 
+# Several machines (mlx.launch): how the model is split over the ranks (edgemtp/tensor_plan.py).
+PARALLEL_HELP = ("Under mlx.launch: pipeline (layers split over the ranks), tensor (every layer split; llama, qwen2, "
+                 "qwen3, deepseek_v3) or auto (tensor over RDMA/jaccl where the model splits evenly, else pipeline).")
+
+
 @app.command("inspect")
 def inspect_command(
     path: str = typer.Argument(..., help="Model directory: Hugging Face or mlx-lm (config.json + *.safetensors) or an edgemtp ONNX export; or a llama.cpp .gguf file."),
     as_json: bool = typer.Option(False, "--json", help="Print the numbers as JSON instead of a table."),
-    ranks: int = typer.Option(1, "--ranks", help="Also plan a pipeline over this many machines like this one (mlx.launch): the layers and memory of each rank."),
+    ranks: int = typer.Option(1, "--ranks", help="Also plan a split over this many machines like this one (mlx.launch): what each rank holds and its memory."),
+    parallel: str = typer.Option("auto", "--parallel", help=PARALLEL_HELP),
 ) -> None:
     """Show a model's architecture, parameter counts, storage format and memory needs."""
     import dataclasses
@@ -75,8 +81,10 @@ def inspect_command(
     if as_json:
         out = dataclasses.asdict(summary)
         if ranks > 1:
+            kind, plans = _rank_plan(path, ranks, parallel)
+            out["parallel"] = kind
             out["pipeline"] = [dataclasses.asdict(plan) | {"total": plan.total, "usable": plan.usable}
-                               for plan in _pipeline_plan(path, ranks)]
+                               for plan in plans]
         typer.echo(json.dumps(out, indent=2))
         return
 
@@ -127,28 +135,44 @@ def inspect_command(
     if ranks > 1:
         from edgemtp.pipeline_plan import plan_rows
 
-        ranks_table = Table(title=f"pipeline over {ranks} machines like this one (mlx.launch)", show_header=False)
+        kind = _parallel_kind(path, ranks, parallel)
+        title = "pipeline" if kind == "pipeline" else "tensor parallel"
+        ranks_table = Table(title=f"{title} over {ranks} machines like this one (mlx.launch)", show_header=False)
         ranks_table.add_column("rank", style="bold")
         ranks_table.add_column("holds")
         try:
-            for label, value in plan_rows(_pipeline_plan(path, ranks)):
+            for label, value in plan_rows(_rank_plan(path, ranks, kind)[1]):
                 ranks_table.add_row(label, value)
         except UserError as exc:
             ranks_table.add_row("does not fit", str(exc))
         Console().print(ranks_table)
 
 
-def _pipeline_plan(path: str, ranks: int):
-    """The per-rank plan over ``ranks`` machines with this machine's memory budget, at the context
-    a launched run would pick."""
+def _parallel_kind(path: str, ranks: int, parallel: str) -> str:
+    """What ``--parallel`` picks for this model over ``ranks`` ranks (a one-line error if it cannot)."""
+    from pathlib import Path
+
+    from edgemtp.config import load_config
+    from edgemtp.tensor_plan import check_parallel, choose_parallel
+
+    check_parallel(parallel)
+    return choose_parallel(parallel, load_config(Path(path)), ranks, Path(path))
+
+
+def _rank_plan(path: str, ranks: int, parallel: str):
+    """``(kind, per-rank plans)`` over ``ranks`` machines with this machine's memory budget, at the
+    context a launched run would pick."""
     from pathlib import Path
 
     from edgemtp.api import DEFAULT_CONTEXT_CAP
-    from edgemtp.pipeline_plan import plan_largest_context
+    from edgemtp.pipeline_plan import plan_largest_context, plan_pipeline
     from edgemtp.planner import detect_memory_budget
+    from edgemtp.tensor_plan import plan_tensor
 
-    plans, _ = plan_largest_context(Path(path), [detect_memory_budget()] * ranks, None, "float32", DEFAULT_CONTEXT_CAP)
-    return plans
+    kind = _parallel_kind(path, ranks, parallel)
+    plans, _ = plan_largest_context(Path(path), [detect_memory_budget()] * ranks, None, "float32", DEFAULT_CONTEXT_CAP,
+                                    plan=plan_tensor if kind == "tensor" else plan_pipeline)
+    return kind, plans
 
 
 @app.command("make-tiny")
@@ -423,6 +447,7 @@ def chat_command(
     max_tokens: int = typer.Option(512, "--max-tokens", help="Most tokens per answer."),
     resume: bool = typer.Option(False, "--resume", help="Reopen the most recent saved chat (Ctrl+O picks any)."),
     max_kv_size: int = typer.Option(None, "--max-kv-size", help="Tokens of context to preallocate; default: the longest that fits in memory (up to the model's window, at most 32768)."),
+    parallel: str = typer.Option("auto", "--parallel", help=PARALLEL_HELP),
 ) -> None:
     """Chat with a model in the terminal, with live speculative-decoding statistics."""
     from importlib.metadata import version
@@ -447,7 +472,7 @@ def chat_command(
     # fast plain decoding runs: 0.3.0 made it 1.15-1.4x faster on ONNX).
     model_key = f"{Path(model).resolve() if model else 'default'}|{backend}|v{version('edgemtp')}"
     ChatApp(
-        lambda: edgemtp.load(model, backend=backend, max_kv_size=max_kv_size),
+        lambda: edgemtp.load(model, backend=backend, max_kv_size=max_kv_size, parallel=parallel),
         model_key=model_key,
         settings=settings,
         store=store,
@@ -471,6 +496,7 @@ def generate_command(
     chat: bool = typer.Option(True, "--chat/--no-chat", help="Wrap the prompt in the model's chat template."),
     as_json: bool = typer.Option(False, "--json", help='Print one JSON object {"text","tokens","stats"} at the end instead of streaming.'),
     max_kv_size: int = typer.Option(None, "--max-kv-size", help="Tokens of context to preallocate; default: the longest that fits in memory (up to the model's window, at most 32768)."),
+    parallel: str = typer.Option("auto", "--parallel", help=PARALLEL_HELP),
 ) -> None:
     """Generate text with speculative decoding; a speed and acceptance summary goes to stderr."""
     import json
@@ -500,7 +526,7 @@ def generate_command(
 
         model = str(default_model_path(backend))
     reset_peak_rss()
-    target = load(model, backend=backend, max_kv_size=max_kv_size)
+    target = load(model, backend=backend, max_kv_size=max_kv_size, parallel=parallel)
     drafter_model = load(draft_model, backend=backend, max_kv_size=max_kv_size) if draft_model else None
     stream = target.stream(prompt, max_tokens=max_tokens, temperature=temp, top_p=top_p, top_k=top_k, seed=seed,
                            spec=spec, num_draft=num_draft_value, draft_model=drafter_model, chat=chat)

@@ -70,7 +70,10 @@ def host_of(rank: int) -> str:
         return "?"
 
 
-def peer_name(rank: int) -> str:
+def peer_name(rank: int | list[int]) -> str:
+    """``rank 1 (10.0.0.2)``; for several ranks (a collective waits on all of them), each of them."""
+    if isinstance(rank, list):
+        return " or ".join(peer_name(r) for r in rank)
     return f"rank {rank} ({host_of(rank)})"
 
 
@@ -86,13 +89,13 @@ class Watchdog:
         self.rank = rank
         self.timeout = timeout
         self._deadline: float | None = None
-        self._peer = -1
+        self._peer: int | list[int] = -1
         self._lock = threading.Lock()
         threading.Thread(target=self._watch, daemon=True, name="edgemtp-watchdog").start()
 
     @contextlib.contextmanager
-    def waiting_for(self, peer: int, timed: bool = True) -> Iterator[None]:
-        """Around an exchange with ``peer``: ends the process after ``timeout`` seconds (when
+    def waiting_for(self, peer: int | list[int], timed: bool = True) -> Iterator[None]:
+        """Around an exchange with ``peer`` (or with each of several): ends the process after ``timeout`` seconds (when
         ``timed``), and turns a lost connection into a one-line ``UserError``."""
         if timed:
             with self._lock:

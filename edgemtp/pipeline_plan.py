@@ -10,6 +10,8 @@ possible; a group that cannot hold the model is refused, naming the rank that is
 
 from __future__ import annotations
 
+import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +43,7 @@ class RankPlan:
     mtp_caches: int
     activations: int
     budget: MemoryBudget
+    shards: int = 1  # tensor parallel: each of the rank's layers is this many ways split
 
     @property
     def total(self) -> int:
@@ -51,6 +54,13 @@ class RankPlan:
         return int(self.budget.bytes * BUDGET_FRACTION)
 
 
+# The trunk tensors mlx-lm's ``Model.shard`` splits over a tensor-parallel group (llama, qwen2,
+# qwen3, deepseek_v3: attention projections, dense and expert MLPs, in HF and in mlx-lm names); the
+# rest of a layer (norms, MLA's down-projections, the MoE router) is held whole by every rank.
+_SHARDED = re.compile(r"\.(q_proj|q_b_proj|k_proj|v_proj|o_proj|kv_b_proj|embed_q|unembed_out|"
+                      r"gate_proj|up_proj|down_proj)\.")
+
+
 @dataclass(frozen=True)
 class WeightSplit:
     """Weight bytes by where they go: per trunk layer, the embedding, norm + head, MTP layers."""
@@ -59,13 +69,14 @@ class WeightSplit:
     embedding: int
     head: int  # final norm and output head (0 for the head when tied to the embedding)
     mtp: int
+    sharded: list[int]  # per trunk layer, the bytes tensor parallel splits (part of ``layers``)
 
 
 def weight_split(model_dir: Path, config: dict) -> WeightSplit:
     """Read the safetensors headers (no data) of an HF checkpoint or an MLX directory."""
     files = weight_files(model_dir, config)  # checks there are weights; counts MTP copies once
     count = int(config["num_hidden_layers"])
-    layers, embedding, head = [0] * count, 0, 0
+    layers, sharded, embedding, head = [0] * count, [0] * count, 0, 0
     for path in sorted(model_dir.glob("*.safetensors")):
         if path.name.startswith(("mtp", "draft_vocab")):
             continue
@@ -76,6 +87,7 @@ def weight_split(model_dir: Path, config: dict) -> WeightSplit:
             index = layer_index(name)
             if index is not None and index < count:
                 layers[index] += nbytes
+                sharded[index] += nbytes if _SHARDED.search(name) else 0
             elif index is None and "embed_tokens" in name:
                 embedding += nbytes
             elif index is None:
@@ -83,7 +95,7 @@ def weight_split(model_dir: Path, config: dict) -> WeightSplit:
     if not any(layers):
         raise UserError(f"{model_dir} holds no safetensors trunk layers; the pipeline runs HF checkpoints and MLX "
                         "directories (edgemtp convert --to mlx)")
-    return WeightSplit(layers, embedding, head, files.mtp)
+    return WeightSplit(layers, embedding, head, files.mtp, sharded)
 
 
 def split_layers(layer_need: list[int], fixed: list[int], usable: list[int]) -> list[int]:
@@ -143,31 +155,39 @@ def plan_pipeline(path: str | Path, budgets: list[MemoryBudget], context: int, d
             kv_cache=per_token * context * count, mtp_caches=mtp_caches if last else 0,
             activations=activations, budget=budget))
         start = end
-    short = [plan for plan in plans if plan.total > plan.usable]
-    if short:
-        plan = max(short, key=lambda p: p.total - p.usable)
-        raise UserError(
-            f"{model_dir} does not fit on {ranks} ranks at a {context}-token context: rank {plan.rank} (layers "
-            f"{plan.first_layer}-{plan.end_layer - 1}) needs {gib(plan.total)} but {gib(plan.usable)} is usable "
-            f"({plan.budget.source}), {gib(plan.total - plan.usable)} short; add a machine, pass a smaller "
-            "--max-kv-size, or convert with fewer bits (edgemtp convert --bits 4)")
+    refuse_short(plans, model_dir, context)
     return plans
 
 
+def refuse_short(plans: list[RankPlan], model_dir: Path, context: int) -> None:
+    """A ``UserError`` naming the rank furthest over its budget, if any is."""
+    short = [plan for plan in plans if plan.total > plan.usable]
+    if short:
+        plan = max(short, key=lambda p: p.total - p.usable)
+        holds = (f"tensor parallel, 1/{plan.shards} of every layer" if plan.shards > 1
+                 else f"layers {plan.first_layer}-{plan.end_layer - 1}")
+        raise UserError(
+            f"{model_dir} does not fit on {len(plans)} ranks at a {context}-token context: rank {plan.rank} ({holds}) "
+            f"needs {gib(plan.total)} but {gib(plan.usable)} is usable ({plan.budget.source}), "
+            f"{gib(plan.total - plan.usable)} short; add a machine, pass a smaller --max-kv-size, or convert with "
+            "fewer bits (edgemtp convert --bits 4)")
+
+
 def plan_largest_context(path: Path, budgets: list[MemoryBudget], max_kv_size: int | None, dtype: str,
-                         cap: int) -> tuple[list[RankPlan], int]:
-    """The per-rank plans at ``max_kv_size`` or, without one, at the longest context up to ``cap``
-    (halving) that fits every rank; the refusal names the rank that is short."""
+                         cap: int, plan: Callable[..., list[RankPlan]] = plan_pipeline) -> tuple[list[RankPlan], int]:
+    """The per-rank plans (``plan``: the pipeline's or tensor parallel's) at ``max_kv_size`` or,
+    without one, at the longest context up to ``cap`` (halving) that fits every rank; the refusal
+    names the rank that is short."""
     max_positions = int(load_config(path).get("max_position_embeddings") or cap)
     if max_kv_size is not None:
         if max_kv_size > max_positions:
             raise UserError(f"--max-kv-size {max_kv_size} exceeds the model's max_position_embeddings "
                             f"{max_positions}; pass --max-kv-size {max_positions} or less")
-        return plan_pipeline(path, budgets, max_kv_size, dtype), max_kv_size
+        return plan(path, budgets, max_kv_size, dtype), max_kv_size
     context = min(cap, max_positions)
     while True:
         try:
-            return plan_pipeline(path, budgets, context, dtype), context
+            return plan(path, budgets, context, dtype), context
         except UserError:
             if context // 2 < MIN_USEFUL_CONTEXT:
                 raise
@@ -179,8 +199,11 @@ def plan_rows(plans: list[RankPlan]) -> list[tuple[str, str]]:
     rows = []
     for plan in plans:
         parts = ["embedding"] if plan.rank == 0 else []
-        parts.append(f"layers {plan.first_layer}-{plan.end_layer - 1}")
-        if plan.rank == len(plans) - 1:
+        if plan.shards > 1:
+            parts.append(f"1/{plan.shards} of layers {plan.first_layer}-{plan.end_layer - 1}")
+        else:
+            parts.append(f"layers {plan.first_layer}-{plan.end_layer - 1}")
+        if plan.rank == (0 if plan.shards > 1 else len(plans) - 1):
             parts.append("final norm, head, MTP layers")
         rows.append((f"rank {plan.rank}", f"{', '.join(parts)}: weights {gib(plan.weights)}, KV cache "
                      f"{gib(plan.kv_cache + plan.mtp_caches)}, activations {gib(plan.activations)}, total "

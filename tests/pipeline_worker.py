@@ -1,5 +1,7 @@
-"""One rank of a pipeline test run (tests/test_pipeline.py starts one process per rank, as
-``mlx.launch`` does). Rank 0 prints, as one JSON line, the tokens of every case in ``CASES``;
+"""One rank of a test run over several ranks (tests/test_pipeline.py and
+tests/test_tensor_parallel.py start one process per rank, as ``mlx.launch`` does):
+``pipeline_worker.py MODEL MAX_TOKENS [PARALLEL]``. Rank 0 prints one JSON line: the tokens of
+every case in ``CASES``, the trunk's logits over ``PROMPT`` and the backend's report of the ranks;
 the other ranks serve inside ``edgemtp.load`` and print nothing."""
 
 import json
@@ -18,5 +20,8 @@ def run_cases(model, max_tokens: int) -> list[list[int]]:
 
 
 if __name__ == "__main__":
-    model = edgemtp.load(sys.argv[1], backend="mlx", max_kv_size=128)
-    print(json.dumps(run_cases(model, int(sys.argv[2]))), flush=True)
+    parallel = sys.argv[3] if len(sys.argv) > 3 else "auto"
+    model = edgemtp.load(sys.argv[1], backend="mlx", max_kv_size=128, parallel=parallel)
+    tokens = run_cases(model, int(sys.argv[2]))
+    print(json.dumps({"tokens": tokens, "logits": model.logits(PROMPT).tolist(),
+                      "report": model.backend.ranks_report()}), flush=True)

@@ -7,12 +7,7 @@ local addresses)."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -24,45 +19,11 @@ from edgemtp.pipeline_plan import plan_pipeline, split_layers
 from edgemtp.planner import MemoryBudget
 
 sys.path.insert(0, str(Path(__file__).parent))
+from launch_ranks import WORKER, assert_a_dead_rank_ends_the_run, finish, start_ranks  # noqa: E402
 from pipeline_worker import run_cases  # noqa: E402
 
-WORKER = Path(__file__).parent / "pipeline_worker.py"
-ROOT = Path(__file__).resolve().parent.parent
 MAX_TOKENS = 10
 ROOMY = MemoryBudget(8 << 30, "test budget")
-
-
-def free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
-def start_ranks(tmp_path: Path, ranks: int, command: list[str], timeout: float = 60) -> list[subprocess.Popen]:
-    """One process per rank, with the environment mlx.launch gives them."""
-    hostfile = tmp_path / "hosts.json"
-    hostfile.write_text(json.dumps([[f"127.0.0.1:{port}"] for port in free_ports(ranks)]))
-    env = {**os.environ, "MLX_HOSTFILE": str(hostfile), "EDGEMTP_PEER_TIMEOUT": str(timeout),
-           "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    return [subprocess.Popen(command, env={**env, "MLX_RANK": str(rank)}, stdout=subprocess.PIPE,
-                             stderr=subprocess.PIPE, text=True) for rank in range(ranks)]
-
-
-def finish(processes: list[subprocess.Popen], timeout: float = 120) -> list[tuple[int, str, str]]:
-    results = []
-    for process in processes:
-        try:
-            out, err = process.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            for p in processes:
-                p.kill()
-            raise
-        results.append((process.returncode, out, err))
-    return results
 
 
 @pytest.mark.parametrize("arch,layers,ranks", [("llama", 3, 2), ("llama", 3, 3), ("deepseek_v3", 3, 2),
@@ -78,7 +39,9 @@ def test_pipeline_output_equals_single_process(tiny_checkpoint, tmp_path, arch, 
     for rank, (code, out, err) in enumerate(results):
         assert code == 0, f"rank {rank}: {err}"
         assert out.strip() == "" or rank == 0
-    assert json.loads(results[0][1]) == single
+    run = json.loads(results[0][1])
+    assert run["tokens"] == single
+    assert run["report"]["parallel"] == "pipeline"  # what --parallel auto picks over ring (TCP)
     assert all(len(tokens) == MAX_TOKENS for tokens in single)
 
 
@@ -113,42 +76,12 @@ def test_split_follows_budgets_and_refusal_names_the_short_rank(tiny_checkpoint)
         plan_pipeline(path, [small, small], context=64)
 
 
-def _wait_for_output(process: subprocess.Popen, timeout: float) -> None:
-    os.set_blocking(process.stdout.fileno(), False)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.stdout.read(1):
-            return
-        time.sleep(0.05)
-    raise AssertionError("rank 0 printed nothing")
-
-
 @pytest.mark.parametrize("how", ["kill", "stop"])
 def test_a_dead_rank_ends_the_run_with_one_line(tiny_checkpoint, tmp_path, how):
     """A rank killed (its sockets close) or stopped (they stay open, nothing answers) in the
     middle of a generation: rank 0 ends within the timeout with one line naming a rank."""
-    path = tiny_checkpoint("llama", mtp_layers=1, num_hidden_layers=3)
-    timeout = 4.0
-    command = [sys.executable, "-m", "edgemtp.cli", "generate", "--model", str(path), "--no-chat", "-p", "a b c",
-               "-m", "2000", "--max-kv-size", "2048", "--spec", "mtp", "--num-draft", "1"]
-    processes = start_ranks(tmp_path, 3, command, timeout=timeout)
-    try:
-        _wait_for_output(processes[0], 300)
-        os.kill(processes[1].pid, signal.SIGKILL if how == "kill" else signal.SIGSTOP)
-        stopped = time.monotonic()
-        code = processes[0].wait(timeout=timeout + 10)
-        elapsed = time.monotonic() - stopped
-        err = processes[0].stderr.read()
-    finally:
-        for process in processes:
-            process.kill()
-            process.wait()
-    # Before it, mlx's ring backend may print its own "[ring] Socket ... closed" lines.
-    errors = [line for line in err.splitlines() if line.startswith("error:")]
-    assert code == 2 and len(errors) == 1 and errors[0].startswith("error: rank 0 "), err
-    assert "Traceback" not in err
-    assert " rank " in errors[0][len("error: rank 0 "):] and "127.0.0.1" in errors[0]
-    assert elapsed < timeout + 10
+    assert_a_dead_rank_ends_the_run(tiny_checkpoint("llama", mtp_layers=1, num_hidden_layers=3), tmp_path, 3, how,
+                                    "pipeline")
 
 
 def test_onnx_under_mlx_launch_is_one_line_error(tiny_checkpoint, monkeypatch, tmp_path):

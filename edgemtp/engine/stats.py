@@ -56,8 +56,8 @@ class Stats:
     # (what pooling over several generations needs).
     verified_by_position: list[int] = field(default_factory=list)
     accepted_by_position: list[int] = field(default_factory=list)
-    # Several machines (edgemtp/mlx_backend/pipeline.py): per-rank memory and time per pass,
-    # PipelineBackend.ranks_report(); empty on one machine.
+    # Several machines (edgemtp/mlx_backend/pipeline.py, tensor_parallel.py): per-rank memory and
+    # time per pass, RankedBackend.ranks_report(); empty on one machine.
     pipeline: dict = field(default_factory=dict)
 
     def record_step(self, drafted: int, accepted: int, provenance: list[str], nodes: int | None = None) -> None:
@@ -118,13 +118,22 @@ def format_summary(stats: Stats, spec: str) -> str:
 
 
 def format_pipeline(report: dict) -> list[str]:
-    """Per-rank lines of a pipeline run (``PipelineBackend.ranks_report``)."""
-    lines = [f"Rank {r['rank']} ({r['host']}): layers {r['layers'][0]}-{r['layers'][1] - 1}, weights "
+    """Per-rank lines of a run over several ranks (``RankedBackend.ranks_report``: a pipeline,
+    or tensor parallel, where every rank holds a shard of every layer and rank 0 drafts alone)."""
+    tensor = report.get("parallel") == "tensor"
+    lines = [f"Rank {r['rank']} ({r['host']}): layers {r['layers'][0]}-{r['layers'][1] - 1}"
+             f"{', 1/' + str(r['shards']) + ' of each' if tensor else ''}, weights "
              f"{r['weight_bytes'] / 1e9:.3f} GB, caches {r['cache_bytes'] / 1e9:.3f} GB, peak memory "
              f"{r['peak_memory_bytes'] / 1e9:.3f} GB" for r in report["ranks"]]
-    lines.append(f"Pipeline: {report['trunk_passes']} passes, {1e3 * report['seconds_per_pass']:.2f} ms per pass, "
-                 f"{1e3 * report['communication_seconds_per_pass']:.2f} ms of it communication")
-    if report["mtp_steps"]:
+    # Tensor parallel's layers exchange inside the compute (their all_sums); what it reports as
+    # communication is the exchange around a pass (header, rows, status).
+    lines.append(f"{'Tensor parallel' if tensor else 'Pipeline'}: {report['trunk_passes']} passes, "
+                 f"{1e3 * report['seconds_per_pass']:.2f} ms per pass, "
+                 f"{1e3 * report['communication_seconds_per_pass']:.2f} ms of it "
+                 f"{'exchanging inputs and status' if tensor else 'communication'}")
+    if report["mtp_steps"] and tensor:
+        lines.append(f"Drafting: {report['mtp_steps']} MTP steps on rank 0, without messages")
+    elif report["mtp_steps"]:
         lines.append(f"Drafting: {report['mtp_steps']} MTP steps on the last rank, "
                      f"{1e3 * report['communication_seconds_per_mtp_step']:.2f} ms communication each")
     return lines

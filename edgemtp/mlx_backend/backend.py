@@ -81,10 +81,12 @@ class MLXBackend:
 
     def __init__(
         self, config: dict, trunk, mtp: MTPStack, *, max_kv_size: int = DEFAULT_MAX_KV_SIZE, dtype: str = "float32",
-        draft_ids: np.ndarray | None = None,
+        draft_ids: np.ndarray | None = None, kv_head_shards: int = 1,
     ):
         """``draft_ids`` (a draft vocabulary, see ``edgemtp.draft_vocab``) makes the MTP heads
-        score only those tokens; ``mtp_step``'s logits then have one column per scored token."""
+        score only those tokens; ``mtp_step``'s logits then have one column per scored token.
+        ``kv_head_shards``: a tensor-parallel rank's trunk caches hold that share of the key/value
+        heads (its layers are sharded, its MTP layers are not)."""
         if not isinstance(max_kv_size, int) or max_kv_size < 1:
             raise UserError(f"max_kv_size must be a positive number of tokens, got {max_kv_size!r}")
         arch = ARCHITECTURES[config["model_type"]]
@@ -98,6 +100,8 @@ class MLXBackend:
         self.max_context = max_kv_size
         self._mask_as_array = arch.MASK_AS_ARRAY
         self._cache_dims = arch.cache_dims(arch.model_args(config))
+        (key_heads, key_dim), (value_heads, value_dim) = self._cache_dims
+        self._trunk_cache_dims = ((key_heads // kv_head_shards, key_dim), (value_heads // kv_head_shards, value_dim))
         # A pipeline stage before the last one holds neither the final norm nor the head.
         self._head = output_head(trunk) if "norm" in trunk.model else None
         # A fusion head's trunk hands MTP depth 1 the fused feature (models.run_trunk).
@@ -113,8 +117,8 @@ class MLXBackend:
                  for value in sub.values() if isinstance(value, mx.array)])
         self._node_positions = NodePositions()
         wrap_ropes(trunk.model.layers, self._node_positions)
-        self._trunk_caches = [RecurrentStateCache() if is_recurrent(layer) else self._new_cache()
-                              for layer in trunk.model.layers]
+        self._trunk_caches = [RecurrentStateCache() if is_recurrent(layer)
+                              else self._new_cache(self._trunk_cache_dims) for layer in trunk.model.layers]
         self._recurrent = [cache for cache in self._trunk_caches if isinstance(cache, RecurrentStateCache)]
         # The tokens in the trunk's caches: a rollback re-runs some of them through recurrent layers.
         self._trunk_tokens: list[int] = []
@@ -192,8 +196,8 @@ class MLXBackend:
                                        rows)
             layer.shared_head.head = trunk_rows
 
-    def _new_cache(self) -> PreallocatedKVCache:
-        keys_dims, values_dims = self._cache_dims
+    def _new_cache(self, dims: tuple[tuple[int, int], tuple[int, int]] | None = None) -> PreallocatedKVCache:
+        keys_dims, values_dims = dims or self._cache_dims
         return PreallocatedKVCache(keys_dims, values_dims, self.max_context, self.dtype)
 
     def _check_room(self, used: int, n: int) -> None:

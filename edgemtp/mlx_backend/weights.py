@@ -23,6 +23,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from edgemtp.checkpoint import Checkpoint
 from edgemtp.errors import UserError
@@ -53,16 +54,18 @@ def _materialized(name: str, array, dtype: mx.Dtype) -> mx.array:
 
 
 def iter_trunk_weights(ckpt: Checkpoint, dtype: mx.Dtype = mx.float32,
-                       keep: Callable[[str], bool] = lambda name: True) -> Iterator[tuple[str, mx.array]]:
+                       keep: Callable[[str], bool] = lambda name: True,
+                       cut: Callable[[str, np.ndarray], np.ndarray] | None = None) -> Iterator[tuple[str, mx.array]]:
     """Yield ``(mlx_lm_name, array)`` for every trunk parameter, one at a time, in ``dtype``.
-    ``keep(name)`` picks the checkpoint tensors to read (a pipeline stage reads its own only)."""
+    ``keep(name)`` picks the checkpoint tensors to read (a pipeline stage reads its own only);
+    ``cut(name, array)`` takes this rank's part of a tensor before it is copied (tensor parallel)."""
     arch = ARCHITECTURES[ckpt.config["model_type"]]
     args = arch.model_args(ckpt.config)
     names = [name for name in ckpt.trunk_names() if keep(name)]
     if ckpt.config.get("tie_word_embeddings", False):
         names = [name for name in names if name != "lm_head.weight"]
     for name, array in arch.convert_weights(names, ckpt.read, args):
-        yield name, _materialized(name, array, dtype)
+        yield name, _materialized(name, cut(name, array) if cut else array, dtype)
 
 
 def iter_mtp_weights(ckpt: Checkpoint, dtype: mx.Dtype = mx.float32) -> Iterator[tuple[str, mx.array]]:

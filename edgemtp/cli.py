@@ -442,7 +442,7 @@ def chat_command(
 
         # mlx.launch relays lines, not keys, so rank 0 cannot run the full-screen app (line_chat.py).
         target = edgemtp.load(model, backend=backend, max_kv_size=max_kv_size)
-        run_line_chat(target, settings, sys.stdin, sys.stdout, sys.stderr)
+        run_line_chat(target, settings, sys.stdin, sys.stdout)
         return
     store = ChatStore()
     # The plain-speed cache is per model, backend and edgemtp version (a release can change how

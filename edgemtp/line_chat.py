@@ -6,7 +6,9 @@ every rank with pipes for stdin, stdout and stderr; a rank on another host runs 
 terminal, left in line mode, and copies what it reads to every rank's stdin. So rank 0 gets
 whole lines and no keys. Opening ``/dev/tty`` instead does not help: the launcher keeps reading
 that terminal too (of ten keys typed into a raw ``/dev/tty`` under ``mlx.launch -n 2``, rank 0
-got eight). The launcher never passes on end-of-file, so a ``/quit`` line ends the chat.
+got eight). The launcher never passes on end-of-file, so a ``/quit`` line ends the chat. Each
+answer's statistics go to stdout after it, as the app's stats panel would show them: the
+launcher copies a rank's stdout and stderr through separate queues, which would reorder them.
 """
 
 from __future__ import annotations
@@ -18,12 +20,11 @@ from edgemtp.engine.stats import format_summary
 QUIT_LINES = ("/quit", "/exit")
 
 
-def run_line_chat(model, settings, lines: TextIO, out: TextIO, err: TextIO) -> None:
-    """Read prompts from ``lines`` until ``/quit``, ``/exit`` or end of input; stream each answer
-    to ``out`` and its statistics (per rank under mlx.launch) to ``err``. ``settings`` is the
+def run_line_chat(model, settings, lines: TextIO, out: TextIO) -> None:
+    """Read prompts from ``lines`` until ``/quit``, ``/exit`` or end of input; write each answer,
+    streamed, and its statistics (per rank under mlx.launch) to ``out``. ``settings`` is the
     chat's ``GenerationSettings``; the conversation is kept, so each turn reuses the cache."""
-    err.write(f"chat: one prompt per line; {' or '.join(QUIT_LINES)} ends it\n")
-    err.flush()
+    out.write(f"one prompt per line; {' or '.join(QUIT_LINES)} ends the chat\n")
     messages: list[dict] = []
     while True:
         out.write("> ")
@@ -42,7 +43,5 @@ def run_line_chat(model, settings, lines: TextIO, out: TextIO, err: TextIO) -> N
             answer.append(text)
             out.write(text)
             out.flush()
-        out.write("\n")
         messages.append({"role": "assistant", "content": "".join(answer)})
-        err.write(format_summary(stats, settings.spec) + "\n")
-        err.flush()
+        out.write(f"\n{format_summary(stats, settings.spec)}\n")

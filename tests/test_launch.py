@@ -7,8 +7,10 @@ checks as much as it can."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -90,7 +92,7 @@ def test_real_mlx_launch_runs_two_ranks(model_dir, tmp_path):
 
 def test_chat_under_launch_answers_on_rank_0_and_quitting_stops_every_rank(model_dir, tmp_path):
     """Rank 0 reads prompts line by line (mlx.launch copies the user's lines to every rank's stdin),
-    answers each as one process would, reports each rank on stderr; /quit ends every rank."""
+    answers each as one process would, with each rank's figures after it; /quit ends every rank."""
     import edgemtp
 
     prompts = ["hello there", "and then?"]
@@ -117,8 +119,23 @@ def test_chat_under_launch_answers_on_rank_0_and_quitting_stops_every_rank(model
             process.kill()
     (code0, out0, err0), (code1, out1, err1) = finish(processes)
     assert code0 == 0 and code1 == 0, err0 + err1
-    # The pipes are read in text mode, which turns a "\r" in the random model's text into "\n".
-    assert out0 == "".join(f"> {answer}\n" for answer in answers).replace("\r\n", "\n").replace("\r", "\n") + "> "
-    assert out1 == ""
-    assert err0.count("Rank 0 (127.0.0.1): layers 0-") == 2 and err0.count("Rank 1 (127.0.0.1): layers ") == 2
-    assert [f"Generation: {n} tokens" in err0 for n in lengths] == [True, True] and "Traceback" not in err0 + err1
+    # Each answer follows its "> " prompt and is followed by its statistics. The pipes are read in
+    # text mode, which turns a "\r" in the random model's text into "\n".
+    assert re.findall(r"> (.*?)\nPrompt: ", out0, re.S) == [a.replace("\r\n", "\n").replace("\r", "\n") for a in answers]
+    assert re.findall(r"Generation: (\d+) tokens", out0) == [str(n) for n in lengths]
+    assert out0.count("Rank 0 (127.0.0.1): layers 0-") == 2 and out0.count("Rank 1 (127.0.0.1): layers ") == 2
+    assert out0.endswith("> ") and out1 == "" and "Traceback" not in err0 + err1
+
+
+def test_line_chat_skips_blank_lines_and_ends_at_end_of_input(model_dir):
+    import edgemtp
+    from edgemtp.line_chat import run_line_chat
+    from edgemtp.tui.settings import GenerationSettings
+
+    model = edgemtp.load(model_dir, backend="mlx", max_kv_size=256)
+    out = io.StringIO()
+    run_line_chat(model, GenerationSettings(spec="none", max_tokens=6), io.StringIO("\n  \nhello there\n"), out)
+    expected = model.generate([{"role": "user", "content": "hello there"}], spec="none", max_tokens=6).text
+    assert out.getvalue().startswith(f"one prompt per line; /quit or /exit ends the chat\n> > > {expected}\nPrompt: ")
+    assert out.getvalue().count("Prompt: ") == 1
+    assert out.getvalue().endswith("> ") and "Rank " not in out.getvalue()  # one process: no per-rank lines

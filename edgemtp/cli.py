@@ -449,12 +449,13 @@ def chat_command(
     max_kv_size: int = typer.Option(None, "--max-kv-size", help="Tokens of context to preallocate; default: the longest that fits in memory (up to the model's window, at most 32768)."),
     parallel: str = typer.Option("auto", "--parallel", help=PARALLEL_HELP),
 ) -> None:
-    """Chat with a model in the terminal, with live speculative-decoding statistics."""
+    """Chat with a model in the terminal, with live speculative-decoding statistics (under mlx.launch: one prompt per line on rank 0, /quit ends)."""
     from importlib.metadata import version
     from pathlib import Path
 
     import edgemtp
     from edgemtp.api import default_backend
+    from edgemtp.distributed import launched
     from edgemtp.tui.app import ChatApp
     from edgemtp.tui.history import ChatStore
     from edgemtp.tui.settings import GenerationSettings, parse_num_draft, parse_spec, parse_temperature, parse_top_p
@@ -466,8 +467,15 @@ def chat_command(
         num_draft=parse_num_draft(num_draft),
         max_tokens=max_tokens,
     )
-    store = ChatStore()
     backend = backend or default_backend()
+    if launched():  # several ranks: the others serve inside load and never return
+        from edgemtp.line_chat import run_line_chat
+
+        # mlx.launch relays lines, not keys, so rank 0 cannot run the full-screen app (line_chat.py).
+        target = edgemtp.load(model, backend=backend, max_kv_size=max_kv_size, parallel=parallel)
+        run_line_chat(target, settings, sys.stdin, sys.stdout)
+        return
+    store = ChatStore()
     # The plain-speed cache is per model, backend and edgemtp version (a release can change how
     # fast plain decoding runs: 0.3.0 made it 1.15-1.4x faster on ONNX).
     model_key = f"{Path(model).resolve() if model else 'default'}|{backend}|v{version('edgemtp')}"

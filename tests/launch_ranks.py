@@ -27,13 +27,14 @@ def free_ports(count: int) -> list[int]:
     return ports
 
 
-def start_ranks(tmp_path: Path, ranks: int, command: list[str], timeout: float = 60) -> list[subprocess.Popen]:
+def start_ranks(tmp_path: Path, ranks: int, command: list[str], timeout: float = 60,
+                stdin: int | None = None) -> list[subprocess.Popen]:
     """One process per rank, with the environment mlx.launch gives them."""
     hostfile = tmp_path / "hosts.json"
     hostfile.write_text(json.dumps([[f"127.0.0.1:{port}"] for port in free_ports(ranks)]))
     env = {**os.environ, "MLX_HOSTFILE": str(hostfile), "EDGEMTP_PEER_TIMEOUT": str(timeout),
            "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
-    return [subprocess.Popen(command, env={**env, "MLX_RANK": str(rank)}, stdout=subprocess.PIPE,
+    return [subprocess.Popen(command, env={**env, "MLX_RANK": str(rank)}, stdin=stdin, stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True) for rank in range(ranks)]
 
 

@@ -173,6 +173,16 @@ def test_gguf_converts_to_mlx_with_its_mtp_layer(qwen35_gguf, tmp_path, variant)
     assert_trunk_and_mtp_match_transformers(MLXBackend.load(out), path, token_ids(SEQ_LEN, seed=21))
 
 
+def test_gguf_converts_to_onnx_with_its_mtp_layer(qwen35_gguf, tmp_path):
+    from edgemtp.converters.convert import convert
+    from edgemtp.onnx_backend.backend import OnnxBackend
+
+    path, gguf_path = qwen35_gguf("qwen3_5_untied")
+    out = convert(gguf_path, tmp_path / "onnx", to="onnx", bits=16, show_progress=False)
+    assert (out / "tokenizer.json").is_file()
+    assert_trunk_and_mtp_match_transformers(OnnxBackend(out, threads=1), path, token_ids(SEQ_LEN, seed=21))
+
+
 def test_q8_0_gguf_reads_within_quantization_error(tiny_checkpoint, tmp_path):
     path = tiny_checkpoint("qwen3_5")
     ckpt = GGUFCheckpoint.open(write_qwen35_gguf(path, tmp_path / "q8.gguf", Q8_0))

@@ -19,6 +19,9 @@ import edgemtp
 
 BACKENDS = {"mlx": "edgemtp.mlx_backend.backend", "onnx": "edgemtp.onnx_backend.loading"}
 ARCHS = ["deepseek_v3", "glm4_moe", "qwen2", "qwen3"]  # MLA and GQA attention, MoE and dense MTP blocks
+# 2,000-token runs, one per kind of cache: MLA's latent cache and GQA's keys and values (qwen2
+# and qwen3 keep the same GQA cache as glm4_moe, whose partial RoPE and MoE add to it).
+DRIFT_ARCHS = ["deepseek_v3", "glm4_moe"]
 PROMPTS = ["hello world", "The quick brown fox", "a", "1 2 3 4 5 6 7 8"]
 
 
@@ -59,7 +62,7 @@ def test_speculative_greedy_equals_plain_greedy(load, arch):
                 assert out.stats.accepted == out.stats.drafted > 0
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", DRIFT_ARCHS)
 def test_long_generation_has_no_cache_drift(load, arch):
     model = load(arch, mtp_layers=2)
     check_no_cache_drift(model, model.tokenizer.encode("once upon a time"), 2000, atol=2e-4,

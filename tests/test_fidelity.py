@@ -30,7 +30,6 @@ CASES = [("llama", False), ("llama", True), ("deepseek_v3", False), ("deepseek_v
 POSITIONS = 512
 MIN_AGREEMENT = {8: 0.99, 4: 0.95}
 MAX_PERPLEXITY_INCREASE = {8: 0.01, 4: 0.05}
-CORPUS = Path(__file__).parents[2] / "shared/data/corpus"
 
 
 def float32_conversion(src: Path, out: Path, to: str) -> edgemtp.Model:
@@ -94,24 +93,8 @@ def test_quantized_top1_agrees_with_float32(tiny_checkpoint, confident_float32, 
 
 
 # --- the default model's perplexity --------------------------------------------------------
-
-
-def held_out_text() -> str:
-    """Jane Austen's *Persuasion* (Project Gutenberg): ~114k SmolLM2 tokens; we score 20,480."""
-    path = CORPUS / "gutenberg" / "austen-persuasion.txt"
-    if not path.is_file():
-        pytest.skip(f"held-out corpus {path} is absent (it lives outside the repository, in ../shared/data/corpus)")
-    return path.read_text(encoding="utf-8")
-
-
-@pytest.fixture(scope="module")
-def smollm2_perplexities(tmp_path_factory):
-    """Perplexity of every conversion of the default trunk, computed once for the module
-    (about 6 minutes on 2 cores; deselect with ``-k 'not perplexity'`` for quick local runs)."""
-    from scripts.perplexity_table import TOKENS, measure_all
-
-    text = held_out_text()
-    return measure_all(tmp_path_factory.mktemp("smollm2"), text, TOKENS)
+# ``smollm2_perplexities`` (conftest.py): every conversion's perplexity, measured in a process of its
+# own beside the rest of the suite (deselect with ``-k 'not perplexity'`` for quick local runs).
 
 
 @pytest.mark.parametrize("bits", [8, 4])

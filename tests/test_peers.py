@@ -51,6 +51,30 @@ def test_check_passes_same_leading_tokens_or_the_right_answer_and_refuses_the_re
     assert not passed and "does not say Paris" in how
 
 
+def test_check_passes_answers_that_part_at_near_ties_only():
+    reference = list(range(20))
+    near_tie = [0, 1, 2, 99, 5]  # leaves edgemtp's answer at token 4, within 0.07 of its top logit
+    passed, how = compare.check_answer(reference, near_tie, "L'Étoile", lambda tokens: [0.0, 0.0, 0.0, 0.07, 0.0])
+    assert passed and "first 3 tokens = edgemtp plain, then near-ties" in how and "0.07" in how
+    passed, how = compare.check_answer(reference, near_tie, "The capital of France, the capital",
+                                       lambda tokens: [0.0, 0.0, 3.05, 2.67, 0.0])
+    assert not passed and "does not say Paris" in how
+    # answers that agree long enough are never scored
+    assert compare.check_answer(reference, reference, "", lambda tokens: 1 / 0)[0]
+
+
+def test_logit_gaps_are_zero_on_edgemtps_own_greedy_answer_and_positive_elsewhere(tiny_checkpoint, tmp_path):
+    import edgemtp
+
+    directory = tiny_checkpoint("llama", mtp_layers=0)
+    source = compare.PeerSource("tiny", directory, "mlx", 16, directory)
+    prompt = [1, 5, 9, 14]
+    answer = edgemtp.load(directory, backend="mlx").generate(prompt, max_tokens=6, temperature=0.0, spec="none").tokens
+    assert compare.logit_gaps(source, prompt, answer) == [0.0] * len(answer)
+    other = [(token + 1) % 100 for token in answer]
+    assert max(compare.logit_gaps(source, prompt, other)) > 0
+
+
 def test_a_missing_peer_is_one_line_saying_how_to_install_it(monkeypatch, tmp_path):
     monkeypatch.setattr(compare.importlib.util, "find_spec", lambda name: None)
     source = compare.PeerSource("m", tmp_path, "onnx", 8, tmp_path, gguf=tmp_path / "m.gguf")

@@ -1,7 +1,8 @@
 """One rank of a test run over several ranks (tests/test_pipeline.py and
 tests/test_tensor_parallel.py start one process per rank, as ``mlx.launch`` does):
 ``pipeline_worker.py MODEL MAX_TOKENS [PARALLEL]``. Rank 0 prints one JSON line: the tokens of
-every case in ``CASES``, the trunk's logits over ``PROMPT`` and the backend's report of the ranks;
+every case in ``CASES``, the trunk's and MTP depth 1's logits over ``PROMPT`` and the backend's
+report of the ranks;
 the other ranks serve inside ``edgemtp.load`` and print nothing."""
 
 import json
@@ -24,4 +25,5 @@ if __name__ == "__main__":
     model = edgemtp.load(sys.argv[1], backend="mlx", max_kv_size=128, parallel=parallel)
     tokens = run_cases(model, int(sys.argv[2]))
     print(json.dumps({"tokens": tokens, "logits": model.logits(PROMPT).tolist(),
+                      "mtp_logits": model.mtp_logits(PROMPT, depth=1).tolist(),
                       "report": model.backend.ranks_report()}), flush=True)

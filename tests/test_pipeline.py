@@ -10,6 +10,7 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from edgemtp.checkpoint import Checkpoint
@@ -20,27 +21,33 @@ from edgemtp.planner import MemoryBudget
 
 sys.path.insert(0, str(Path(__file__).parent))
 from launch_ranks import WORKER, assert_a_dead_rank_ends_the_run, finish, start_ranks  # noqa: E402
-from pipeline_worker import run_cases  # noqa: E402
+from pipeline_worker import PROMPT, run_cases  # noqa: E402
 
 MAX_TOKENS = 10
 ROOMY = MemoryBudget(8 << 30, "test budget")
 
 
-@pytest.mark.parametrize("arch,layers,ranks", [("llama", 3, 2), ("llama", 3, 3), ("deepseek_v3", 3, 2),
-                                               ("deepseek_v3", 3, 3)])
-def test_pipeline_output_equals_single_process(tiny_checkpoint, tmp_path, arch, layers, ranks):
+@pytest.mark.parametrize("arch,layers,ranks,fusion", [("llama", 3, 2, None), ("llama", 3, 3, None),
+                                                      ("deepseek_v3", 3, 2, None), ("deepseek_v3", 3, 3, None),
+                                                      ("llama", 4, 2, [0, 2]), ("llama", 4, 3, [0, 2])])
+def test_pipeline_output_equals_single_process(tiny_checkpoint, tmp_path, arch, layers, ranks, fusion):
     """Plain and MTP decoding, greedy and seeded at temperature 0.8: token for token the output of
-    one process."""
+    one process. A fusion head's inner layers (``fusion``) lie on the first rank and on a later
+    one, so rank 0's tapped output travels on through every rank."""
     import edgemtp
 
-    path = tiny_checkpoint(arch, mtp_layers=2, num_hidden_layers=layers)
-    single = run_cases(edgemtp.load(path, backend="mlx", max_kv_size=128), MAX_TOKENS)
+    extra = {"mtp_fusion_layers": fusion} if fusion else {}
+    path = tiny_checkpoint(arch, mtp_layers=2, num_hidden_layers=layers, **extra)
+    model = edgemtp.load(path, backend="mlx", max_kv_size=128)
+    single = run_cases(model, MAX_TOKENS)
     results = finish(start_ranks(tmp_path, ranks, [sys.executable, str(WORKER), str(path), str(MAX_TOKENS)]))
     for rank, (code, out, err) in enumerate(results):
         assert code == 0, f"rank {rank}: {err}"
         assert out.strip() == "" or rank == 0
     run = json.loads(results[0][1])
     assert run["tokens"] == single
+    single_mtp = model.mtp_logits(PROMPT, depth=1)  # a fusion head's reads what every rank tapped
+    assert np.abs(np.array(run["mtp_logits"], dtype=np.float32) - single_mtp).max() <= 1e-5 * np.abs(single_mtp).max()
     assert run["report"]["parallel"] == "pipeline"  # what --parallel auto picks over ring (TCP)
     assert all(len(tokens) == MAX_TOKENS for tokens in single)
 

@@ -31,8 +31,8 @@ MAX_TOKENS = 10
 ROOMY = MemoryBudget(8 << 30, "test budget")
 
 
-@pytest.mark.parametrize("arch", ["llama", "deepseek_v3"])
-def test_tensor_parallel_equals_single_process(tiny_checkpoint, tmp_path, arch):
+@pytest.mark.parametrize("arch,fusion", [("llama", None), ("deepseek_v3", None), ("llama", [0, 2])])
+def test_tensor_parallel_equals_single_process(tiny_checkpoint, tmp_path, arch, fusion):
     """Two ranks, every layer split in two: the trunk's logits within the parity bound of one
     process's (the halves' partial sums add up in another order); plain and MTP decoding, greedy
     and seeded at temperature 0.8, token for token one process's output (so greedy MTP under
@@ -41,7 +41,9 @@ def test_tensor_parallel_equals_single_process(tiny_checkpoint, tmp_path, arch):
     probability across the random draw, which the logits bound makes rare but not impossible."""
     import edgemtp
 
-    path = tiny_checkpoint(arch, mtp_layers=2, num_hidden_layers=3)
+    extra = {"mtp_fusion_layers": fusion} if fusion else {}  # a fusion head reads inner layers' outputs
+    layers = 4 if fusion else 3
+    path = tiny_checkpoint(arch, mtp_layers=2, num_hidden_layers=layers, **extra)
     model = edgemtp.load(path, backend="mlx", max_kv_size=128)
     single = run_cases(model, MAX_TOKENS)
     single_logits = model.logits(PROMPT)
@@ -53,11 +55,13 @@ def test_tensor_parallel_equals_single_process(tiny_checkpoint, tmp_path, arch):
     assert run["report"]["parallel"] == "tensor"
     assert [r["shards"] for r in run["report"]["ranks"]] == [2, 2]
     summary = format_pipeline(run["report"])
-    assert summary[0].startswith("Rank 0 (127.0.0.1): layers 0-2, 1/2 of each, weights ")
+    assert summary[0].startswith(f"Rank 0 (127.0.0.1): layers 0-{layers - 1}, 1/2 of each, weights ")
     assert summary[2].startswith("Tensor parallel: ") and summary[3].endswith("MTP steps on rank 0, without messages")
     logits = np.array(run["logits"], dtype=np.float32)
     assert logits.shape == single_logits.shape
     assert np.abs(logits - single_logits).max() <= 1e-4 * np.abs(single_logits).max()
+    single_mtp = model.mtp_logits(PROMPT, depth=1)  # MTP layers whole on rank 0, fed what it tapped
+    assert np.abs(np.array(run["mtp_logits"], dtype=np.float32) - single_mtp).max() <= 1e-4 * np.abs(single_mtp).max()
     assert run["tokens"] == single
     assert run["tokens"][1] == run["tokens"][0]  # greedy MTP under tensor parallel = plain greedy
     assert all(len(tokens) == MAX_TOKENS for tokens in single)

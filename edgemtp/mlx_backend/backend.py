@@ -81,7 +81,7 @@ class MLXBackend:
 
     def __init__(
         self, config: dict, trunk, mtp: MTPStack, *, max_kv_size: int = DEFAULT_MAX_KV_SIZE, dtype: str = "float32",
-        draft_ids: np.ndarray | None = None, kv_head_shards: int = 1,
+        draft_ids: np.ndarray | None = None, kv_head_shards: int = 1, first_layer: int = 0,
     ):
         """``draft_ids`` (a draft vocabulary, see ``edgemtp.draft_vocab``) makes the MTP heads
         score only those tokens; ``mtp_step``'s logits then have one column per scored token.
@@ -98,6 +98,7 @@ class MLXBackend:
         self.hidden_size = int(config["hidden_size"])
         self.num_mtp_layers = len(mtp.layers)
         self.max_context = max_kv_size
+        self.first_layer = first_layer  # index in the whole trunk of this backend's first layer (a pipeline stage)
         self._mask_as_array = arch.MASK_AS_ARRAY
         self._cache_dims = arch.cache_dims(arch.model_args(config))
         (key_heads, key_dim), (value_heads, value_dim) = self._cache_dims
@@ -106,7 +107,7 @@ class MLXBackend:
         self._head = output_head(trunk) if "norm" in trunk.model else None
         # A fusion head's trunk hands MTP depth 1 the fused feature (models.run_trunk).
         fusion_layers = mtp_fusion_layers(config) if self.num_mtp_layers else None
-        self._fusion = (fusion_layers, mtp.layers[0]) if fusion_layers else None
+        self.fusion = (fusion_layers, mtp.layers[0]) if fusion_layers else None
         self.draft_ids = draft_ids if self.num_mtp_layers else None
         if self.draft_ids is not None:
             self._prune_mtp_heads(self.draft_ids)
@@ -222,7 +223,7 @@ class MLXBackend:
         """One trunk step over ``ids`` ``(1, n)``, its start marked in every recurrent cache."""
         for cache in self._recurrent:
             cache.mark()
-        return run_trunk(self.trunk, ids, self._trunk_caches, self._mask_as_array, fusion=self._fusion)
+        return run_trunk(self.trunk, ids, self._trunk_caches, self._mask_as_array, fusion=self.fusion)
 
     def trunk_step(self, tokens: list[int]) -> tuple[np.ndarray, np.ndarray]:
         if not tokens:
@@ -233,11 +234,12 @@ class MLXBackend:
         self._trunk_tokens.extend(tokens)
         return self._to_numpy(logits), self._to_numpy(hidden)
 
-    def forward_layers(self, h: mx.array) -> mx.array:
+    def forward_layers(self, h: mx.array, taps: tuple[int, ...] = ()) -> tuple[mx.array, list[mx.array]]:
         """``h`` ``(1, n, H)`` through this backend's trunk layers, appending to their caches (a
-        pipeline stage, ``edgemtp.mlx_backend.pipeline``, holds a slice of the trunk's layers)."""
+        pipeline stage, ``edgemtp.mlx_backend.pipeline``, holds a slice of the trunk's layers).
+        Returns the output and the outputs of the layers at the indices ``taps`` of this slice."""
         self._check_room(self.trunk_len(), h.shape[1])
-        return run_layers(self.trunk.model.layers, h, self._trunk_caches, self._mask_as_array)[0]
+        return run_layers(self.trunk.model.layers, h, self._trunk_caches, self._mask_as_array, taps=taps)
 
     def trunk_step_tree(self, tokens: list[int], parents: list[int]) -> tuple[np.ndarray, np.ndarray]:
         if self._recurrent:  # a recurrent state runs through rows in order: siblings would mix
@@ -248,7 +250,7 @@ class MLXBackend:
         self._node_positions.positions = positions
         try:
             logits, hidden = run_trunk(self.trunk, mx.array([tokens], dtype=mx.int32), self._trunk_caches,
-                                       self._mask_as_array, mask, self._fusion)
+                                       self._mask_as_array, mask, self.fusion)
             mx.eval(logits, hidden)
         finally:
             self._node_positions.positions = None

@@ -7,7 +7,9 @@ Each rank holds a contiguous slice of the trunk's layers (``edgemtp.pipeline_pla
 One trunk pass (prefill, a plain step or a verify pass over k+1 tokens): rank 0 embeds and runs
 its layers and sends the hidden states on; every rank runs its layers and sends on; the last rank
 applies the final norm and the head and returns logits and hidden states to rank 0 (its ring
-neighbour). An MTP step goes from rank 0 straight to the last rank, which holds the MTP layers.
+neighbour). With a fusion head the inner layers' outputs it reads travel with the hidden states,
+each filled in by the rank that holds its layer, and the last rank returns the fused feature. An
+MTP step goes from rank 0 straight to the last rank, which holds the MTP layers.
 Every message is preceded by a header ``[op, rows, start, depth]``: ``start`` is where the pass
 begins in the receiving rank's cache, so rolling back after verification costs no message; the
 accepted count reaches every rank as the start of the next pass, and each rank trims its caches
@@ -27,6 +29,7 @@ import mlx.core as mx
 import numpy as np
 
 from edgemtp.checkpoint import Checkpoint
+from edgemtp.config import mtp_fusion_layers
 from edgemtp.distributed import Watchdog
 from edgemtp.draft_vocab import load_draft_vocab
 from edgemtp.errors import UserError
@@ -38,6 +41,8 @@ from edgemtp.mlx_backend.ranks import (
     budgets,
     fill_status,
     finish,
+    no_taps,
+    run_stage,
     start_serving,
     trim_to,
 )
@@ -95,7 +100,8 @@ def serve(stage: MLXBackend, group, watchdog: Watchdog) -> None:
         with watchdog.waiting_for(0 if op == MTP else rank - 1):
             if op == TRUNK:
                 status = _recv(group, rank - 1, status_shape, mx.float32)
-                h = _recv(group, rank - 1, (1, rows, stage.hidden_size), stage.dtype)
+                h, *taps = [_recv(group, rank - 1, (1, rows, stage.hidden_size), stage.dtype)
+                            for _ in range(1 + len(mtp_fusion_layers(stage.config) or ()))]
             else:
                 status = _recv(group, 0, status_shape, mx.float32)
                 hidden = np.array(_recv(group, 0, (rows, stage.hidden_size), mx.float32))
@@ -106,8 +112,8 @@ def serve(stage: MLXBackend, group, watchdog: Watchdog) -> None:
             logits, h1 = stage.mtp_step(depth, hidden, tokens)
             out = [mx.array(logits), mx.array(h1)]
         else:
-            h = stage.forward_layers(h)
-            out = list(finish(stage, h)) if last else [h]
+            h, taps = run_stage(stage, h, taps)
+            out = list(finish(stage, h, taps)) if last else [h, *taps]
             mx.eval(out)
         status = mx.array(fill_status(np.array(status, dtype=np.float32), rank, stage, time.perf_counter() - began))
         with watchdog.waiting_for(0 if last else rank + 1):
@@ -154,11 +160,12 @@ class PipelineBackend(RankedBackend):
             raise ValueError("trunk_step needs at least one token")
         began = time.perf_counter()
         start, n = self.stage.trunk_len(), len(tokens)
-        h = self.stage.forward_layers(self.stage.trunk.model.embed_tokens(mx.array([tokens], dtype=mx.int32)))
-        mx.eval(h)
+        h, taps = run_stage(self.stage, self.stage.trunk.model.embed_tokens(mx.array([tokens], dtype=mx.int32)),
+                            no_taps(self.stage, n))
+        mx.eval(h, taps)
         self._status[:] = 0
         fill_status(self._status, 0, self.stage, time.perf_counter() - began)
-        logits, hidden = self._exchange(TRUNK, [h], n, start, 0,
+        logits, hidden = self._exchange(TRUNK, [h, *taps], n, start, 0,
                                         [((n, self.vocab_size), mx.float32), ((n, self.hidden_size), mx.float32)])
         self._record_trunk(time.perf_counter() - began, self._compute_seconds())
         return np.array(logits), np.array(hidden)

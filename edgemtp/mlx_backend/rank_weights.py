@@ -134,4 +134,4 @@ def load_part(path: str | Path, first_layer: int, end_layer: int, *, embeds: boo
     mx.eval(trunk.parameters(), mtp.parameters())
     draft_ids = load_draft_vocab(path, int(config["vocab_size"])) if draft_vocab and finishes else None
     return MLXBackend(config, trunk, mtp, max_kv_size=max_kv_size, dtype=dtype, draft_ids=draft_ids,
-                      kv_head_shards=kv_head_shards)
+                      kv_head_shards=kv_head_shards, first_layer=first_layer)

@@ -58,9 +58,6 @@ def check_runs_on_several(config: dict) -> None:
         raise UserError(f"Qwen3.5 ({config['model_type']}) does not run over several machines yet: its linear-attention "
                         "state rolls back by recomputing a step, which the pipeline does not do; run it "
                         "in one process, without mlx.launch")
-    if mtp_fusion_layers(config):  # the fused feature needs inner layers that live on other ranks
-        raise UserError("a fusion MTP head (mtp_fusion_layers) does not run over several machines yet; "
-                        "run it in one process, without mlx.launch, or convert without the fusion head")
 
 
 def join_group(path: Path):
@@ -96,12 +93,31 @@ def trim_to(stage: MLXBackend, start: int, depth: int = 0) -> None:
         stage.trunk_rollback(length - start)
 
 
-def finish(stage: MLXBackend, h: mx.array) -> tuple[mx.array, mx.array]:
+def run_stage(stage: MLXBackend, h: mx.array, taps: list[mx.array]) -> tuple[mx.array, list[mx.array]]:
+    """``h`` through ``stage``'s trunk layers. ``taps``: a fusion head's inner-layer outputs so far,
+    one per fusion layer (placeholders for layers that a later stage holds); returned with this
+    stage's own filled in. Without a fusion head ``taps`` is empty."""
+    end = stage.first_layer + len(stage.trunk.model.layers)
+    fusion = mtp_fusion_layers(stage.config) or ()
+    mine = [i for i in fusion if stage.first_layer <= i < end]
+    h, tapped = stage.forward_layers(h, tuple(i - stage.first_layer for i in mine))
+    filled = dict(zip(mine, tapped))
+    return h, [filled.get(layer, tap) for layer, tap in zip(fusion, taps)]
+
+
+def finish(stage: MLXBackend, h: mx.array, taps: list[mx.array]) -> tuple[mx.array, mx.array]:
     """Final norm and head (the pipeline's last rank, tensor parallel's rank 0): float32 ``(n, V)``
-    logits and ``(n, H)`` hidden states."""
+    logits and ``(n, H)`` hidden states, the fused feature for a fusion head (``models.run_trunk``)."""
     hidden = stage.trunk.model.norm(h)
     logits = output_head(stage.trunk)(hidden)
+    if stage.fusion:
+        hidden = stage.fusion[1].fuse(taps, hidden)
     return logits[0].astype(mx.float32), hidden[0].astype(mx.float32)
+
+
+def no_taps(stage: MLXBackend, rows: int) -> list[mx.array]:
+    """Placeholders for a pass's fusion taps (``run_stage``), one per fusion layer."""
+    return [mx.zeros((1, rows, stage.hidden_size), dtype=stage.dtype)] * len(mtp_fusion_layers(stage.config) or ())
 
 
 class RankedBackend:

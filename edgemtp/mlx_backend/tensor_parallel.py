@@ -28,7 +28,17 @@ from edgemtp.config import load_config
 from edgemtp.distributed import Watchdog
 from edgemtp.mlx_backend.backend import MLXBackend
 from edgemtp.mlx_backend.rank_weights import load_part
-from edgemtp.mlx_backend.ranks import STATUS_FIELDS, RankedBackend, budgets, fill_status, finish, start_serving, trim_to
+from edgemtp.mlx_backend.ranks import (
+    STATUS_FIELDS,
+    RankedBackend,
+    budgets,
+    fill_status,
+    finish,
+    no_taps,
+    run_stage,
+    start_serving,
+    trim_to,
+)
 from edgemtp.pipeline_plan import plan_largest_context
 from edgemtp.tensor_plan import kv_head_shards, plan_tensor
 
@@ -60,7 +70,7 @@ def serve(stage: MLXBackend, group, watchdog: Watchdog) -> None:
             h = _all_sum(group, mx.zeros((1, rows, stage.hidden_size), dtype=stage.dtype))
             began = time.perf_counter()
             trim_to(stage, start)
-            mx.eval(stage.forward_layers(h))
+            mx.eval(stage.forward_layers(h)[0])
             _gather_status(group, stage, time.perf_counter() - began)
         with watchdog.waiting_for(0, timed=False):
             op, rows, start = _all_sum(group, mx.zeros(3, dtype=mx.int32)).tolist()
@@ -91,7 +101,7 @@ class TensorParallelBackend(RankedBackend):
             _all_sum(self.group, mx.array([TRUNK, n, start], dtype=mx.int32))
             h = _all_sum(self.group, self.stage.trunk.model.embed_tokens(mx.array([tokens], dtype=mx.int32)))
             computing = time.perf_counter()
-            logits, hidden = finish(self.stage, self.stage.forward_layers(h))
+            logits, hidden = finish(self.stage, *run_stage(self.stage, h, no_taps(self.stage, n)))
             mx.eval(logits, hidden)
             compute = time.perf_counter() - computing
             self._status = _gather_status(self.group, self.stage, compute)

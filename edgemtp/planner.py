@@ -30,7 +30,8 @@ from typing import Iterator
 from edgemtp.checkpoint import Checkpoint, refuse_pickles
 from edgemtp.config import check_supported, is_qwen3_5, load_config, num_mtp_layers
 from edgemtp.draft_vocab import FILE_NAME as DRAFT_VOCAB_FILE
-from edgemtp.engine.backend import PREFILL_CHUNK
+from edgemtp.converters.onnx_export.moe import gathered_bytes_per_row
+from edgemtp.engine.backend import prompt_step_rows
 from edgemtp.engine.generate import AUTO_MAX_DRAFT
 from edgemtp.errors import UserError
 from edgemtp.layout import QWEN3_5_MTP, QWEN3_5_TRUNK, QWEN3_5_VISION, attention_layers, recurrent_state_bytes
@@ -264,14 +265,20 @@ def kv_bytes_per_token_per_layer(config: dict, dtype_bytes: int) -> int:
     return values * dtype_bytes
 
 
-def activation_bytes(config: dict, context: int) -> int:
-    """The transient buffers of the largest step, the larger of two kinds of step:
+# Copies of the gathered expert weights alive at a step's peak: the gathered slices and the
+# arena block onnxruntime keeps for them (fitted on the bench model, docs/bench.md "Memory").
+GATHER_COPIES = 2
+
+
+def activation_bytes(config: dict, context: int, backend: str = "mlx") -> int:
+    """The transient buffers of the largest step on ``backend``, the larger of two kinds of step:
 
     * a verify pass over ``MAX_DRAFT + 1`` tokens, whose logits (``rows x vocab`` float32) are
       alive in about four copies at once: the backend's output, its numpy copy, the engine's
       probabilities and the sampler's working copy;
-    * a prompt step of ``PREFILL_CHUNK`` tokens (the engine runs long prompts in such steps),
-      whose logits are alive in two copies (the step's output and onnxruntime's buffer for it).
+    * a prompt step of ``PREFILL_CHUNK`` tokens (the engine runs long prompts in such steps;
+      ``engine.backend.prompt_step_rows``), whose logits are alive in two copies (the step's
+      output and onnxruntime's buffer for it).
 
     Per row both also hold the hidden state, the widest MLP intermediate (the dense MLP, or the
     routed experts of one token plus the shared experts) and one attention-score row per head
@@ -287,11 +294,13 @@ def activation_bytes(config: dict, context: int) -> int:
         per_token_experts = int(config.get("num_experts_per_tok") or 1) + int(config.get("n_shared_experts") or 0)
         mlp = max(mlp, per_token_experts * int(config["moe_intermediate_size"]))
     per_row = (hidden + mlp + int(config["num_attention_heads"]) * context) * float_bytes
+    # ONNX's routed experts also copy each row's chosen experts' weights (mlx-lm's gather_mm does not).
+    gathered = gathered_bytes_per_row(config) if backend == "onnx" else 0
 
     def step(rows: int, logit_copies: int, buffer_copies: int) -> int:
-        return rows * (logit_copies * vocab * float_bytes + buffer_copies * per_row)
+        return rows * (logit_copies * vocab * float_bytes + buffer_copies * per_row + GATHER_COPIES * gathered)
 
-    return max(step(MAX_DRAFT + 1, 4, 4), step(PREFILL_CHUNK, 2, 3))
+    return max(step(MAX_DRAFT + 1, 4, 4), step(prompt_step_rows(gathered), 2, 3))
 
 
 # Bytes per cached value for each compute dtype a backend can run in. Both backends
@@ -310,25 +319,35 @@ class Estimate:
     kv_cache: int
     mtp_caches: int
     activations: int
-    repacked: int = 0  # onnxruntime's packed copy of the weights (see repacked_bytes)
+    repacked: int = 0  # onnxruntime's memory beyond the weight files (see repacked_bytes)
 
     @property
     def total(self) -> int:
         return self.weights + self.repacked + self.kv_cache + self.mtp_caches + self.activations
 
 
+# onnxruntime's memory beyond the weight files (repacked_bytes), fitted on two exports.
+ONNX_REPACKED_SHARE = 0.4
+ONNX_RUNTIME_BYTES = 120 * 2**20
+
+
 def repacked_bytes(backend: str, weights: int) -> int:
-    """Memory a backend takes for its own copy of the weights, on top of the mapped files.
+    """Memory a backend takes on top of its weight files, counted once in ``weights``.
 
     MLX maps the files and computes on them. An onnxruntime session repacks every constant
-    MatMul / MatMulNBits weight into its kernels' layout when it loads, in anonymous memory
-    that is larger than the file's blocks, and keeps part of the mapped originals (scales).
-    ``python scripts/prepacked_rss.py`` measured the trunk session resident at 1.31 GiB for
-    0.85 GiB of 4-bit trunk files (1.08 GiB anonymous). The plan counts the weight files a second
-    time on ONNX, an upper bound on that copy: counted once, a model could pass the plan and
-    then run out of memory.
+    MatMul / MatMulNBits weight into its kernels' layout when it loads, in anonymous memory a
+    little larger than the file's blocks, and afterwards only part of the mapped files stays
+    resident (scales and what the kernels still read). Measured right after loading
+    (``scripts/memory_check.py``'s models; docs/bench.md, "Memory"):
+
+    * the default model at 8 bits: 0.20 GiB of files, 0.31 GiB anonymous and 0.07 GiB file-backed;
+    * the bandwidth-bound bench model at 4 bits: 1.04 GiB of files, 1.27 and 0.27 GiB;
+    * Python with edgemtp and onnxruntime imported, before any model: 0.12 GiB.
+
+    Both fit 1.4 times the files plus 0.12 GiB within 3%. The weights are counted once already,
+    so this adds the rest.
     """
-    return weights if backend == "onnx" else 0
+    return int(ONNX_REPACKED_SHARE * weights) + ONNX_RUNTIME_BYTES if backend == "onnx" else 0
 
 
 def estimate(config: dict, weights: int, context: int, dtype: str = DEFAULT_DTYPE, repacked: int = 0,
@@ -346,7 +365,7 @@ def estimate(config: dict, weights: int, context: int, dtype: str = DEFAULT_DTYP
         weights=weights,
         kv_cache=per_layer_token * layers * context + recurrent_state_bytes(config, backend),
         mtp_caches=per_layer_token * mtp_depths * context,
-        activations=activation_bytes(config, context),
+        activations=activation_bytes(config, context, backend),
         repacked=repacked,
     )
 
@@ -376,7 +395,7 @@ class Plan:
         return [
             ("memory budget", f"{gib(self.budget.bytes)} ({self.budget.source})"),
             ("weights (memory-mapped)", gib(e.weights)),
-            *([("onnxruntime's repacked weights (bound)", gib(e.repacked))] if e.repacked else []),
+            *([("onnxruntime's repacked weights and runtime", gib(e.repacked))] if e.repacked else []),
             ("weights read per token", gib(self.weights.trunk_stream)),
             (f"KV cache at {e.context} tokens", gib(e.kv_cache)),
             ("MTP draft caches", gib(e.mtp_caches)),

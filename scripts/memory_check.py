@@ -8,7 +8,7 @@ loading), give it a prompt that fills the context but for the decoded tokens (it
 engine's bounded prefill steps, ``PREFILL_CHUNK`` rows each), decode 32 tokens with MTP drafting
 (its draft caches catch up on the whole prompt), and read the process's peak RSS (VmHWM). Prints
 the planner's estimate at N against that peak, and the issue's limit: weights + onnxruntime's
-repacked copy (the planner's bound: the weight files once more) + KV caches + 300 MB.
+repacked copy (counted as the weight files once more) + KV caches + 300 MB.
 """
 
 from __future__ import annotations
@@ -49,16 +49,17 @@ def check(model_dir: Path, context: int | None) -> None:
                           capture_output=True, text=True, check=True)
     measured = json.loads(done.stdout.strip().splitlines()[-1])
     peak = measured["peak_rss_bytes"]
-    limit = estimate.weights + estimate.repacked + estimate.kv_cache + estimate.mtp_caches + LIMIT_SLACK
+    # The issue's limit counts onnxruntime's repacked copy as the weight files once more.
+    limit = 2 * estimate.weights + estimate.kv_cache + estimate.mtp_caches + LIMIT_SLACK
     gib = 2**30
     print(f"{model_dir}")
     print(f"  context {context} ({measured['filled']} tokens written)")
-    print(f"  planner estimate {estimate.total / gib:.3f} GiB: weights {estimate.weights / gib:.3f}, repacked bound "
+    print(f"  planner estimate {estimate.total / gib:.3f} GiB: weights {estimate.weights / gib:.3f}, onnxruntime's own "
           f"{estimate.repacked / gib:.3f}, KV {estimate.kv_cache / gib:.3f}, MTP caches {estimate.mtp_caches / gib:.3f}, "
           f"activations {estimate.activations / gib:.3f}")
     print(f"  measured peak RSS {peak / gib:.3f} GiB; estimate / measured {estimate.total / peak:.3f} "
           f"({'within' if abs(estimate.total / peak - 1) <= 0.10 else 'NOT within'} 10%)")
-    print(f"  limit (weights + repacked + KV + 300 MB) {limit / gib:.3f} GiB: peak is "
+    print(f"  limit (weights twice + KV + 300 MB) {limit / gib:.3f} GiB: peak is "
           f"{'within' if peak <= limit else 'ABOVE'} it")
 
 

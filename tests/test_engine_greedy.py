@@ -163,11 +163,15 @@ def test_hybrid_drafts_with_both_drafters_and_falls_back_to_ngram_without_mtp_la
     assert out.stats.drafted > 0  # n-gram drafts (an MTP drafter would have refused this model)
 
 
-def test_long_prompts_run_in_bounded_steps():
+@pytest.mark.parametrize("step_rows", [PREFILL_CHUNK, 48])
+def test_long_prompts_run_in_bounded_steps(step_rows):
     """A prompt longer than PREFILL_CHUNK reaches the trunk and the MTP layers in steps of at most
-    PREFILL_CHUNK rows (a step's buffers grow with its rows), with the output of plain decoding."""
+    PREFILL_CHUNK rows (a step's buffers grow with its rows), or of the backend's own
+    ``prompt_step_rows`` (ONNX with routed experts), with the output of plain decoding."""
     options = dict(num_mtp_layers=2, mtp_accuracy=0.7)
     backend = FakeBackend(vocab_size=32, **options)
+    if step_rows != PREFILL_CHUNK:
+        backend.prompt_step_rows = step_rows
     rows = {"trunk": [], "mtp": []}
     trunk_step, mtp_step = backend.trunk_step, backend.mtp_step
 
@@ -183,6 +187,21 @@ def test_long_prompts_run_in_bounded_steps():
     prompt = list(np.random.default_rng(7).integers(0, 32, size=2 * PREFILL_CHUNK + 40))
     out = Session(backend, FakeTokenizer()).generate(prompt, max_tokens=24, chat=False, spec="mtp", num_draft=3)
     assert out.tokens == greedy_reference(options, prompt, 24)
-    assert rows["trunk"][:3] == [PREFILL_CHUNK, PREFILL_CHUNK, 40]
-    assert max(rows["trunk"] + rows["mtp"]) == PREFILL_CHUNK
-    assert sum(1 for n in rows["mtp"] if n == PREFILL_CHUNK) >= 4  # both depths caught up in steps
+    steps, last = divmod(len(prompt), step_rows)
+    assert rows["trunk"][:steps + 1] == [step_rows] * steps + [last]
+    assert max(rows["trunk"] + rows["mtp"]) == step_rows
+    assert sum(1 for n in rows["mtp"] if n == step_rows) >= 4  # both depths caught up in steps
+
+
+def test_steps_copying_weights_per_row_are_cut_to_the_gather_budget():
+    """ONNX's routed experts copy each row's experts (converters/onnx_export/moe.py): the bench
+    model's MTP layer, 2 experts of 4096 x 64, gathers 6 MiB a row, so its long inputs run in
+    steps of 42 rows (256 MiB); models without routed experts keep PREFILL_CHUNK."""
+    from edgemtp.converters.onnx_export.moe import gathered_bytes_per_row
+    from edgemtp.engine.backend import GATHER_BUDGET, prompt_step_rows
+
+    bench = {"n_routed_experts": 8, "num_experts_per_tok": 2, "hidden_size": 4096, "moe_intermediate_size": 64}
+    assert gathered_bytes_per_row(bench) == 4 * 3 * 2 * 4096 * 64
+    assert prompt_step_rows(gathered_bytes_per_row(bench)) == GATHER_BUDGET // (4 * 3 * 2 * 4096 * 64) == 42
+    assert prompt_step_rows(gathered_bytes_per_row({"hidden_size": 4096})) == PREFILL_CHUNK
+    assert prompt_step_rows(10 * GATHER_BUDGET) == 1

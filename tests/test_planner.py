@@ -181,16 +181,21 @@ def test_onnx_export_layout_counts_mtp_folders(tmp_path):
     assert (files.total, files.mtp, files.trunk_stream) == (3900, 800, 3100)
 
 
-def test_onnx_plans_count_the_weights_a_second_time_for_onnxruntimes_repacked_copy(deepseek_dir):
+def test_onnx_plans_count_onnxruntimes_own_memory(deepseek_dir):
     budget = MemoryBudget(1 << 40, "test")
     mlx = planner.plan_for(deepseek_dir, context=300, backend="mlx", budget=budget)
     onnx = planner.plan_for(deepseek_dir, context=300, backend="onnx", budget=budget)
-    assert (mlx.estimate.repacked, onnx.estimate.repacked) == (0, mlx.weights.total)
-    assert onnx.estimate.total == mlx.estimate.total + mlx.weights.total
-    assert ("onnxruntime's repacked weights (bound)" in dict(onnx.as_rows())
-            and "onnxruntime's repacked weights (bound)" not in dict(mlx.as_rows()))
-    # a budget that fits the mapped weights but not the copy: refused before loading, on ONNX only
-    tight = MemoryBudget(int((mlx.estimate.total + mlx.weights.total // 2) / planner.BUDGET_FRACTION), "test")
+    own = int(0.4 * mlx.weights.total) + 120 * 2**20  # repacked weights beyond the files, the runtime
+    assert (mlx.estimate.repacked, onnx.estimate.repacked) == (0, own)
+    # ONNX's routed experts also copy each row's experts' weights, float32: k x (gate, up, down)
+    config = planner.load_config(deepseek_dir)
+    gathered = 4 * 3 * config["num_experts_per_tok"] * config["hidden_size"] * config["moe_intermediate_size"]
+    assert onnx.estimate.activations == mlx.estimate.activations + PREFILL_CHUNK * planner.GATHER_COPIES * gathered
+    assert onnx.estimate.total == mlx.estimate.total + own + PREFILL_CHUNK * planner.GATHER_COPIES * gathered
+    assert ("onnxruntime's repacked weights and runtime" in dict(onnx.as_rows())
+            and "onnxruntime's repacked weights and runtime" not in dict(mlx.as_rows()))
+    # a budget that fits the mapped weights but not onnxruntime's own: refused before loading, on ONNX only
+    tight = MemoryBudget(int((mlx.estimate.total + own // 2) / planner.BUDGET_FRACTION), "test")
     assert planner.plan_for(deepseek_dir, context=300, backend="mlx", budget=tight).max_kv_size == 300
     with pytest.raises(UserError, match="needs about"):
         planner.plan_for(deepseek_dir, context=300, backend="onnx", budget=tight)
@@ -220,7 +225,8 @@ def test_load_sizes_the_cache_to_what_fits(deepseek_dir, monkeypatch, backend):
 
     config = planner.load_config(deepseek_dir)
     weights = planner.weight_files(deepseek_dir, config).total
-    usable = planner.estimate(config, weights, 300, "float32", planner.repacked_bytes(backend, weights)).total
+    usable = planner.estimate(config, weights, 300, "float32", planner.repacked_bytes(backend, weights),
+                              backend).total
     monkeypatch.setattr(planner, "detect_memory_budget", lambda: MemoryBudget(int(usable / planner.BUDGET_FRACTION) + 2, "test"))
     model = edgemtp.load(deepseek_dir, backend=backend, **({"bits": None} if backend == "onnx" else {}))
     assert model.backend.max_context == 300

@@ -23,6 +23,14 @@ def dense_or_routed_mlp(g: GraphBuilder, read: Callable[[str], np.ndarray], conf
     return lambda x: routed_moe(g, read, config, x, prefix, f"slot{slot}.moe")
 
 
+def gathered_bytes_per_row(config: dict) -> int:
+    """Float32 bytes ``routed_moe`` gathers for each row of a step: the gate, up and down slices of
+    the row's chosen experts (0 for a model without routed experts)."""
+    if not config.get("n_routed_experts"):
+        return 0
+    return 4 * 3 * int(config["num_experts_per_tok"]) * int(config["hidden_size"]) * int(config["moe_intermediate_size"])
+
+
 def routed_moe(g: GraphBuilder, read: Callable[[str], np.ndarray], cfg: dict, x: str, prefix: str,
                name: str) -> str:
     """Routed experts (only the chosen ones are computed) plus the shared experts.

@@ -23,6 +23,20 @@ import numpy as np
 # (49,152-token vocabulary), where steps of 256 rows cost what decoding does, at the same speed
 # per row. mlx-lm's prefill and llama.cpp's batches are bounded the same way.
 PREFILL_CHUNK = 256
+# Where a step also copies weights per row (ONNX's routed experts gather each row's chosen experts,
+# converters/onnx_export/moe.py), its steps over long inputs are cut so that those copies stay
+# within this: 256 rows of the bandwidth-bound bench model's MTP layer gathered 1.6 GB and took its
+# peak resident memory from 1.7 to 4.7 GiB. The gather costs the same per row in any step, so
+# shorter steps lose little speed.
+GATHER_BUDGET = 256 * 2**20
+
+
+def prompt_step_rows(gathered_bytes_per_row: int = 0) -> int:
+    """Rows per step over a long input for a backend whose steps copy ``gathered_bytes_per_row``
+    bytes of weights per row: ``PREFILL_CHUNK``, or fewer to keep those copies within ``GATHER_BUDGET``."""
+    if not gathered_bytes_per_row:
+        return PREFILL_CHUNK
+    return max(1, min(PREFILL_CHUNK, GATHER_BUDGET // gathered_bytes_per_row))
 
 
 class Backend(Protocol):
@@ -77,6 +91,8 @@ class Backend(Protocol):
     def cache_bytes(self) -> int:
         """Bytes held by all caches (trunk and MTP)."""
 
+    # Optional: ``prompt_step_rows``, the rows per step over a long input when not
+    # ``PREFILL_CHUNK`` (the ONNX backend's, for routed experts; see ``prompt_step_rows``).
     # Optional, tree verification (edgemtp/engine/tree.py; the MLX backend has it):
     # ``trunk_step_tree(tokens, parents)`` appends ``len(tokens)`` rows as ``trunk_step`` does, but
     # row ``j`` sits at position ``trunk_len + depth(j)`` and attends to the cache, its ancestors
@@ -89,11 +105,12 @@ class Backend(Protocol):
 
 
 def trunk_steps(backend: Backend, tokens: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    """``trunk_step`` over any number of tokens, in steps of at most ``PREFILL_CHUNK``. Returns the
+    """``trunk_step`` over any number of tokens, in steps of at most ``PREFILL_CHUNK`` rows (or the
+    backend's ``prompt_step_rows``, see ``prompt_step_rows``). Returns the
     last step's logits (its last row predicts the next token) and the hidden states of every row."""
-    hidden = []
-    for start in range(0, len(tokens), PREFILL_CHUNK):
-        logits, rows = backend.trunk_step(tokens[start : start + PREFILL_CHUNK])
+    hidden, step = [], getattr(backend, "prompt_step_rows", PREFILL_CHUNK)
+    for start in range(0, len(tokens), step):
+        logits, rows = backend.trunk_step(tokens[start : start + step])
         hidden.append(rows)
     return logits, hidden[0] if len(hidden) == 1 else np.concatenate(hidden)
 
@@ -101,9 +118,9 @@ def trunk_steps(backend: Backend, tokens: list[int]) -> tuple[np.ndarray, np.nda
 def mtp_steps(backend: Backend, depth: int, hidden: np.ndarray, tokens: list[int]) -> tuple[np.ndarray, np.ndarray]:
     """``mtp_step`` over any number of rows, in steps of at most ``PREFILL_CHUNK``; returns as
     ``trunk_steps`` does."""
-    out = []
-    for start in range(0, len(tokens), PREFILL_CHUNK):
-        end = start + PREFILL_CHUNK
+    out, step = [], getattr(backend, "prompt_step_rows", PREFILL_CHUNK)
+    for start in range(0, len(tokens), step):
+        end = start + step
         logits, rows = backend.mtp_step(depth, hidden[start:end], tokens[start:end])
         out.append(rows)
     return logits, out[0] if len(out) == 1 else np.concatenate(out)

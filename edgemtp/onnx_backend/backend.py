@@ -16,7 +16,9 @@ import onnxruntime as ort
 from edgemtp.checkpoint import memory_map
 from edgemtp.config import load_config
 from edgemtp.converters.onnx_export.manifest import read_manifest, weight_bytes
+from edgemtp.converters.onnx_export.moe import gathered_bytes_per_row
 from edgemtp.draft_vocab import read_draft_vocab
+from edgemtp.engine.backend import prompt_step_rows
 from edgemtp.errors import UserError
 from edgemtp.onnx_backend.cache import CACHE_KINDS, PADDING_ROWS, SPARE_ROWS, RecurrentCache
 from edgemtp.onnx_backend.row_invariance import one_row_steps_differ
@@ -100,6 +102,7 @@ class OnnxBackend:
         self.config = load_config(path)
         self.vocab_size = int(self.config["vocab_size"])
         self.hidden_size = int(self.config["hidden_size"])
+        self.prompt_step_rows = prompt_step_rows(gathered_bytes_per_row(self.config))  # routed experts gather per row
         # Positions stay spare for the rows graphs write past every step (cache.py).
         self.max_context = min(int(max_context or DEFAULT_MAX_CONTEXT), int(manifest["max_positions"]) - SPARE_ROWS)
         # The embedding, memory-mapped once and bound into every graph that shares it (zero-copy).

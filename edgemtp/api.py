@@ -80,7 +80,8 @@ def load(path: str | Path | None = None, backend: str | None = None, max_kv_size
     A model that cannot fit is refused before loading. Other ``options`` go to the backend; for
     MLX: ``dtype`` (``"float32"``, ``"float16"`` or ``"bfloat16"``) and ``draft_vocab`` (False: the
     MTP head scores the full vocabulary even when the model stores a draft vocabulary); for ONNX:
-    ``threads``.
+    ``threads``, and ``bits`` and ``group_size`` for a Hugging Face checkpoint converted on first
+    use. Without ``path``, ``bits`` (4 or 8) picks the default model's conversion on either backend.
 
     Under ``mlx.launch`` (several ranks) the MLX backend runs over the group: ``parallel`` is
     ``"pipeline"`` (``edgemtp.mlx_backend.pipeline``), ``"tensor"``
@@ -88,10 +89,10 @@ def load(path: str | Path | None = None, backend: str | None = None, max_kv_size
     rank 0 returns; every other rank serves rank 0's passes and exits when rank 0's process ends.
     """
     backend = backend or default_backend()
-    if path is None:  # the embedded default model, converted for this backend on first use
+    if path is None:  # the embedded default model, converted for this backend (at ``bits``) on first use
         from edgemtp.default_model import default_model_path
 
-        path = default_model_path(backend)
+        path = default_model_path(backend, options.pop("bits", None))
     path = Path(path)
     if backend not in _BACKEND_LOADERS:
         raise UserError(f"backend {backend!r} is not available; use one of {', '.join(_BACKEND_LOADERS)}")

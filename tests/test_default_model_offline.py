@@ -76,3 +76,16 @@ def test_models_command_lists_the_registry():
     assert "(default)" in result.stdout
     listed = json.loads(run_cli("models", "--json").stdout)
     assert listed == registry()
+
+
+def test_load_picks_the_default_models_bits(tmp_path, monkeypatch):
+    """``edgemtp.load(bits=4)`` without a path loads the default model's 4-bit conversion (it was
+    silently the 8-bit one before)."""
+    import edgemtp
+
+    monkeypatch.setenv("EDGEMTP_CACHE", str(tmp_path / "edgemtp"))
+    model = edgemtp.load(backend="onnx", bits=4, max_kv_size=64)
+    converted = list((tmp_path / "edgemtp" / "default").glob("onnx-*"))
+    assert [p.name.split("-")[1] for p in converted] == ["4bit"]
+    assert json.loads((converted[0] / "manifest.json").read_text())["quantization"]["trunk"]["bits"] == 4
+    assert model.generate("Hello!", max_tokens=4, spec="none").stats.generated_tokens > 0

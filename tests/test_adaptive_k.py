@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from fake_backend import FakeBackend, FakeTokenizer
 
@@ -154,6 +155,41 @@ def test_draft_cost_measured_in_the_loop_above_the_offline_one_drafts_shorter():
         policy.record_timing(step_timing(DEFAULT_MODEL.trunk, 4, draft_seconds=4 * 0.4))
     assert policy.draft_cost == pytest.approx(0.4, rel=0.05)
     assert 1 <= policy.choose() < 4
+
+
+def test_a_draft_that_caught_up_on_the_prompt_does_not_price_drafts():
+    """The first MTP draft after a prompt runs the MTP layers over the whole prompt. Timed as a
+    draft, it priced MTP drafts at 25x their cost on the default model, and a fresh ``generate``
+    then hardly drafted at all (526 of 661 steps on the bench prompts). Such a step is left out."""
+    policy = AdaptiveDraftLength(DEFAULT_MODEL, max_k=4)
+    judge(policy, [0.8, 0.8, 0.8, 0.8])
+    catch_up = step_timing(DEFAULT_MODEL.trunk, 4, draft_seconds=4 * 25 * DEFAULT_MODEL.draft)
+    policy.record_timing(StepTiming(**{**catch_up.__dict__, "caught_up": True}))
+    assert policy.draft_cost == DEFAULT_MODEL.draft
+    assert policy.choose() == 4
+    policy.record_timing(catch_up)  # the same step, not marked: drafting would stop
+    assert policy.choose() == 0
+
+
+def test_mtp_drafter_marks_drafts_that_catch_up():
+    """``caught_up`` is true for the first MTP draft after a long prompt, false for a draft that
+    follows a verified draft."""
+    from edgemtp.engine.sampling import Sampler
+    from edgemtp.engine.speculative import speculative_step
+
+    backend = FakeBackend(vocab_size=32, num_mtp_layers=2, mtp_accuracy=0.9)
+    drafter, sampler = MTPDrafter(backend, max_depth=3), Sampler()
+    prompt = [int(t) for t in np.random.default_rng(3).integers(0, 32, size=30)]
+    logits, hidden = backend.trunk_step(prompt)
+    seq = prompt + [int(logits[-1].argmax())]
+    drafter.observe(seq, 0, hidden)
+    for step in range(2):
+        drafts, q = drafter.draft(seq, 2, sampler, 0.0)
+        assert drafter.caught_up() == (step == 0)  # first: depths 1 and 2 ran over the 30 prompt positions
+        start = backend.trunk_len()
+        accepted, token, hidden, _ = speculative_step(backend, sampler, seq, drafts, q)
+        seq = seq + drafts[:accepted] + [token]
+        drafter.observe(seq, start, hidden)
 
 
 def test_a_steep_offline_curve_gives_way_to_the_loops_timings():

@@ -107,6 +107,11 @@ def mtp_step_seconds(backend: Backend, repeats: int = 5) -> float:
     return median_seconds(draft_step, repeats, before=trunk_step)
 
 
+# A draft call that runs a model over more rows than this is catching up (a steady step feeds at
+# most the longest draft plus one).
+CATCH_UP_ROWS = 8
+
+
 class NoDrafter:
     """Plain decoding: one token per trunk step."""
 
@@ -124,6 +129,11 @@ class NoDrafter:
 
     def copying(self) -> bool:
         """Whether this step's drafts were copied from the context (no model call)."""
+        return False
+
+    def caught_up(self) -> bool:
+        """Whether this step's drafting also caught up on positions it had skipped (the prompt,
+        steps that did not draft): its time then says little about what a draft costs."""
         return False
 
     def measure_step_cost(self) -> float:
@@ -203,6 +213,7 @@ class MTPDrafter:
         self.rows: dict[int, tuple[int, np.ndarray]] = {}
         # depth -> logits of its newest entry, over backend.draft_ids's tokens when it has them
         self.last_logits: dict[int, np.ndarray] = {}
+        self.rows_run = 0  # the most rows one depth ran in the last draft (caught_up)
 
     def reusable_prefix(self, tokens: list[int]) -> int:
         # Depth d's entries near the end read tokens up to d positions ahead, so
@@ -230,6 +241,7 @@ class MTPDrafter:
     def draft(self, seq, k, sampler, min_prob):
         last = len(seq) - 2  # index of the entry whose output predicts the next draft
         drafts, qs = [], []
+        self.rows_run = 0
         for d in range(1, min(k, self.max_depth) + 1):
             self._run_depth(d, last, self.seq)
             drawn = draw(self.last_logits[d], sampler, min_prob, self.backend.draft_ids, self.backend.vocab_size)
@@ -287,6 +299,9 @@ class MTPDrafter:
     def copying(self) -> bool:
         return False
 
+    def caught_up(self) -> bool:
+        return self.rows_run > CATCH_UP_ROWS
+
     def measure_step_cost(self) -> float:
         return mtp_step_seconds(self.backend)
 
@@ -298,6 +313,7 @@ class MTPDrafter:
         rows_first, rows = self.rows[d - 1]
         assert rows_first <= first, "MTP catch-up lost the hidden rows it needs"
         hidden = rows[first - rows_first : upto + 1 - rows_first]
+        self.rows_run = max(self.rows_run, len(hidden))
         logits, out = mtp_steps(self.backend, d, hidden, seq[first + d : upto + d + 1])
         self._append(d, first, out)
         self.last_logits[d] = logits[-1]
@@ -325,6 +341,7 @@ class DraftModelDrafter:
         self.vocab_size = target_vocab_size
         self.backend.reset()
         self.tokens: list[int] = []  # what the draft model's cache holds
+        self.fed = 0  # tokens fed before drafting in the last draft (caught_up)
 
     def reusable_prefix(self, tokens: list[int]) -> int:
         return len(tokens)
@@ -347,6 +364,7 @@ class DraftModelDrafter:
         keep = min(common_prefix(self.tokens, seq), len(seq) - 1)
         self.backend.trunk_rollback(self.backend.trunk_len() - keep)
         del self.tokens[keep:]
+        self.fed = len(seq) - keep
         logits = self._logits(seq[keep:])
         drafts, qs = [], []
         while True:
@@ -365,6 +383,9 @@ class DraftModelDrafter:
 
     def copying(self) -> bool:
         return False
+
+    def caught_up(self) -> bool:
+        return self.fed > CATCH_UP_ROWS
 
     def measure_step_cost(self) -> float:
         """Seconds for one single-token step of the draft model."""
@@ -409,6 +430,9 @@ class HybridDrafter:
 
     def copying(self) -> bool:
         return self.continuation is not None
+
+    def caught_up(self) -> bool:
+        return self.continuation is None and self.mtp.caught_up()
 
     def measure_step_cost(self) -> float:
         return self.mtp.measure_step_cost()

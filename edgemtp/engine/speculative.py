@@ -161,7 +161,8 @@ def decode(backend: Backend, drafter, policy, sampler: Sampler, seq: list[int], 
             return
         # Timed after the consumer took the tokens: what it does per step is part of a step's cost.
         policy.record_timing(StepTiming(drafted=drafted, draft=drafted_at - step_began, verified=nodes + 1,
-                                        trunk=verified_at - drafted_at, total=time.perf_counter() - step_began))
+                                        trunk=verified_at - drafted_at, total=time.perf_counter() - step_began,
+                                        caught_up=drafter.caught_up()))
 
 
 def _plain_greedy(backend, seq: list[int], max_tokens: int, stop_ids: set[int], stats: Stats,

@@ -66,6 +66,11 @@ class StepTiming:
     verified: int
     trunk: float
     total: float
+    # The drafting also caught up on positions skipped before (drafters' ``caught_up``): its
+    # seconds are not a draft's cost. The first MTP draft after a prompt ran the MTP layers over the
+    # whole prompt; timed as a draft, it priced drafts at 25x their cost, and MTP, which then drafted
+    # no more, was never timed again.
+    caught_up: bool = False
 
 
 class RunningMean:
@@ -237,7 +242,7 @@ class AdaptiveDraftLength:
             self._outcomes[0].add(acceptance)
 
     def record_draft(self, timing: StepTiming) -> None:
-        if timing.drafted:
+        if timing.drafted and not timing.caught_up:
             self._draft.add(timing.draft / timing.drafted)
 
     def record_timing(self, timing: StepTiming) -> None:

@@ -47,7 +47,13 @@ def _load_mlx(path: Path, max_kv_size: int, **options) -> Backend:
 def _load_onnx(path: Path, max_kv_size: int, **options) -> Backend:
     # An ONNX export directory is used as is; an HF checkpoint is converted into the user
     # cache on first use (options: bits, group_size, threads).
+    from edgemtp.converters.onnx_export.manifest import is_onnx_export
     from edgemtp.onnx_backend.loading import load_onnx_backend
+
+    conversion = sorted(set(options) & {"bits", "group_size"})
+    if conversion and is_onnx_export(path):  # they would be ignored: the export is quantized already
+        raise UserError(f"{path} is an ONNX export, quantized when it was converted; {' and '.join(conversion)} "
+                        "apply to a Hugging Face checkpoint converted on load: drop them, or pass the checkpoint")
 
     return load_onnx_backend(path, max_context=max_kv_size, **options)
 

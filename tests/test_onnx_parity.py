@@ -151,3 +151,15 @@ def test_quantized_top1_agreement(tiny_checkpoint, tmp_path, bits, minimum):
     ids = _token_ids(512, reference.vocab_size, seed=2)
     expected = reference.trunk_step(ids)[0].argmax(-1)
     assert (quantized.trunk_step(ids)[0].argmax(-1) == expected).mean() >= minimum
+
+
+def test_conversion_options_on_an_onnx_export_are_refused(tiny_checkpoint, tmp_path):
+    """``bits`` and ``group_size`` convert an HF checkpoint on load; on an ONNX export they would
+    be silently ignored, so they get a one-line error naming the fix."""
+    import edgemtp
+    from edgemtp.errors import UserError
+
+    export = export_onnx(tiny_checkpoint("llama"), tmp_path / "export", bits=None)
+    with pytest.raises(UserError, match=r"ONNX export, quantized when it was converted; bits and group_size .* drop them"):
+        edgemtp.load(export, backend="onnx", bits=4, group_size=64)
+    assert edgemtp.load(export, backend="onnx", max_kv_size=32).backend.max_context == 32

@@ -9,11 +9,6 @@ maximises expected tokens per second::
     E(k) = 1 + sum_{j=1..k} prod_{i<=j} a_i        (tokens emitted by the step)
     rate(k) = E(k) / (T(k+1) + k * draft_cost)
 
-The acceptance estimates are kept twice more, for steps after one that rejected a draft and for
-the others: a rejection means the text just surprised the drafter, and its next drafts fare
-worse (MTP k=3 on held-out prompts: position 1 accepted 0.62 of the time after a rejection,
-0.79 after a step whose drafts all held), so each kind of step gets its own length.
-
 ``k = 0`` (plain decoding) wins whenever drafts do not pay. The cost curve is
 measured once per model, backend and machine and cached as JSON in the user
 cache directory; during decoding ``CostModel`` refines it from the loop's own
@@ -172,9 +167,6 @@ class AdaptiveDraftLength:
         self.max_k = min(max_k, len(costs.trunk) - 1)
         self.min_prob = min_prob
         self._outcomes = [RunningMean(ema_weight) for _ in range(self.max_k)]  # acceptance per position
-        # The same, after a step that rejected a draft (True) and after one that did not (module docstring).
-        self._after = {rejected: [RunningMean(ema_weight) for _ in range(self.max_k)] for rejected in (False, True)}
-        self.after_rejection = False  # whether the last verified step rejected a draft
         self._since_drafted = [0] * self.max_k  # steps since each position was last drafted
         self._draft = RunningMean(TIMING_WEIGHT)  # seconds per draft token, timed in the loop
         # While not drafting, a guess (probe) keeps the acceptance estimate alive so drafting can
@@ -192,15 +184,11 @@ class AdaptiveDraftLength:
         Deep positions are reached only when every draft before them is accepted, so they are
         judged rarely; an optimistic start there (1, as before) made a fresh session draft 4
         tokens at an acceptance of 0.4 for most of a 60-token answer, slower than plain decoding.
-        The estimate for the current kind of step (after a rejection or not) leans on that
-        estimate over all steps until its own record outweighs it, and where no step has judged a
-        position, on its own estimate one position up.
         """
-        estimates, pooled, own = [], 1.0, 1.0
-        for outcomes, after in zip(self._outcomes, self._after[self.after_rejection]):
-            pooled = outcomes.blend(pooled)
-            own = after.blend(pooled if outcomes.seen else own)
-            estimates.append(own)
+        estimates, prior = [], 1.0
+        for outcomes in self._outcomes:
+            prior = outcomes.blend(prior)
+            estimates.append(prior)
         return estimates
 
     @property
@@ -235,13 +223,10 @@ class AdaptiveDraftLength:
 
     def update(self, drafted: int, accepted: int) -> None:
         # Positions up to the first rejection were judged; later ones were not.
-        after = self._after[self.after_rejection]
         for i in range(min(drafted, accepted + 1)):
             self._outcomes[i].add(float(i < accepted))
-            after[i].add(float(i < accepted))
         for i in range(self.max_k):
             self._since_drafted[i] = 0 if i < drafted else self._since_drafted[i] + 1
-        self.after_rejection = accepted < drafted
 
     def wants_probe(self) -> bool:
         """Called on steps that do not draft: whether to guess a first draft anyway."""
@@ -255,7 +240,6 @@ class AdaptiveDraftLength:
         """Acceptance probability of a first draft that was guessed but not verified."""
         if self.max_k:
             self._outcomes[0].add(acceptance)
-            self._after[self.after_rejection][0].add(acceptance)
 
     def record_draft(self, timing: StepTiming) -> None:
         if timing.drafted and not timing.caught_up:
@@ -301,8 +285,6 @@ class HybridPolicy:
 
     def update(self, drafted: int, accepted: int) -> None:
         self.active.update(drafted, accepted)
-        for estimate in (self.mtp, *self.ngram):  # a rejection is the text's, whichever drafter drafted
-            estimate.after_rejection = accepted < drafted
 
     def wants_probe(self) -> bool:
         return self.mtp.wants_probe()

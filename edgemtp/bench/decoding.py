@@ -66,8 +66,12 @@ def measure_decoding(model, prompts, *, max_tokens, repeats, spec="none", num_dr
     for _ in range(repeats):
         outputs, first_token_s, finals = _run_prompts(model, prompts, max_tokens, spec, num_draft, draft_model)
         generated = sum(s.generated_tokens for s in finals)
-        seconds = sum(s.generated_tokens / s.tokens_per_s for s in finals if s.tokens_per_s > 0)
-        rates.append(generated / seconds if seconds > 0 else 0.0)
+        # The engine's tokens_per_s counts the tokens after the first over the time after it (as
+        # peers are timed, bench/peers/timing.py), so pool the same tokens over the same seconds.
+        after_first = [(s.generated_tokens - 1, s.tokens_per_s) for s in finals if s.tokens_per_s > 0]
+        tokens = sum(n for n, _ in after_first)
+        seconds = sum(n / rate for n, rate in after_first)
+        rates.append(tokens / seconds if seconds > 0 else 0.0)
         ttfts.extend(first_token_s)
     figures = DecodeFigures(
         spec=spec,

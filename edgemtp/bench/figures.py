@@ -18,7 +18,7 @@ class DecodeFigures:
 
     spec: str  # "none" (plain), "hybrid", "mtp", "mtp-tree", "ngram" or "draft"
     num_draft: int | str | None  # None for plain decoding
-    tokens_per_s: float  # generated tokens / decode seconds over all prompts; median of repeats
+    tokens_per_s: float  # tokens after each prompt's first / the seconds after it, all prompts; median of repeats
     ttft_s: float  # time to first token, median over prompts and repeats
     generated_tokens: int  # per repeat, over all prompts
     acceptance_by_position: list[float] = field(default_factory=list)

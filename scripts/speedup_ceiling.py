@@ -19,6 +19,7 @@ import argparse
 
 from edgemtp.bench.figures import expected_tokens_per_step, ideal_speedup
 
+
 def best_speedup(acceptance: float, curve: list[float], draft_cost: float) -> tuple[float, int]:
     """The highest ideal speedup at a uniform acceptance over the draft lengths the curve covers
     (a step verifies k + 1 tokens; nothing is extrapolated past the measurement), and its k."""
@@ -44,7 +45,7 @@ def main() -> None:
     parser.add_argument("--targets", type=float, nargs="+", default=[1.6, 2.0, 2.75],
                         help="speedups over plain decoding to solve for")
     parser.add_argument("--tokens-per-step", type=float, nargs="+", default=[2.5],
-                        help="tokens per trunk step to solve for (at k = 3 and at the best k)")
+                        help="tokens per trunk step to solve for, at k = 3")
     args = parser.parse_args()
     curve, draft = args.curve, args.draft_cost
 
@@ -52,8 +53,8 @@ def main() -> None:
     for acceptance in (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 1.0):
         speedup, k = best_speedup(acceptance, curve, draft)
         print(f"{acceptance:10.2f}  {speedup:12.2f}  {k:4d}  {expected_tokens_per_step([acceptance] * k, k):17.2f}")
-    print(f"free drafts (cost 0) always right: {best_speedup(1.0, curve, 0.0)[0]:.2f}x at k = "
-          f"{best_speedup(1.0, curve, 0.0)[1]}")
+    speedup, k = best_speedup(1.0, curve, 0.0)
+    print(f"free drafts (cost 0) always right: {speedup:.2f}x at k = {k}")
     for target in args.targets:
         needed = needed_acceptance(target, lambda a: best_speedup(a, curve, draft)[0])
         print(f"{target:.2f}x plain needs acceptance " + (f"{needed:.3f}" if needed is not None else "> 1: out of reach"))

@@ -11,7 +11,7 @@ import pytest
 from edgemtp.bench import report
 from edgemtp.bench.figures import BenchResult, PeerComparison
 from edgemtp.bench.peers import compare, ortgenai, timing
-from edgemtp.bench.peers.worker import Worker
+from edgemtp.bench.peers.worker import Worker, WorkerFailed
 
 PROMPT_IDS = list(range(3, 60, 3))  # token ids of the tiny tokenizer's vocabulary
 TOKENS = 24
@@ -112,6 +112,21 @@ def test_peer_table_in_markdown_and_json():
     assert "| llama.cpp x.gguf | 85.0 | 30 | 200 | 0.85 | – | says Paris |" in markdown
     assert "- mlx-lm: left out" in markdown
     assert json.loads(json.dumps(report.to_json(result)))["peers"]["engines"][1]["vs_plain"] == 0.85
+
+
+def test_a_peer_that_crashes_natively_is_named_with_its_signal(monkeypatch, tmp_path):
+    # llama-cpp-python 0.3.36's wheel segfaulted on an AMX machine with nothing on stderr; the
+    # bench's line must still say what happened.
+    crash = tmp_path / "crash.sh"
+    crash.write_text("#!/bin/sh\nkill -SEGV $$\n")
+    crash.chmod(0o755)
+    monkeypatch.setattr("sys.executable", str(crash))
+    worker = Worker("llamacpp", {})
+    try:
+        with pytest.raises(WorkerFailed, match="the llamacpp process failed: it crashed with SIGSEGV"):
+            worker.decode([PROMPT_IDS], TOKENS)
+    finally:
+        worker.close()
 
 
 def _greedy(engine: str, spec: dict) -> list[int]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import signal
 import subprocess
 import sys
 import tempfile
@@ -49,11 +50,23 @@ class Worker:
             self._process.stdin.flush()
             answer = json.loads(self._process.stdout.readline())
         except (BrokenPipeError, json.JSONDecodeError):
-            self._stderr.seek(0)
-            last = (self._stderr.read().strip().splitlines() or ["no output"])[-1]
-            raise WorkerFailed(f"the {self.engine} process failed: {last}") from None
+            raise WorkerFailed(f"the {self.engine} process failed: {self._last_words()}") from None
         self.peak_rss_bytes = answer["peak_rss_bytes"]
         return [PromptTiming(**timing) for timing in answer["timings"]]
+
+    def _last_words(self) -> str:
+        """The dead process's last stderr line, or how it ended: a native crash prints nothing."""
+        self._stderr.seek(0)
+        lines = self._stderr.read().strip().splitlines()
+        if lines:
+            return lines[-1]
+        try:
+            code = self._process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            return "no output"
+        if code < 0:
+            return f"it crashed with {signal.Signals(-code).name} and printed nothing"
+        return f"it exited with code {code} and printed nothing"
 
     def close(self) -> None:
         if self._process.poll() is None:

@@ -26,7 +26,7 @@ DEFAULTS = {
 def convert(src, out, to: str = "mlx", bits: int | None = None, group_size: int | None = None,
             mtp_bits: int | None = None, dtype: str | None = None, force: bool = False,
             show_progress: bool = True, mtp_file: Path | None = None,
-            draft_vocab: str | Path | None = None, genai: bool = False) -> Path:
+            draft_vocab: str | Path | None = None, genai: bool = False, head_bits: int | None = None) -> Path:
     """Convert ``src`` into ``out`` for backend ``to``; returns ``out``.
 
     ``mtp_file`` attaches MTP layers kept outside the source (the default model's).
@@ -34,6 +34,7 @@ def convert(src, out, to: str = "mlx", bits: int | None = None, group_size: int 
     so the MTP draft head scores only its tokens; ``"none"`` stores none; None takes the
     ``draft_vocab.safetensors`` of the source directory or beside ``mtp_file``, if there is one.
     ``genai`` (ONNX only) writes onnxruntime-genai's layout instead of edgemtp's (onnx_export/genai.py).
+    ``head_bits`` (ONNX only) 4: a 4-bit model's output heads at 4 bits too (onnx_export/quantize.py).
     """
     from edgemtp.converters.sources import WithMTPLayers, open_source
 
@@ -41,6 +42,8 @@ def convert(src, out, to: str = "mlx", bits: int | None = None, group_size: int 
         raise UserError(f"--to {to} is not a target; use one of {', '.join(TARGETS)}")
     if genai and to != "onnx":
         raise UserError("--genai writes onnxruntime-genai's ONNX layout; use it with --to onnx")
+    if head_bits is not None and (to != "onnx" or genai):
+        raise UserError("--head-bits applies to edgemtp's ONNX export; use it with --to onnx (without --genai)")
     options = DEFAULTS[to] | {k: v for k, v in {"bits": bits, "mtp_bits": mtp_bits, "group_size": group_size,
                                                  "dtype": dtype}.items() if v is not None}
     if bits == 16 and mtp_bits is None:  # full precision means the MTP layers too
@@ -52,6 +55,12 @@ def convert(src, out, to: str = "mlx", bits: int | None = None, group_size: int 
         from edgemtp.converters.mlx_export import check_options
 
         check_options(options["bits"], options["group_size"], options["mtp_bits"], options["dtype"])
+    elif head_bits is not None:  # refused before the source is read
+        from edgemtp.converters.onnx_export.export import check_options
+
+        stored = [None if options[key] == 16 else options[key] for key in ("bits", "mtp_bits")]
+        check_options(*stored, options["group_size"], options["dtype"], head_bits)
+        options["head_bits"] = head_bits
 
     ckpt = open_source(src)
     if to == "mlx" and dtype is None and options["bits"] == 16:
@@ -150,6 +159,7 @@ def _to_onnx(ckpt, out: Path, options: dict, show_progress: bool, draft_vocab: P
     from edgemtp.checkpoint import Checkpoint
     from edgemtp.converters.onnx_export.export import export_onnx
     from edgemtp.converters.onnx_export.genai import export_genai
+    from edgemtp.converters.onnx_export.quantize import EMBEDDING_AND_HEAD_BITS
 
     bits = None if options["bits"] == 16 else options["bits"]
     mtp_bits = None if options["mtp_bits"] == 16 else options["mtp_bits"]
@@ -164,7 +174,8 @@ def _to_onnx(ckpt, out: Path, options: dict, show_progress: bool, draft_vocab: P
                          affine_trunk=affine_trunk)
         else:
             export_onnx(path, out, bits=bits, group_size=options["group_size"], mtp_bits=mtp_bits,
-                        dtype=options["dtype"], progress=step, draft_vocab=draft_vocab, affine_trunk=affine_trunk)
+                        dtype=options["dtype"], progress=step, draft_vocab=draft_vocab, affine_trunk=affine_trunk,
+                        head_bits=options.get("head_bits", EMBEDDING_AND_HEAD_BITS))
 
     if isinstance(ckpt, Checkpoint):
         export(ckpt.path)

@@ -118,12 +118,15 @@ def _onnx_export_summary(path: Path) -> tuple[str, int, list[list[str]]] | None:
 
 
 def _onnx_storage(manifest: dict) -> str:
-    """E.g. "onnx 4-bit asymmetric, block 32 (MTP 8-bit symmetric, block 32)"."""
+    """E.g. "onnx 4-bit asymmetric, block 32, heads 8-bit (MTP 8-bit symmetric, block 32)"."""
 
     def describe(quantization: dict) -> str:
         if quantization["method"] == "none":
             return manifest["dtype"]
-        return f"{quantization['bits']}-bit {quantization['scheme']}, block {quantization['block_size']}"
+        text = f"{quantization['bits']}-bit {quantization['scheme']}, block {quantization['block_size']}"
+        if quantization["bits"] == 4:  # exports before --head-bits kept 4-bit graphs' heads at 8
+            text += f", heads {quantization.get('head_bits', 8)}-bit"
+        return text
 
     trunk = describe(manifest["quantization"]["trunk"])
     mtp = describe(manifest["quantization"]["mtp"]) if manifest["mtp"] else None

@@ -192,7 +192,7 @@ def test_inspect_describes_an_onnx_export_and_its_plan(tiny_checkpoint, tmp_path
     out = export_onnx(tiny_checkpoint("llama"), tmp_path / "onnx", bits=4, mtp_bits=8)
 
     summary = json.loads(run("inspect", out, "--json").stdout)
-    assert summary["storage"] == "onnx 4-bit asymmetric, block 32 (MTP 8-bit symmetric, block 32)"
+    assert summary["storage"] == "onnx 4-bit asymmetric, block 32, heads 8-bit (MTP 8-bit symmetric, block 32)"
     assert summary["weight_bytes"] == sum(f.stat().st_size for f in [*out.glob("*/model.onnx*"), out / "embedding.safetensors"])
     assert summary["num_mtp_layers"] == 1
     table = run("inspect", out)

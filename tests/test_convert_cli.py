@@ -80,7 +80,10 @@ def test_mtp_weights_promised_but_missing(llama_copy, tmp_path):
 
 @pytest.mark.parametrize("flags,fragment", [(["--bits", "3"], "--bits"), (["--group-size", "48"], "--group-size"),
                                             (["--mtp-bits", "2"], "--mtp-bits"), (["--dtype", "int8"], "--dtype"),
-                                            (["--to", "tflite"], "--to")])
+                                            (["--to", "tflite"], "--to"),
+                                            (["--to", "onnx", "--head-bits", "4"], "--bits 4"),
+                                            (["--to", "onnx", "--bits", "4", "--head-bits", "6"], "--head-bits 6"),
+                                            (["--bits", "4", "--head-bits", "4"], "--to onnx")])
 def test_options_the_target_cannot_do(tiny_checkpoint, tmp_path, flags, fragment):
     assert_user_error(run_cli(tiny_checkpoint("llama"), tmp_path / "out", *flags), fragment)
 

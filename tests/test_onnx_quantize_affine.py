@@ -11,6 +11,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+import edgemtp
 from edgemtp.converters.onnx_export import export_onnx
 from edgemtp.converters.onnx_export.graph import GraphBuilder, linear
 from edgemtp.converters.onnx_export.quantize import EMBEDDING_NODE, affine_groups, quantize
@@ -126,13 +127,34 @@ def test_int4_from_float_uses_integer_zero_points_and_reproduces_their_grid(k, g
     np.testing.assert_allclose(run(quantized, IDS)[0], expected, rtol=0, atol=1e-5 * np.abs(expected).max())
 
 
-@pytest.mark.parametrize(("affine", "expected_scheme"), [(False, "asymmetric"), (True, "affine")])
-def test_4bit_export_keeps_heads_at_8_bits_and_records_the_scheme(tiny_checkpoint, tmp_path, affine, expected_scheme):
-    out = export_onnx(tiny_checkpoint("llama_untied"), tmp_path / "onnx", bits=4, affine_trunk=affine)
+def _node_bits(path) -> dict[str, int]:
+    graph = onnx.load(str(path), load_external_data=False).graph
+    return {node.name: {a.name: a.i for a in node.attribute}["bits"] for node in graph.node if node.op_type == "MatMulNBits"}
 
-    trunk = onnx.load(str(out / "trunk" / "model.onnx"), load_external_data=False)
-    bits = {node.name: {a.name: a.i for a in node.attribute}["bits"]
-            for node in trunk.graph.node if node.op_type == "MatMulNBits"}
-    assert bits["lm_head_Q8"] == 8 and 4 in bits.values() and sorted(set(bits.values())) == [4, 8]
+
+@pytest.mark.parametrize("head_bits", [8, 4])
+@pytest.mark.parametrize(("affine", "expected_scheme"), [(False, "asymmetric"), (True, "affine")])
+def test_4bit_export_puts_heads_at_head_bits_and_records_the_scheme(tiny_checkpoint, tmp_path, affine, expected_scheme,
+                                                                    head_bits):
+    out = export_onnx(tiny_checkpoint("llama_untied"), tmp_path / "onnx", bits=4, affine_trunk=affine,
+                      head_bits=head_bits)
+
+    bits = _node_bits(out / "trunk" / "model.onnx")
+    head, = (name for name in bits if name.startswith("lm_head"))
+    assert bits[head] == head_bits and 4 in bits.values()
+    assert sorted(set(bits.values())) == ([4, 8] if head_bits == 8 else [4])
     quantization = json.loads((out / "manifest.json").read_text())["quantization"]["trunk"]
-    assert quantization == {"method": "MatMulNBits", "bits": 4, "block_size": 32, "scheme": expected_scheme}
+    assert quantization == {"method": "MatMulNBits", "bits": 4, "block_size": 32, "scheme": expected_scheme,
+                            "head_bits": head_bits}
+
+
+def test_4bit_heads_keep_speculation_equal_to_plain_decoding(tiny_checkpoint, tmp_path):
+    out = export_onnx(tiny_checkpoint("llama", mtp_layers=1), tmp_path / "onnx", bits=4, head_bits=4)
+    mtp_bits = _node_bits(out / "mtp0" / "model.onnx")
+    assert mtp_bits[next(name for name in mtp_bits if name.startswith("mtp.head"))] == 4
+    model = edgemtp.load(out, backend="onnx")
+    prompt = list(range(3, 40, 3))
+    plain = model.generate(prompt, max_tokens=48, spec="none", chat=False)
+    speculative = model.generate(prompt, max_tokens=48, spec="mtp", num_draft=3, chat=False)
+    assert len(plain.tokens) == 48 and speculative.tokens == plain.tokens
+    assert speculative.stats.drafted > 0

@@ -180,6 +180,7 @@ def test_llama_cpp_greedy_equals_edgemtp_plain(tiny_checkpoint, tmp_path):
     (["--backend", "all"], "one checkpoint on one backend"),
     (["--bits", "8"], "one checkpoint on one backend"),
     (["--max-tokens", "1"], "--max-tokens of at least 2"),
+    (["--head-bits", "4"], "--head-bits applies to the conversions of --model at --bits"),
 ])
 def test_peers_bad_options_are_one_line_errors(args, fragment):
     from test_cli_basic import assert_user_error, run

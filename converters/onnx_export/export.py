@@ -14,7 +14,7 @@ from edgemtp.checkpoint import Checkpoint
 from edgemtp.converters.onnx_export.graph import save_model
 from edgemtp.converters.onnx_export.manifest import MANIFEST, make_manifest
 from edgemtp.converters.onnx_export.model import ARCHS, build_mtp, build_trunk, checkpoint_reader
-from edgemtp.converters.onnx_export.quantize import quantize
+from edgemtp.converters.onnx_export.quantize import EMBEDDING_AND_HEAD_BITS, quantize
 from edgemtp.converters.onnx_export.shared import FILE_NAME as SHARED_FILE
 from edgemtp.converters.onnx_export.shared import detach, embedding_tensors, same_tensors
 from edgemtp.draft_vocab import FILE_NAME as DRAFT_VOCAB_FILE
@@ -29,11 +29,17 @@ SUPPORTED_BITS = (4, 8, None)
 Progress = Callable[[str, int, int], None]
 
 
-def check_options(bits: int | None, mtp_bits: int | None, group_size: int, dtype: str) -> None:
+def check_options(bits: int | None, mtp_bits: int | None, group_size: int, dtype: str,
+                  head_bits: int = EMBEDDING_AND_HEAD_BITS) -> None:
     """Refuse what the exporter cannot write (a ``UserError`` naming the fix)."""
     for value in (bits, mtp_bits):
         if value not in SUPPORTED_BITS:
             raise UserError(f"unsupported bit width {value}; use 4, 8 or none (float32 weights)")
+    if head_bits not in (4, EMBEDDING_AND_HEAD_BITS):
+        raise UserError(f"--head-bits {head_bits} is not supported; use 4 or 8")
+    if head_bits == 4 and bits != 4:
+        raise UserError("--head-bits 4 puts the output heads of a 4-bit model at 4 bits; add --bits 4, "
+                        "or leave --head-bits out")
     if dtype != "float32":
         raise UserError(f"dtype {dtype!r} is not supported by the ONNX exporter; use float32 "
                         "(weights are still int4/int8 with --bits)")
@@ -43,7 +49,8 @@ def check_options(bits: int | None, mtp_bits: int | None, group_size: int, dtype
 
 def export_onnx(checkpoint: str | Path, out_dir: str | Path, bits: int | None = 4, group_size: int = 32,
                 mtp_bits: int | None = None, dtype: str = "float32", progress: Progress | None = None,
-                draft_vocab: str | Path | None = None, affine_trunk: bool = False) -> Path:
+                draft_vocab: str | Path | None = None, affine_trunk: bool = False,
+                head_bits: int = EMBEDDING_AND_HEAD_BITS) -> Path:
     """Convert ``checkpoint`` into ``out_dir``: trunk graph, one graph per MTP layer, manifest.
 
     ``bits`` 4 or 8 quantizes the trunk's MatMuls (MatMulNBits); None keeps float weights.
@@ -53,9 +60,10 @@ def export_onnx(checkpoint: str | Path, out_dir: str | Path, bits: int | None = 
     draft-vocab``) makes the MTP graphs score only its tokens; it is copied into the export.
     ``affine_trunk``: the trunk's weights already lie on 4-bit affine grids (a GGUF Q4_1 file), which
     a 4-bit trunk then reproduces exactly (quantize.py); MTP weights always come as float.
+    ``head_bits`` 4: the output heads of the 4-bit graphs at 4 bits too (quantize.py).
     """
     mtp_bits = bits if mtp_bits is None else mtp_bits
-    check_options(bits, mtp_bits, group_size, dtype)
+    check_options(bits, mtp_bits, group_size, dtype, head_bits)
     ckpt = Checkpoint.open(checkpoint)
     config = ckpt.config
     if config["model_type"] not in ARCHS:
@@ -73,7 +81,7 @@ def export_onnx(checkpoint: str | Path, out_dir: str | Path, bits: int | None = 
     embedding: dict = {}  # the trunk's embedding tensors, written once (shared.py)
     shared_inputs: dict[str, list[str]] = {}  # graph -> the embedding tensors it takes as inputs
     for done, (name, build, graph_bits, affine) in enumerate(graphs):
-        model = build_graph(name, build, graph_bits, group_size, affine, progress, done, len(graphs))
+        model = build_graph(name, build, graph_bits, group_size, affine, progress, done, len(graphs), head_bits)
         table = embedding_tensors(model)
         embedding = embedding or table  # the trunk comes first
         # An MTP graph shares the table when it gathers from the same bytes: not when the layer has
@@ -97,7 +105,7 @@ def export_onnx(checkpoint: str | Path, out_dir: str | Path, bits: int | None = 
     from_trunk = tuple(parts_from_trunk(ckpt, i) for i in range(ckpt.num_mtp_layers))
     manifest = make_manifest(config, cache, bits, mtp_bits, group_size, dtype, max_positions,
                              None if draft_ids is None else len(draft_ids), affine_trunk, from_trunk, shared_inputs,
-                             ARCHS[config["model_type"]][0].PADS_ROWS)
+                             ARCHS[config["model_type"]][0].PADS_ROWS, head_bits)
     (partial / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return publish(partial, out)
 
@@ -122,13 +130,15 @@ def publish(partial: Path, out: Path) -> Path:
 
 
 def build_graph(name: str, build: Callable[[], onnx.ModelProto], bits: int | None, group_size: int, affine: bool,
-                progress: Progress | None, done: int, total: int) -> onnx.ModelProto:
-    """``build()``, quantized to ``bits`` unless None, reporting both stages to ``progress``."""
+                progress: Progress | None, done: int, total: int,
+                head_bits: int = EMBEDDING_AND_HEAD_BITS) -> onnx.ModelProto:
+    """``build()``, quantized to ``bits`` unless None (its output heads to ``head_bits`` where
+    ``bits`` is 4), reporting both stages to ``progress``."""
     if progress:
         progress(f"building {name}", done, total)
     model = build()
     if bits is not None:
         if progress:
             progress(f"quantizing {name} to int{bits}", done, total)
-        model = quantize(model, bits, group_size, affine)
+        model = quantize(model, bits, group_size, affine, head_bits)
     return model

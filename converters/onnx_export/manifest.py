@@ -30,7 +30,7 @@ from pathlib import Path
 
 from edgemtp.config import num_mtp_layers
 from edgemtp.converters.onnx_export.graph import OPSET
-from edgemtp.converters.onnx_export.quantize import scheme
+from edgemtp.converters.onnx_export.quantize import EMBEDDING_AND_HEAD_BITS, scheme
 from edgemtp.converters.onnx_export.shared import FILE_NAME as SHARED_FILE
 from edgemtp.draft_vocab import FILE_NAME as DRAFT_VOCAB_FILE
 from edgemtp.errors import UserError
@@ -43,13 +43,13 @@ MANIFEST = "manifest.json"
 def make_manifest(config: dict, cache: dict, bits: int | None, mtp_bits: int | None, group_size: int,
                   dtype: str, max_positions: int, draft_vocab_size: int | None, affine_trunk: bool,
                   mtp_from_trunk: tuple[list[str], ...], shared_inputs: dict[str, list[str]],
-                  graphs_pad_rows: bool) -> dict:
+                  graphs_pad_rows: bool, head_bits: int = EMBEDDING_AND_HEAD_BITS) -> dict:
     """``mtp_from_trunk``: per MTP layer, the parts its graph takes from the trunk's weights
     (``embed_tokens``, ``shared_head.head``; see edgemtp/mtp_copies.py), for ``inspect``.
     ``shared_inputs``: graph name (``trunk``, ``mtp0``...) -> the embedding tensors it takes as
     inputs from ``embedding.safetensors`` (shared.py). ``graphs_pad_rows``: every graph repeats a
     step's last row through all its MatMuls itself (Qwen3.5, onnx_export/qwen3_5.py), so the
-    backend never pads a one-token step."""
+    backend never pads a one-token step. ``head_bits``: the output heads' bits in 4-bit graphs."""
     # GQA takes explicit lengths; MLA derives positions from the length of its past inputs.
     positions = ["seqlens_k", "total_sequence_length"] if cache["kind"] == "gqa_shared_buffer" else []
 
@@ -68,7 +68,8 @@ def make_manifest(config: dict, cache: dict, bits: int | None, mtp_bits: int | N
     return {
         "format": FORMAT, "version": VERSION, "arch": config["model_type"], "opset": OPSET, "dtype": dtype,
         "max_positions": max_positions,
-        "quantization": {"trunk": _quant(bits, group_size, affine_trunk), "mtp": _quant(mtp_bits, group_size)},
+        "quantization": {"trunk": _quant(bits, group_size, head_bits, affine_trunk),
+                         "mtp": _quant(mtp_bits, group_size, head_bits)},
         "cache": cache,
         "embedding": SHARED_FILE,
         "trunk": {"path": "trunk/model.onnx", "cache_slots": layers, "shared_inputs": shared_inputs.get("trunk", []),
@@ -86,10 +87,11 @@ def make_manifest(config: dict, cache: dict, bits: int | None, mtp_bits: int | N
     }
 
 
-def _quant(bits: int | None, group_size: int, affine: bool = False) -> dict:
+def _quant(bits: int | None, group_size: int, head_bits: int, affine: bool = False) -> dict:
     if bits is None:
         return {"method": "none"}
-    return {"method": "MatMulNBits", "bits": bits, "block_size": group_size, "scheme": scheme(bits, affine)}
+    return {"method": "MatMulNBits", "bits": bits, "block_size": group_size, "scheme": scheme(bits, affine),
+            "head_bits": head_bits if bits == 4 else bits}
 
 
 def weight_bytes(path: Path) -> int:

@@ -178,14 +178,18 @@ def default_model_targets(backends: list[str], bits: list[int]) -> list[Target]:
     return targets
 
 
-def convert_targets(source: Path, backends: list[str], bits: list[int], work_dir: Path, progress=print) -> list[Target]:
-    """Convert ``source`` once per (backend, bits) into ``work_dir``; one target each."""
+def convert_targets(source: Path, backends: list[str], bits: list[int], work_dir: Path, progress=print,
+                    head_bits: int | None = None) -> list[Target]:
+    """Convert ``source`` once per (backend, bits) into ``work_dir``; one target each. ``head_bits``:
+    as ``edgemtp convert --head-bits``, for the 4-bit conversions."""
     from edgemtp.converters.convert import convert
 
     targets = []
     for backend in backends:
         for count in bits:
-            progress(f"converting {source} to {backend} {count}-bit")
-            out = convert(source, work_dir / f"{backend}-{count}bit", to=backend, bits=count)
-            targets.append(Target(Path(out), backend, f"{source.name} ({backend} {count}-bit)"))
+            heads = head_bits if count == 4 else None
+            name = f"{backend} {count}-bit" + (f", heads {heads}-bit" if heads else "")
+            progress(f"converting {source} to {name}")
+            out = convert(source, work_dir / f"{backend}-{count}bit", to=backend, bits=count, head_bits=heads)
+            targets.append(Target(Path(out), backend, f"{source.name} ({name})"))
     return targets

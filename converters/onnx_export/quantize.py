@@ -33,7 +33,7 @@ A 4-bit model keeps its token embedding and output heads at 8 bits, as llama.cpp
 (token_embd in Q8_0) and mlx-lm's mixed recipes do: the head's rounding lands directly on the
 logits, and on SmolLM2-135M a 4-bit head alone costs several percent of perplexity. ``head_bits=4``
 puts the output heads at 4 bits too, as onnxruntime-genai's int4 recipe does: on this project's
-2-core CPUs SmolLM2-135M then decoded 1.3x faster than with 8-bit heads, for 9% more perplexity
+2-core CPU SmolLM2-135M then decoded 1.2-1.3x faster than with 8-bit heads, for 9% more perplexity
 (docs/bench.md). The embedding stays at 8 bits either way: a step gathers one row of it.
 """
 

@@ -377,7 +377,7 @@ def convert_command(
     draft_vocab: str | None = typer.Option(None, "--draft-vocab", help="FILE from `edgemtp draft-vocab`: the MTP draft head scores only its tokens (verification stays over the full vocabulary), or none. Default: draft_vocab.safetensors of the source directory, if any."),
     mtp_file: str | None = typer.Option(None, "--mtp-file", help="MTP layers kept outside SRC: the mtp.safetensors `edgemtp train-mtp` writes for a trunk that ships none."),
     genai: bool = typer.Option(False, "--genai", help="With --to onnx: write onnxruntime-genai's layout (genai_config.json, model.onnx, the first MTP layer as mtp/ for og.MtpGenerator) instead of edgemtp's; llama, qwen2 and qwen3 trunks."),
-    head_bits: int | None = typer.Option(None, "--head-bits", help="With --to onnx --bits 4: 4 puts the output heads at 4 bits too, onnxruntime-genai's int4 recipe (on SmolLM2-135M 1.2-1.3x faster on a 2-core CPU, for 9% more perplexity). Default: 8."),
+    head_bits: int | None = typer.Option(None, "--head-bits", help="With --to onnx --bits 4: 4 puts the output heads at 4 bits too, onnxruntime-genai's int4 recipe (on SmolLM2-135M 2-8% faster on a 2-core CPU, for 9% more perplexity). Default: 8."),
 ) -> None:
     """Convert a model (HF directory, GGUF or Hub repo) into an MLX or ONNX model directory."""
     from pathlib import Path

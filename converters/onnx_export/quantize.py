@@ -32,9 +32,9 @@ conversion went from +20% to +0.4% perplexity against fp16.
 A 4-bit model keeps its token embedding and output heads at 8 bits, as llama.cpp's Q4 files
 (token_embd in Q8_0) and mlx-lm's mixed recipes do: the head's rounding lands directly on the
 logits, and on SmolLM2-135M a 4-bit head alone costs several percent of perplexity. ``head_bits=4``
-puts the output heads at 4 bits too, as onnxruntime-genai's int4 recipe does: on this project's
-2-core CPU SmolLM2-135M then decoded 1.2-1.3x faster than with 8-bit heads, for 9% more perplexity
-(docs/bench.md). The embedding stays at 8 bits either way: a step gathers one row of it.
+puts the output heads at 4 bits too, as onnxruntime-genai's int4 recipe does, for like-for-like
+comparisons with it: on this project's 2-core CPU SmolLM2-135M then decoded 2-8% faster than with
+8-bit heads, for 9% more perplexity (docs/bench.md). The embedding stays at 8 bits either way: a step gathers one row of it.
 """
 
 from __future__ import annotations

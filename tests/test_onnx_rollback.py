@@ -104,3 +104,19 @@ def test_cache_buffers_become_resident_only_where_steps_write():
     grown = _resident_anon_bytes() - before
     assert all(buffer.sum() == 3 * 64 for buffer in buffers)
     assert grown < 8 * 2**20, f"{grown / 2**20:.0f} MiB resident after writing one row per head"
+
+
+def test_prompt_steps_run_the_output_head_on_their_last_row_only(backend):
+    prompt = _ids(11, 5)
+    backend.reset()
+    logits, hidden = backend.trunk_step(prompt)
+    backend.reset()
+    last, prompt_hidden = backend.trunk_prompt_step(prompt)
+    assert last.shape == (1, logits.shape[1]) and prompt_hidden.shape == hidden.shape
+    np.testing.assert_array_equal(prompt_hidden, hidden)
+    np.testing.assert_allclose(last[0], logits[-1], rtol=0, atol=1e-5 * np.abs(logits).max())
+    # The cache is the same either way: the next step gives the same logits.
+    after, _ = backend.trunk_step([7])
+    backend.reset()
+    backend.trunk_step(prompt)
+    np.testing.assert_array_equal(after, backend.trunk_step([7])[0])

@@ -61,7 +61,7 @@ def assert_same_states(backend: OnnxBackend, fresh: OnnxBackend) -> None:
 def count_runs(backend: OnnxBackend) -> list:
     """A list that grows by one each time the trunk graph runs."""
     runs, run = [], backend._trunk.run
-    backend._trunk.run = lambda *args: runs.append(1) or run(*args)
+    backend._trunk.run = lambda *args, **options: runs.append(1) or run(*args, **options)
     return runs
 
 

@@ -17,8 +17,9 @@ j-th id of the file (see edgemtp/draft_vocab.py); without it (null) they are ful
 Since version 3 every graph runs its attention on one row more than a step feeds (the last row,
 repeated; see llama.py and deepseek_v3.py), so no step is ever a one-row attention. For GQA graphs
 that row also passes through the KV cache, and the lengths a step passes count it. Since version 5
-the embedding lives in embedding.safetensors. Qwen3.5's trunk cache also holds Gated DeltaNet
-states (``cache["recurrent"]``: slots, input and output names, shapes, and the per-position
+the embedding lives in embedding.safetensors. Since version 6 the trunk takes ``logits_from``, the
+first row its output head runs on (a prompt step asks for its last row's logits only). Qwen3.5's
+trunk cache also holds Gated DeltaNet states (``cache["recurrent"]``: slots, input and output names, shapes, and the per-position
 snapshots a step returns when its ``keep_states`` input is true), and its graphs pad every
 step themselves (``graphs_pad_rows``; an export without the key pads nothing itself).
 """
@@ -36,7 +37,7 @@ from edgemtp.draft_vocab import FILE_NAME as DRAFT_VOCAB_FILE
 from edgemtp.errors import UserError
 
 FORMAT = "edgemtp-onnx"
-VERSION = 5
+VERSION = 6
 MANIFEST = "manifest.json"
 
 
@@ -73,7 +74,7 @@ def make_manifest(config: dict, cache: dict, bits: int | None, mtp_bits: int | N
         "cache": cache,
         "embedding": SHARED_FILE,
         "trunk": {"path": "trunk/model.onnx", "cache_slots": layers, "shared_inputs": shared_inputs.get("trunk", []),
-                  "inputs": ["input_ids", *positions, *names("inputs", attention), *state_names("inputs"),
+                  "inputs": ["input_ids", "logits_from", *positions, *names("inputs", attention), *state_names("inputs"),
                              *(["keep_states"] if recurrent["slots"] else [])],
                   "outputs": ["logits", "hidden", *names("outputs", attention), *state_names("outputs"),
                               *state_names("snapshots")]},

@@ -43,8 +43,14 @@ def _embed(g: GraphBuilder, read: Callable[[str], np.ndarray], ids: str, name: s
     return g.node("Gather", [table, ids], name=EMBEDDING_NODE, axis=0)
 
 
-def build_trunk(config: dict, read: Callable[[str], np.ndarray], max_positions: int) -> onnx.ModelProto:
-    """input_ids (1, n) + cache -> logits (1, n, V), hidden (1, n, H), cache.
+def build_trunk(config: dict, read: Callable[[str], np.ndarray], max_positions: int,
+                logits_from_input: bool = True) -> onnx.ModelProto:
+    """input_ids (1, n) + logits_from (1,) + cache -> logits (1, n - logits_from, V), hidden (1, n, H), cache.
+
+    ``logits_from`` is the first row the output head runs on: 0 for a verify step, which needs
+    every row's logits, n - 1 for a prompt step, which needs only the last (the head is a sixth
+    of a 256-row prompt step's time on SmolLM2-135M, and its logits 50 MB). onnxruntime-genai's
+    layout (``logits_from_input=False``, genai.py) has no such input: every row's logits.
 
     ``hidden`` is what MTP depth 1 reads: the hidden state after the final norm, or for a fusion
     head (``mtp_fusion_layers``) ``fuse_proj(concat[rms(h_low), rms(h_mid), that])``, computed
@@ -58,9 +64,12 @@ def build_trunk(config: dict, read: Callable[[str], np.ndarray], max_positions: 
     fusion = mtp_fusion_layers(config) if num_mtp_layers(config) else None
     embedded = _embed(g, read, _padded(g, layers, ids, "input_ids"))
     stack = decoder_stack(g, embedded, blocks, read("model.norm.weight"), eps, "layers", taps=fusion or ())
-    normed = stack[0]
-    logits = linear(g, normed, read(trunk_head_name(config)), "lm_head")
-    g.output("logits", _unpadded(g, layers, logits, "logits"), np.float32, [1, "n", config["vocab_size"]])
+    normed = head_rows = stack[0]
+    if logits_from_input:
+        first = g.input("logits_from", np.int64, [1])
+        head_rows = g.node("Slice", [normed, first, g.const([2**62]), g.const([1])], name="lm_head.rows")
+    logits = linear(g, head_rows, read(trunk_head_name(config)), "lm_head")
+    g.output("logits", _unpadded(g, layers, logits, "logits"), np.float32, [1, "m", config["vocab_size"]])
     hidden = normed if fusion is None else _fused_feature(g, read, config, stack[2], normed, eps)
     g.output("hidden", _unpadded(g, layers, hidden, "hidden"), np.float32, [1, "n", config["hidden_size"]])
     return g.to_model()

@@ -99,6 +99,8 @@ class Backend(Protocol):
     # (``parents[j]``, -1 for none) and itself; ``trunk_keep(count, rows)`` then keeps only
     # ``rows`` (ascending) of those last ``count`` positions, moved into place, so the cache equals
     # that of a step that ran only those rows.
+    # Optional: ``trunk_prompt_step(tokens)``, a ``trunk_step`` whose logits are the last row's
+    # only, ``(1, V)`` (the ONNX backend's: its output head then skips the other rows).
     # Optional (the engine checks with hasattr): ``greedy_tokens(token, count)`` yields up to
     # ``count`` plain greedy tokens after the pending ``token``, leaving the trunk as the same
     # ``trunk_step`` calls would; a backend whose steps are asynchronous (MLX) pipelines them.
@@ -106,11 +108,12 @@ class Backend(Protocol):
 
 def trunk_steps(backend: Backend, tokens: list[int]) -> tuple[np.ndarray, np.ndarray]:
     """``trunk_step`` over any number of tokens, in steps of at most ``PREFILL_CHUNK`` rows (or the
-    backend's ``prompt_step_rows``, see ``prompt_step_rows``). Returns the
-    last step's logits (its last row predicts the next token) and the hidden states of every row."""
+    backend's ``prompt_step_rows``, see ``prompt_step_rows``). Returns the logits of the last row
+    (which predicts the next token) as ``(1, V)`` or more rows, and the hidden states of every row."""
     hidden, step = [], getattr(backend, "prompt_step_rows", PREFILL_CHUNK)
+    run = getattr(backend, "trunk_prompt_step", backend.trunk_step)
     for start in range(0, len(tokens), step):
-        logits, rows = backend.trunk_step(tokens[start : start + step])
+        logits, rows = run(tokens[start : start + step])
         hidden.append(rows)
     return logits, hidden[0] if len(hidden) == 1 else np.concatenate(hidden)
 

@@ -61,9 +61,13 @@ class _Graph:
         self.pad_one_token_steps = pad_one_token_steps
         widths = {output.name: output.shape[-1] for output in self.session.get_outputs()}
         self.outputs = [("logits", widths["logits"]), (hidden_output, widths[hidden_output])]
+        # Trunks exported since manifest version 6 run their output head from a given row on.
+        self.takes_logits_from = any(given.name == "logits_from" for given in self.session.get_inputs())
         self._bound_cache = None  # the cache whose buffers the binding holds
 
-    def run(self, cache, feeds: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    def run(self, cache, feeds: dict[str, np.ndarray], logits_from: int = 0) -> tuple[np.ndarray, np.ndarray]:
+        """``logits_from``: the first of the step's rows to compute logits for (trunks that take it);
+        returns those rows' logits and every row's hidden state."""
         n = feeds["input_ids"].shape[1]
         cache.check_room(n)
         # The graphs give attention an extra row themselves (manifest.py); where the MatMuls need one
@@ -80,17 +84,22 @@ class _Graph:
                 binding.bind_ortvalue_input(name, value)
             cache.bind_buffers(binding)
             self._bound_cache = cache
+        if not self.takes_logits_from:
+            logits_from = 0
+        else:
+            feeds = {**feeds, "logits_from": np.array([logits_from], np.int64)}
         cache.bind_step(binding, rows)
         for name, value in feeds.items():
             binding.bind_cpu_input(name, value)
         # New arrays every step: callers may keep what an earlier step returned.
-        results = [np.empty((1, rows, width), np.float32) for _, width in self.outputs]
+        results = [np.empty((1, rows - logits_from * (index == 0), width), np.float32)
+                   for index, (_, width) in enumerate(self.outputs)]
         for (name, _), array in zip(self.outputs, results):
             binding.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(array))
         self.session.run_with_iobinding(binding)
         cache.advance(n)
         logits, hidden = results
-        return logits[0, :n], hidden[0, :n]
+        return logits[0, : n - logits_from], hidden[0, :n]
 
 
 class OnnxBackend:
@@ -171,6 +180,13 @@ class OnnxBackend:
         self._trunk_tokens.extend(tokens)
         return result
 
+    def trunk_prompt_step(self, tokens: list[int]) -> tuple[np.ndarray, np.ndarray]:
+        """``trunk_step`` returning only the last row's logits ``(1, V)`` (engine/backend.py)."""
+        ids = np.asarray(tokens, np.int64).reshape(1, -1)
+        logits, hidden = self._trunk.run(self._trunk_cache, {"input_ids": ids}, logits_from=len(tokens) - 1)
+        self._trunk_tokens.extend(tokens)
+        return logits[-1:], hidden
+
     def trunk_len(self) -> int:
         return self._trunk_cache.length
 
@@ -204,8 +220,8 @@ class OnnxBackend:
         else:
             cache.clear()
         ids = np.asarray(self._trunk_tokens[cache.length:keep], np.int64).reshape(1, -1)
-        if ids.size:
-            self._trunk.run(cache, {"input_ids": ids})
+        if ids.size:  # the states are what is wanted; one row of logits is the least the graph gives
+            self._trunk.run(cache, {"input_ids": ids}, logits_from=ids.shape[1] - 1)
 
     def mtp_step(self, depth: int, hidden: np.ndarray, tokens: list[int]) -> tuple[np.ndarray, np.ndarray]:
         if not self._mtp:

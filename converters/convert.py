@@ -19,7 +19,7 @@ TARGETS = ("mlx", "onnx")
 # Per target: bits, mtp_bits, group size and dtype when the caller gives none.
 DEFAULTS = {
     "mlx": {"bits": 4, "mtp_bits": 8, "group_size": 64, "dtype": "float16"},
-    "onnx": {"bits": 8, "mtp_bits": 8, "group_size": 32, "dtype": "float32"},
+    "onnx": {"bits": 8, "mtp_bits": 8, "group_size": 32, "dtype": "float32", "head_bits": 8},
 }
 
 
@@ -45,7 +45,7 @@ def convert(src, out, to: str = "mlx", bits: int | None = None, group_size: int 
     if head_bits is not None and (to != "onnx" or genai):
         raise UserError("--head-bits applies to edgemtp's ONNX export; use it with --to onnx (without --genai)")
     options = DEFAULTS[to] | {k: v for k, v in {"bits": bits, "mtp_bits": mtp_bits, "group_size": group_size,
-                                                 "dtype": dtype}.items() if v is not None}
+                                                 "dtype": dtype, "head_bits": head_bits}.items() if v is not None}
     if bits == 16 and mtp_bits is None:  # full precision means the MTP layers too
         options["mtp_bits"] = 16
     out = Path(out)
@@ -60,7 +60,6 @@ def convert(src, out, to: str = "mlx", bits: int | None = None, group_size: int 
 
         stored = [None if options[key] == 16 else options[key] for key in ("bits", "mtp_bits")]
         check_options(*stored, options["group_size"], options["dtype"], head_bits)
-        options["head_bits"] = head_bits
 
     ckpt = open_source(src)
     if to == "mlx" and dtype is None and options["bits"] == 16:
@@ -159,7 +158,6 @@ def _to_onnx(ckpt, out: Path, options: dict, show_progress: bool, draft_vocab: P
     from edgemtp.checkpoint import Checkpoint
     from edgemtp.converters.onnx_export.export import export_onnx
     from edgemtp.converters.onnx_export.genai import export_genai
-    from edgemtp.converters.onnx_export.quantize import EMBEDDING_AND_HEAD_BITS
 
     bits = None if options["bits"] == 16 else options["bits"]
     mtp_bits = None if options["mtp_bits"] == 16 else options["mtp_bits"]
@@ -175,7 +173,7 @@ def _to_onnx(ckpt, out: Path, options: dict, show_progress: bool, draft_vocab: P
         else:
             export_onnx(path, out, bits=bits, group_size=options["group_size"], mtp_bits=mtp_bits,
                         dtype=options["dtype"], progress=step, draft_vocab=draft_vocab, affine_trunk=affine_trunk,
-                        head_bits=options.get("head_bits", EMBEDDING_AND_HEAD_BITS))
+                        head_bits=options["head_bits"])
 
     if isinstance(ckpt, Checkpoint):
         export(ckpt.path)

@@ -91,7 +91,9 @@ def export_genai(checkpoint: str | Path, out_dir: str | Path, bits: int | None =
     out, partial = empty_partial_dir(out_dir)
 
     max_positions = int(config.get("max_position_embeddings", 4096))
-    graphs = [(DECODER_FILE, lambda: build_trunk(config, ckpt.read, max_positions, logits_from_input=False), bits, affine_trunk, _TRUNK_NAMES)]
+    # onnxruntime-genai feeds no logits_from: its decoder gives every row's logits.
+    graphs = [(DECODER_FILE, lambda: build_trunk(config, ckpt.read, max_positions, logits_from_input=False),
+               bits, affine_trunk, _TRUNK_NAMES)]
     if ckpt.num_mtp_layers:
         (partial / MTP_DIR).mkdir()
         graphs.append((f"{MTP_DIR}/{MTP_FILE}", lambda: build_mtp(config, ckpt.read, 0, max_positions, own_parts(ckpt, 0)),

@@ -19,9 +19,9 @@ repeated; see llama.py and deepseek_v3.py), so no step is ever a one-row attenti
 that row also passes through the KV cache, and the lengths a step passes count it. Since version 5
 the embedding lives in embedding.safetensors. Since version 6 the trunk takes ``logits_from``, the
 first row its output head runs on (a prompt step asks for its last row's logits only). Qwen3.5's
-trunk cache also holds Gated DeltaNet states (``cache["recurrent"]``: slots, input and output names, shapes, and the per-position
-snapshots a step returns when its ``keep_states`` input is true), and its graphs pad every
-step themselves (``graphs_pad_rows``; an export without the key pads nothing itself).
+trunk cache also holds Gated DeltaNet states (``cache["recurrent"]``: slots, input and output
+names, shapes, and the per-position snapshots a step returns when its ``keep_states`` input is
+true), and its graphs pad every step themselves (``graphs_pad_rows``; an export without the key pads nothing itself).
 """
 
 from __future__ import annotations

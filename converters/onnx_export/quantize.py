@@ -34,7 +34,8 @@ A 4-bit model keeps its token embedding and output heads at 8 bits, as llama.cpp
 logits, and on SmolLM2-135M a 4-bit head alone costs several percent of perplexity. ``head_bits=4``
 puts the output heads at 4 bits too, as onnxruntime-genai's int4 recipe does, for like-for-like
 comparisons with it: on this project's 2-core CPU SmolLM2-135M then decoded 2-8% faster than with
-8-bit heads, for 9% more perplexity (docs/bench.md). The embedding stays at 8 bits either way: a step gathers one row of it.
+8-bit heads, for 9% more perplexity (docs/bench.md). The embedding stays at 8 bits either way: a
+step gathers one row of it.
 """
 
 from __future__ import annotations
@@ -132,7 +133,8 @@ def quantize(model: onnx.ModelProto, bits: int, group_size: int, affine: bool = 
         keep_float += _quantize_matmuls_affine(model.graph, group_size, exclude={*routers, *heads})
     elif bits == 4:
         model = _quantize_matmuls(model, 4, group_size, exclude=[*routers, *heads], symmetric=False)
-    # Whatever constant-weight MatMul is left (all of them at 8 bits, the heads at 4) is quantized to 8 bits.
+    # Whatever constant-weight MatMul is left (all of them at 8 bits; at 4, the heads unless head_bits
+    # is 4) is quantized to 8 bits.
     model = _quantize_matmuls(model, EMBEDDING_AND_HEAD_BITS, group_size, exclude=keep_float)
     _quantize_embedding(model, group_size)
     return model

@@ -92,13 +92,13 @@ class _Graph:
         for name, value in feeds.items():
             binding.bind_cpu_input(name, value)
         # New arrays every step: callers may keep what an earlier step returned.
-        results = [np.empty((1, rows - logits_from * (index == 0), width), np.float32)
-                   for index, (_, width) in enumerate(self.outputs)]
-        for (name, _), array in zip(self.outputs, results):
+        (logits_name, vocab), (hidden_name, width) = self.outputs
+        logits = np.empty((1, rows - logits_from, vocab), np.float32)
+        hidden = np.empty((1, rows, width), np.float32)
+        for name, array in ((logits_name, logits), (hidden_name, hidden)):
             binding.bind_ortvalue_output(name, ort.OrtValue.ortvalue_from_numpy(array))
         self.session.run_with_iobinding(binding)
         cache.advance(n)
-        logits, hidden = results
         return logits[0, : n - logits_from], hidden[0, :n]
 
 
